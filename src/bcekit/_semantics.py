@@ -1,0 +1,272 @@
+"""The framework-free rules of the BCE loss family: one home for every fact a backend must agree on.
+
+This module knows nothing of NumPy, torch or JAX. Backends describe their arguments with :class:`ArraySpec`
+(shape, dtype kind and dtype name) and call the checks here, in the order torch 2.x performs them, so that
+every backend raises the same exception type with the same text for the same mistake.
+
+Reductions use torch's enum (``torch/nn/_reduction.py``): 0 = ``'none'``, 1 = ``'mean'``, 2 = ``'sum'``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
+
+__all__ = [
+    "NONE",
+    "MEAN",
+    "SUM",
+    "LOG_CLAMP",
+    "GRAD_EPSILON",
+    "ArraySpec",
+    "reduction_enum",
+    "legacy_reduction",
+    "resolve_reduction",
+    "check_binary_cross_entropy",
+    "check_binary_cross_entropy_with_logits",
+    "check_weight_requires_grad",
+    "input_range_error",
+    "target_range_error",
+    "compute_precision",
+]
+
+NONE, MEAN, SUM = 0, 1, 2
+Reduction = Literal["none", "mean", "sum"]
+
+#: The probability loss clamps each log term at >= -100 (torch's choice, see the BCELoss docs):
+#: a prediction of exactly 0 or 1 costs at most 100 per element instead of infinity.
+LOG_CLAMP = -100.0
+#: The probability loss's input gradient is (x - y) / max(x (1 - x), GRAD_EPSILON), torch's formula,
+#: which keeps it finite at x = 0 and x = 1.
+GRAD_EPSILON = 1e-12
+
+ShapeFormatter = Callable[[tuple[int, ...]], str]
+
+
+class ArraySpec(NamedTuple):
+    """What the rules need to know of an array: its shape and its dtype.
+
+    ``kind`` is ``'f'`` (real floating), ``'i'`` (integer), ``'b'`` (bool) or ``'c'`` (complex).
+    ``name`` is the dtype's name as the backend prints it in messages (torch: ``Float``; NumPy: ``float32``).
+    ``bits`` is the width of a floating dtype's significand plus exponent; it orders floating precisions.
+    """
+
+    shape: tuple[int, ...]
+    kind: str
+    name: str
+    bits: int = 0
+
+
+def _default_shape(shape: tuple[int, ...]) -> str:
+    return str(tuple(shape))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reductions, including the legacy size_average / reduce pair
+# --------------------------------------------------------------------------------------------------------
+
+
+def reduction_enum(reduction: str) -> int:
+    """Map a reduction string to torch's enum, with torch's warning for ``'elementwise_mean'``."""
+    if reduction == "none":
+        return NONE
+    if reduction == "mean":
+        return MEAN
+    if reduction == "elementwise_mean":
+        warnings.warn(
+            "reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return MEAN
+    if reduction == "sum":
+        return SUM
+    raise ValueError(f"{reduction} is not a valid value for reduction")
+
+
+def legacy_reduction(size_average: bool | None, reduce: bool | None, emit_warning: bool = True) -> str:
+    """torch's truth table for the deprecated ``size_average`` / ``reduce`` pair.
+
+    ==============  ========  ==========
+    size_average    reduce    reduction
+    ==============  ========  ==========
+    None / True     None/True ``'mean'``
+    False           None/True ``'sum'``
+    any             False     ``'none'``
+    ==============  ========  ==========
+    """
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if size_average and reduce:
+        result = "mean"
+    elif reduce:
+        result = "sum"
+    else:
+        result = "none"
+    if emit_warning:
+        warnings.warn(
+            f"size_average and reduce args will be deprecated, please use reduction='{result}' instead.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return result
+
+
+def resolve_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> int:
+    """The functionals' rule: either legacy argument, when given, overrides ``reduction``."""
+    if size_average is not None or reduce is not None:
+        return reduction_enum(legacy_reduction(size_average, reduce))
+    return reduction_enum(reduction)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Broadcasting, with torch's two families of error text
+# --------------------------------------------------------------------------------------------------------
+
+
+def _infer_size(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    """Broadcast two shapes the way TensorIterator does (``a`` and ``b`` named as in its message)."""
+    ndim = max(len(a), len(b))
+    out = [0] * ndim
+    for i in range(ndim - 1, -1, -1):
+        offset = ndim - 1 - i
+        dim_a, dim_b = len(a) - 1 - offset, len(b) - 1 - offset
+        size_a = a[dim_a] if dim_a >= 0 else 1
+        size_b = b[dim_b] if dim_b >= 0 else 1
+        if not (size_a == size_b or size_a == 1 or size_b == 1):
+            raise RuntimeError(
+                f"The size of tensor a ({size_a}) must match the size of tensor b ({size_b}) "
+                f"at non-singleton dimension {i}"
+            )
+        out[i] = size_b if size_a == 1 else size_a
+    return tuple(out)
+
+
+def _broadcast_shapes(shapes: Sequence[tuple[int, ...]], format_shape: ShapeFormatter) -> tuple[int, ...]:
+    """Broadcast shapes the way ``torch.broadcast_shapes`` does, with its error text."""
+    common = [1] * max((len(s) for s in shapes), default=0)
+    for arg_index, shape in enumerate(shapes):
+        for idx in range(-1, -1 - len(shape), -1):
+            if shape[idx] == common[idx]:
+                continue
+            if common[idx] == 1:
+                common[idx] = shape[idx]
+            if shape[idx] == 1:
+                continue
+            if common[idx] != shape[idx]:
+                raise RuntimeError(
+                    f"Attempting to broadcast a dimension of length {shape[idx]} at {idx}! "
+                    f"Mismatching argument at index {arg_index} had {format_shape(shape)}; but expected "
+                    f"shape should be broadcastable to {common}"
+                )
+    return tuple(common)
+
+
+def _check_fits_output(output_shape: tuple[int, ...], other_shape: tuple[int, ...]) -> None:
+    """An operand may broadcast *to* the loss's shape, never widen it (an in-place op in torch)."""
+    shape = _infer_size(output_shape, other_shape)
+    if shape != tuple(output_shape):
+        raise RuntimeError(
+            f"output with shape {list(output_shape)} doesn't match the broadcast shape {list(shape)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-loss argument checks, in torch's order
+# --------------------------------------------------------------------------------------------------------
+
+
+def _not_implemented(kernel: str, spec: ArraySpec) -> NotImplementedError:
+    return NotImplementedError(f'"{kernel}" not implemented for \'{spec.name}\'')
+
+
+def check_binary_cross_entropy(
+    input: ArraySpec,
+    target: ArraySpec,
+    weight: ArraySpec | None,
+    format_shape: ShapeFormatter = _default_shape,
+) -> ArraySpec:
+    """Check the probability loss's arguments; return the spec of the result's dtype (the input's).
+
+    Value checks (probabilities in [0, 1]) need the data and are the backends' job, after these.
+    """
+    if tuple(target.shape) != tuple(input.shape):
+        raise ValueError(
+            f"Using a target size ({format_shape(target.shape)}) that is different to the input size "
+            f"({format_shape(input.shape)}) is deprecated. Please ensure they have the same size."
+        )
+    if weight is not None:
+        full = _broadcast_shapes((tuple(target.shape), tuple(weight.shape)), format_shape)
+    if target.name != input.name:
+        raise RuntimeError(f"Found dtype {target.name} but expected {input.name}")
+    if input.kind != "f":
+        raise _not_implemented("binary_cross_entropy", input)
+    if weight is not None:
+        _check_fits_output(tuple(input.shape), full)
+    return input
+
+
+def check_binary_cross_entropy_with_logits(
+    input: ArraySpec,
+    target: ArraySpec,
+    weight: ArraySpec | None,
+    pos_weight: ArraySpec | None,
+    format_shape: ShapeFormatter = _default_shape,
+) -> ArraySpec:
+    """Check the logits loss's arguments; return the spec of the result's dtype.
+
+    torch computes ``(1 - target) * input - log_weight * log_sigmoid(input)`` into a buffer of the target's
+    dtype, so with two different floating dtypes the result has the *target's* dtype; we keep that rule.
+    """
+    if tuple(target.shape) != tuple(input.shape):
+        raise ValueError(
+            f"Target size ({format_shape(target.shape)}) must be the same as input size "
+            f"({format_shape(input.shape)})"
+        )
+    if input.kind != "f":
+        raise _not_implemented("log_sigmoid_cpu", input)
+    if pos_weight is not None:
+        if pos_weight.kind == "b":
+            raise RuntimeError(
+                "Subtraction, the `-` operator, with a bool tensor is not supported. "
+                "If you are trying to invert a mask, use the `~` or `logical_not()` operator instead."
+            )
+        _check_fits_output(tuple(input.shape), _infer_size(pos_weight.shape, target.shape))
+    if target.kind == "b":
+        raise RuntimeError(
+            "Subtraction, the `-` operator, with two bool tensors is not supported. "
+            "Use the `^` or `logical_xor()` operator instead."
+        )
+    if target.kind != "f":
+        raise RuntimeError(f"result type {input.name} can't be cast to the desired output type {target.name}")
+    if weight is not None:
+        _check_fits_output(tuple(input.shape), tuple(weight.shape))
+    return target
+
+
+def check_weight_requires_grad(function: str, argument: str) -> RuntimeError:
+    """torch's error for a weight that asks for a gradient: these losses are not differentiable in it."""
+    return RuntimeError(
+        f"The function '{function}' is not differentiable with respect to argument '{argument}'. "
+        "This input cannot have requires_grad True."
+    )
+
+
+def input_range_error() -> RuntimeError:
+    return RuntimeError("all elements of input should be between 0 and 1")
+
+
+def target_range_error() -> RuntimeError:
+    return RuntimeError("all elements of target should be between 0 and 1")
+
+
+def compute_precision(bits: int) -> int:
+    """The floating width the math runs in for a result of ``bits`` bits.
+
+    Half types (16 bits) are computed in float32, as the brief asks. float32 is computed in float64: every
+    per-element result is then within 0.5 ulp (plus a 2^-29 relative error) of the exact value after rounding,
+    which no float32 formulation with libm-quality exp/log can promise. float64 stays in float64, where the
+    formulation (each term a softplus, no cancellation) carries the accuracy.
+    """
+    return 32 if bits <= 16 else 64

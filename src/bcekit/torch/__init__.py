@@ -1,0 +1,12 @@
+"""PyTorch backend: drop-in BCE losses with torch's signatures, exact at the edges.
+
+>>> import torch
+>>> import bcekit.torch as bce
+>>> bce.binary_cross_entropy_with_logits(torch.zeros(3), torch.tensor([0.0, 1.0, 0.5]))
+tensor(0.6931)
+"""
+
+from bcekit.torch.functional import binary_cross_entropy, binary_cross_entropy_with_logits
+from bcekit.torch.modules import BCELoss, BCEWithLogitsLoss
+
+__all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "BCELoss", "BCEWithLogitsLoss"]
