@@ -26,6 +26,11 @@ Logits loss, with ``p`` the positive-class weight (1 when absent) and
 Why each term is a softplus: torch evaluates ``(1 - y) x - (1 + (p - 1) y) log_sigmoid(x)``, which for
 ``y = 0`` and ``x << 0`` subtracts two numbers of size ``|x|`` to get ``exp(x)``, and loses every digit.
 Both softplus terms are non-negative, so their weighted sum has no cancellation anywhere.
+
+In float64 the loss is a sum of two products of rounded numbers (``1 - y``, ``p y``, the softplus sum),
+four or five roundings that together can exceed 2 ulp for soft targets. With ``compensated=True`` those
+steps are carried out in double-double arithmetic (Dekker's error-free TwoSum and TwoProduct), leaving only
+the error of the libm ``log``/``log1p``/``exp`` calls and one final rounding.
 """
 
 from __future__ import annotations
@@ -55,9 +60,55 @@ class Ops(Protocol):
     def log1p(self, a: Array) -> Array: ...
     def abs(self, a: Array) -> Array: ...
     def isinf(self, a: Array) -> Array: ...
+    def isfinite(self, a: Array) -> Array: ...
     def where(self, condition: Array, a: Array, b: Array | float) -> Array: ...
     def clamp_min(self, a: Array, bound: float) -> Array: ...
     def clamp_max(self, a: Array, bound: float) -> Array: ...
+
+
+# --------------------------------------------------------------------------------------------------------
+# Error-free transformations for the float64 combination step
+# --------------------------------------------------------------------------------------------------------
+
+_SPLITTER = 134217729.0  # 2**27 + 1 splits a float64 into two 26-bit halves (Dekker)
+
+
+def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _split(a: Array) -> tuple[Array, Array]:
+    c = _SPLITTER * a
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+def _two_product(a: Array, b: Array) -> tuple[Array, Array]:
+    product = a * b
+    a_hi, a_lo = _split(a)
+    b_hi, b_lo = _split(b)
+    return product, ((a_hi * b_hi - product) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+
+
+def _dd_multiply(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, Array]:
+    high, low = _two_product(a[0], b[0])
+    return high, low + (a[0] * b[1] + a[1] * b[0])
+
+
+def _dd_dot2(
+    ops: Ops, c1: tuple[Array, Array], v1: tuple[Array, Array], c2: tuple[Array, Array], v2: tuple[Array, Array]
+) -> Array:
+    """``c1 v1 + c2 v2`` of non-negative double-doubles, rounded once. Where an operand is infinite (or the
+    splitting overflows) the arithmetic yields NaN; the caller then falls back to the plain formula."""
+    t1, t2 = _dd_multiply(c1, v1), _dd_multiply(c2, v2)
+    high, low = _two_sum(t1[0], t2[0])
+    return high + (low + t1[1] + t2[1])
+
+
+def _exact(value: Array, zeros: Array) -> tuple[Array, Array]:
+    return value, zeros
 
 
 def _scaled(ops: Ops, coefficient: Array, value: Array) -> Array:
@@ -67,15 +118,14 @@ def _scaled(ops: Ops, coefficient: Array, value: Array) -> Array:
     return ops.where((coefficient == 0) & ops.isinf(value), 0.0, product)
 
 
-def _softplus_pair(ops: Ops, x: Array) -> tuple[Array, Array, Array]:
-    """Return ``(sp(x), sp(-x), exp(-|x|))``.
+def _softplus_parts(ops: Ops, x: Array) -> tuple[Array, Array, Array, Array]:
+    """Return ``(max(x, 0), max(-x, 0), log1p(exp(-|x|)), exp(-|x|))``.
 
-    ``sp(x) = max(x, 0) + log1p(exp(-|x|))``: exp never overflows, and for x > 0 both summands are
-    non-negative, so the sum is accurate to its last bit; for x < 0 it is log1p of a small number.
+    ``sp(x) = max(x, 0) + log1p(exp(-|x|))`` and ``sp(-x) = max(-x, 0) + log1p(exp(-|x|))``: exp never
+    overflows, both summands are non-negative, and for x < 0 ``sp(x)`` is log1p of a small number.
     """
     e = ops.exp(-ops.abs(x))
-    tail = ops.log1p(e)
-    return ops.clamp_min(x, 0.0) + tail, ops.clamp_min(-x, 0.0) + tail, e
+    return ops.clamp_min(x, 0.0), ops.clamp_min(-x, 0.0), ops.log1p(e), e
 
 
 def _sigmoid_pair(ops: Ops, x: Array, e: Array) -> tuple[Array, Array]:
@@ -91,11 +141,18 @@ def _sigmoid_pair(ops: Ops, x: Array, e: Array) -> tuple[Array, Array]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def bce_loss(ops: Ops, x: Array, y: Array) -> Array:
+def bce_loss(ops: Ops, x: Array, y: Array, compensated: bool = False) -> Array:
     """Per-element ``y * min(-log x, 100) + (1 - y) * min(-log(1 - x), 100)``."""
     neg_log_x = ops.clamp_max(-ops.log(x), -LOG_CLAMP)
     neg_log_1mx = ops.clamp_max(-ops.log1p(-x), -LOG_CLAMP)
-    return y * neg_log_x + (1.0 - y) * neg_log_1mx
+    plain = y * neg_log_x + (1.0 - y) * neg_log_1mx
+    if not compensated:
+        return plain
+    zeros = 0.0 * x
+    combined = _dd_dot2(
+        ops, _exact(y, zeros), _exact(neg_log_x, zeros), _two_sum(1.0, -y), _exact(neg_log_1mx, zeros)
+    )
+    return ops.where(ops.isfinite(combined), combined, plain)
 
 
 def bce_grad_input(ops: Ops, x: Array, y: Array) -> Array:
@@ -113,18 +170,29 @@ def bce_grad_target(ops: Ops, x: Array) -> Array:
 # --------------------------------------------------------------------------------------------------------
 
 
-def logits_loss(ops: Ops, x: Array, y: Array, pos_weight: Array | None) -> Array:
+def logits_loss(
+    ops: Ops, x: Array, y: Array, pos_weight: Array | None, compensated: bool = False
+) -> Array:
     """Per-element ``p y sp(-x) + (1 - y) sp(x)``; an infinite logit of the target's sign costs 0."""
-    sp_x, sp_neg_x, _ = _softplus_pair(ops, x)
+    x_pos, x_neg, tail, _ = _softplus_parts(ops, x)
     positive = y if pos_weight is None else pos_weight * y
-    return _scaled(ops, positive, sp_neg_x) + _scaled(ops, 1.0 - y, sp_x)
+    plain = _scaled(ops, positive, x_neg + tail) + _scaled(ops, 1.0 - y, x_pos + tail)
+    if not compensated:
+        return plain
+    combined = _dd_dot2(
+        ops,
+        _exact(y, 0.0 * x) if pos_weight is None else _two_product(pos_weight, y),
+        _two_sum(x_neg, tail),
+        _two_sum(1.0, -y),
+        _two_sum(x_pos, tail),
+    )
+    return ops.where(ops.isfinite(combined), combined, plain)
 
 
 def logits_grad_input(ops: Ops, x: Array, y: Array, pos_weight: Array | None) -> Array:
     """``(1 - y) sigmoid(x) - p y sigmoid(-x)``: torch's ``(p y + 1 - y) sigmoid(x) - p y`` rearranged so
     that it is finite at infinite logits and exact where sigmoid(x) rounds to 1."""
-    _, _, e = _softplus_pair(ops, x)
-    sig_x, sig_neg_x = _sigmoid_pair(ops, x, e)
+    sig_x, sig_neg_x = _sigmoid_pair(ops, x, ops.exp(-ops.abs(x)))
     positive = y if pos_weight is None else pos_weight * y
     return (1.0 - y) * sig_x - positive * sig_neg_x
 
@@ -133,5 +201,5 @@ def logits_grad_target(ops: Ops, x: Array, pos_weight: Array | None) -> Array:
     """``p sp(-x) - sp(x)``, which is exactly ``-x`` without a positive weight (torch's formulas)."""
     if pos_weight is None:
         return -x
-    sp_x, sp_neg_x, _ = _softplus_pair(ops, x)
-    return _scaled(ops, pos_weight, sp_neg_x) - sp_x
+    x_pos, x_neg, tail, _ = _softplus_parts(ops, x)
+    return _scaled(ops, pos_weight, x_neg + tail) - (x_pos + tail)

@@ -44,6 +44,7 @@ class _NumpyOps:
     log1p = staticmethod(np.log1p)
     abs = staticmethod(np.abs)
     isinf = staticmethod(np.isinf)
+    isfinite = staticmethod(np.isfinite)
     where = staticmethod(np.where)
 
     @staticmethod
@@ -103,7 +104,7 @@ def _bce(
     if not np.all((yc >= 0) & (yc <= 1)):
         raise _semantics.target_range_error()
     with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
-        loss = _math.bce_loss(_OPS, xc, yc)
+        loss = _math.bce_loss(_OPS, xc, yc, compensated=x.dtype == np.float64)
         grad = _math.bce_grad_input(_OPS, xc, yc) if with_grad else None
         if w is not None:
             wc = w.astype(compute, copy=False)
@@ -131,7 +132,7 @@ def _bce_with_logits(
     xc, yc = x.astype(compute, copy=False), y.astype(compute, copy=False)
     pc = None if p is None else p.astype(compute, copy=False)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
-        loss = _math.logits_loss(_OPS, xc, yc, pc)
+        loss = _math.logits_loss(_OPS, xc, yc, pc, compensated=result_dtype == np.float64)
         grad = _math.logits_grad_input(_OPS, xc, yc, pc) if with_grad else None
         if w is not None:
             wc = w.astype(compute, copy=False)

@@ -29,6 +29,7 @@ class _TorchOps:
     log1p = staticmethod(torch.log1p)
     abs = staticmethod(torch.abs)
     isinf = staticmethod(torch.isinf)
+    isfinite = staticmethod(torch.isfinite)
     where = staticmethod(torch.where)
     clamp_min = staticmethod(torch.clamp_min)
     clamp_max = staticmethod(torch.clamp_max)
@@ -76,7 +77,8 @@ def _check_probabilities(input: Tensor, target: Tensor) -> None:
 def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int) -> Tensor:
     _check_probabilities(input, target)
     dtype = compute_dtype(input.dtype)
-    loss = _math.bce_loss(_OPS, input.to(dtype), target.to(dtype))
+    compensated = input.dtype == torch.float64
+    loss = _math.bce_loss(_OPS, input.to(dtype), target.to(dtype), compensated)
     if weight is not None:
         loss = loss * weight.to(dtype)
     return _reduce(loss, reduction).to(input.dtype)
@@ -120,7 +122,8 @@ def binary_cross_entropy_with_logits(
 ) -> Tensor:
     dtype = compute_dtype(input.dtype, target.dtype)
     p = None if pos_weight is None else pos_weight.to(dtype)
-    loss = _math.logits_loss(_OPS, input.to(dtype), target.to(dtype), p)
+    compensated = target.dtype == torch.float64  # the result's dtype
+    loss = _math.logits_loss(_OPS, input.to(dtype), target.to(dtype), p, compensated)
     if weight is not None:
         loss = loss * weight.to(dtype)
     return _reduce(loss, reduction).to(target.dtype)
