@@ -38,8 +38,9 @@ Reduction = Literal["none", "mean", "sum"]
 #: a prediction of exactly 0 or 1 costs at most 100 per element instead of infinity.
 LOG_CLAMP = -100.0
 #: The probability loss's input gradient is (x - y) / max(x (1 - x), GRAD_EPSILON), torch's formula,
-#: which keeps it finite at x = 0 and x = 1.
-GRAD_EPSILON = 1e-12
+#: which keeps it finite at x = 0 and x = 1. torch's constant is the float32 nearest to 1e-12 (seen in
+#: float64: at x = 1, y = 0 its gradient is 1000000003995.8029, not 1e12), so ours is too.
+GRAD_EPSILON = 9.999999960041972e-13
 
 ShapeFormatter = Callable[[tuple[int, ...]], str]
 

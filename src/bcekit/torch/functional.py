@@ -60,10 +60,10 @@ def _require_tensors(function: str, **arguments: Any) -> None:
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 took no device argument
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return torch.is_autocast_enabled()
+    except TypeError:  # a torch that takes no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return False
 
 
 def _autocast_to_float32(input: Tensor, *others: Tensor | None) -> tuple[Tensor | None, ...]:

@@ -1,0 +1,123 @@
+"""Exact reference values for the BCE losses, and the ulp error of a floating result against them.
+
+Everything here is independent of bcekit: the losses are evaluated in mpmath at 200 bits from the exact
+values of the (already rounded) floating arguments, and the error is measured in units in the last place
+of the *exact* value in the result's dtype. Used by ``tests/test_accuracy.py`` and
+``benchmarks/accuracy.py``.
+
+Definitions (the project's promise, see ``bcekit._math``):
+
+* probability loss: ``y min(-log x, 100) + (1 - y) min(-log(1 - x), 100)``;
+* logits loss: ``p y sp(-x) + (1 - y) sp(x)`` with ``sp(t) = log(1 + e^t)`` and ``p`` the positive
+  weight (1 when absent); a term whose coefficient is exactly zero is absent, so ``x = +inf, y = 1`` gives
+  0 and ``x = -inf, y = 1`` gives +inf.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import mpmath
+import numpy as np
+
+__all__ = ["MP", "bce_exact", "logits_exact", "ulp", "ulp_error", "FORMATS"]
+
+#: A private mpmath context, so that the precision never leaks into (or from) other code using ``mpmath.mp``.
+MP = mpmath.MPContext()
+MP.prec = 200
+
+#: dtype -> (explicit mantissa bits, exponent of the smallest subnormal, exponent of 2 that overflows).
+FORMATS: dict[type, tuple[int, int, int]] = {
+    np.float32: (23, -149, 128),
+    np.float64: (52, -1074, 1024),
+}
+
+_LOG_CLAMP = 100  # -log terms of the probability loss are clamped at 100, as torch does
+
+
+def _format(dtype: object) -> tuple[int, int, int]:
+    return FORMATS[np.dtype(dtype).type]
+
+
+def _log1p(t: mpmath.mpf) -> mpmath.mpf:
+    """``log(1 + t)`` for ``t >= -1``, with full relative precision even where ``|t|`` is tiny."""
+    if t == 0:
+        return MP.zero
+    if abs(t) < MP.mpf(2) ** -60:
+        # Alternating series; four terms leave a relative error below 2**-240.
+        return t - t**2 / 2 + t**3 / 3 - t**4 / 4
+    return MP.log(1 + t)  # 1 + t has cancelled at most 60 of the 200 bits
+
+
+def _softplus(t: mpmath.mpf) -> mpmath.mpf:
+    """``sp(t) = log(1 + e^t) = max(t, 0) + log1p(e^-|t|)``, exact at +-inf."""
+    if MP.isinf(t):
+        return MP.inf if t > 0 else MP.zero
+    return max(t, MP.zero) + _log1p(MP.exp(-abs(t)))
+
+
+@functools.lru_cache(maxsize=None)
+def logits_exact(x: float, y: float, pos_weight: float | None = None) -> mpmath.mpf:
+    """The exact logits loss at floating ``x``, ``y`` (and ``pos_weight``), as an mpmath number."""
+    xm, ym = MP.mpf(x), MP.mpf(y)
+    positive = ym if pos_weight is None else MP.mpf(pos_weight) * ym  # exact at 200 bits
+    negative = 1 - ym  # exact at 200 bits for any float64 y in [0, 1]
+    total = MP.zero
+    if positive != 0:
+        total += positive * _softplus(-xm)
+    if negative != 0:
+        total += negative * _softplus(xm)
+    return total
+
+
+def _clamped_neg_log(value: mpmath.mpf) -> mpmath.mpf:
+    """``min(-log(value), 100)`` for ``value`` in [0, 1] (``-log 0 = inf`` clamps to 100)."""
+    if value == 0:
+        return MP.mpf(_LOG_CLAMP)
+    return min(-MP.log(value), MP.mpf(_LOG_CLAMP))
+
+
+@functools.lru_cache(maxsize=None)
+def bce_exact(x: float, y: float) -> mpmath.mpf:
+    """The exact probability loss at floating ``x`` in [0, 1] and ``y`` in [0, 1]."""
+    xm, ym = MP.mpf(x), MP.mpf(y)
+    neg_log_x = _clamped_neg_log(xm)
+    neg_log_1mx = MP.mpf(_LOG_CLAMP) if xm == 1 else min(-_log1p(-xm), MP.mpf(_LOG_CLAMP))
+    total = MP.zero
+    if ym != 0:
+        total += ym * neg_log_x
+    if ym != 1:
+        total += (1 - ym) * neg_log_1mx
+    return total
+
+
+def ulp(exact: mpmath.mpf, dtype: object) -> mpmath.mpf:
+    """``2**(floor(log2|exact|) - mantissa_bits)``, floored at the dtype's smallest subnormal."""
+    mantissa, subnormal, _ = _format(dtype)
+    if exact == 0:
+        return MP.ldexp(1, subnormal)
+    _, exponent = MP.frexp(abs(exact))  # |exact| = m 2**exponent with 0.5 <= m < 1
+    return MP.ldexp(1, max(int(exponent) - 1 - mantissa, subnormal))
+
+
+def _overflows(exact: mpmath.mpf, dtype: object) -> bool:
+    """Whether ``exact`` rounds to infinity in ``dtype`` (round to nearest: at or past max + ulp(max)/2)."""
+    mantissa, _, overflow = _format(dtype)
+    threshold = MP.ldexp(2 - MP.ldexp(1, -mantissa - 1), overflow - 1)
+    return abs(exact) >= threshold
+
+
+def ulp_error(value: float, exact: mpmath.mpf, dtype: object) -> float:
+    """``|value - exact| / ulp(exact)`` in ``dtype``; ``inf`` for NaN, and unless ``value`` is exactly 0
+    where ``exact`` is 0, and exactly the right infinity where ``exact`` is infinite or rounds to one."""
+    value = float(value)
+    if math.isnan(value) or MP.isnan(exact):
+        return math.inf
+    if MP.isinf(exact) or _overflows(exact, dtype):
+        return 0.0 if value == math.copysign(math.inf, float(MP.sign(exact))) else math.inf
+    if exact == 0:
+        return 0.0 if value == 0 else math.inf
+    if math.isinf(value):
+        return math.inf
+    return float(abs(MP.mpf(value) - exact) / ulp(exact, dtype))
