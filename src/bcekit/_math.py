@@ -98,7 +98,11 @@ def _dd_multiply(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array,
 
 
 def _dd_dot2(
-    ops: Ops, c1: tuple[Array, Array], v1: tuple[Array, Array], c2: tuple[Array, Array], v2: tuple[Array, Array]
+    ops: Ops,
+    c1: tuple[Array, Array],
+    v1: tuple[Array, Array],
+    c2: tuple[Array, Array],
+    v2: tuple[Array, Array],
 ) -> Array:
     """``c1 v1 + c2 v2`` of non-negative double-doubles, rounded once. Where an operand is infinite (or the
     splitting overflows) the arithmetic yields NaN; the caller then falls back to the plain formula."""
@@ -170,9 +174,7 @@ def bce_grad_target(ops: Ops, x: Array) -> Array:
 # --------------------------------------------------------------------------------------------------------
 
 
-def logits_loss(
-    ops: Ops, x: Array, y: Array, pos_weight: Array | None, compensated: bool = False
-) -> Array:
+def logits_loss(ops: Ops, x: Array, y: Array, pos_weight: Array | None, compensated: bool = False) -> Array:
     """Per-element ``p y sp(-x) + (1 - y) sp(x)``; an infinite logit of the target's sign costs 0."""
     x_pos, x_neg, tail, _ = _softplus_parts(ops, x)
     positive = y if pos_weight is None else pos_weight * y

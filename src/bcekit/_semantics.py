@@ -179,7 +179,7 @@ def _check_fits_output(output_shape: tuple[int, ...], other_shape: tuple[int, ..
 
 
 def _not_implemented(kernel: str, spec: ArraySpec) -> NotImplementedError:
-    return NotImplementedError(f'"{kernel}" not implemented for \'{spec.name}\'')
+    return NotImplementedError(f"\"{kernel}\" not implemented for '{spec.name}'")
 
 
 def check_binary_cross_entropy(

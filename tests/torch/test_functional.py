@@ -12,11 +12,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _cases import Case, cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bcekit.torch as bce
+from _cases import Case, cases
 
 DTYPES = {
     "float16": torch.float16,
@@ -57,8 +57,12 @@ def _check_case(case: Case, logits: bool) -> None:
     w64, p64 = (None if t is None else t.double() for t in (w, p))
     if logits:
         ours = bce.binary_cross_entropy_with_logits(x, y, w, reduction=case.reduction, pos_weight=p)
-        reference = F.binary_cross_entropy_with_logits(x64, y64, w64, reduction=case.reduction, pos_weight=p64)
-        theirs = F.binary_cross_entropy_with_logits(x.detach(), y.detach(), w, reduction=case.reduction, pos_weight=p)
+        reference = F.binary_cross_entropy_with_logits(
+            x64, y64, w64, reduction=case.reduction, pos_weight=p64
+        )
+        theirs = F.binary_cross_entropy_with_logits(
+            x.detach(), y.detach(), w, reduction=case.reduction, pos_weight=p
+        )
     else:
         ours = bce.binary_cross_entropy(x, y, w, reduction=case.reduction)
         reference = F.binary_cross_entropy(x64, y64, w64, reduction=case.reduction)
@@ -73,12 +77,17 @@ def _check_case(case: Case, logits: bool) -> None:
     grad_output = torch.rand_like(reference, dtype=torch.float64) + 0.5
     ours_grads = torch.autograd.grad(ours, (x, y), grad_output.to(ours.dtype))
     reference_grads = torch.autograd.grad(reference, (x64, y64), grad_output)
-    for mine, expected, name in zip(ours_grads, reference_grads, ("input", "target")):
+    for mine, expected, name in zip(ours_grads, reference_grads, ("input", "target"), strict=True):
         assert mine.dtype == dtype and mine.shape == x.shape, name
         # the target gradient is -logit(x): infinite at x = 0 and 1 (as torch's)
         assert torch.equal(mine.isinf(), expected.to(dtype).isinf()), name
         finite = expected.to(dtype).isfinite()
-        torch.testing.assert_close(mine.double()[finite], expected[finite], **_tolerances(dtype), msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            mine.double()[finite],
+            expected[finite],
+            **_tolerances(dtype),
+            msg=lambda message, name=name: f"{name}: {message}",
+        )
 
 
 @settings(max_examples=300, deadline=None)

@@ -10,8 +10,6 @@ operations, so double backward works.
 (No ``from __future__ import annotations`` here: ``torch.library.custom_op`` reads the type hints.)
 """
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -37,6 +35,7 @@ class _TorchOps:
 
 _OPS = _TorchOps()
 
+
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """The dtype the math runs in for operands of these floating dtypes (rule: ``compute_precision``)."""
     bits = max(dtype.itemsize * 8 for dtype in dtypes)
@@ -50,7 +49,7 @@ def _reduce(loss: Tensor, reduction: int) -> Tensor:
     return total / loss.numel() if reduction == MEAN else total
 
 
-def _grad_scale(grad_output: Tensor, weight: Optional[Tensor], reduction: int, numel: int, dtype) -> Tensor:
+def _grad_scale(grad_output: Tensor, weight: Tensor | None, reduction: int, numel: int, dtype) -> Tensor:
     """What the elementwise derivative is multiplied by: grad_output, the weight, 1/n for the mean."""
     scale = grad_output.to(dtype)
     if weight is not None:
@@ -74,7 +73,7 @@ def _check_probabilities(input: Tensor, target: Tensor) -> None:
 
 
 @torch.library.custom_op("bcekit::binary_cross_entropy", mutates_args=())
-def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int) -> Tensor:
+def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, reduction: int) -> Tensor:
     _check_probabilities(input, target)
     dtype = compute_dtype(input.dtype)
     compensated = input.dtype == torch.float64
@@ -85,7 +84,7 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor]
 
 
 @binary_cross_entropy.register_fake
-def _(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int) -> Tensor:
+def _(input: Tensor, target: Tensor, weight: Tensor | None, reduction: int) -> Tensor:
     return input.new_empty(input.shape if reduction == NONE else ())
 
 
@@ -118,7 +117,7 @@ binary_cross_entropy.register_autograd(_bce_backward, setup_context=_bce_setup_c
 
 @torch.library.custom_op("bcekit::binary_cross_entropy_with_logits", mutates_args=())
 def binary_cross_entropy_with_logits(
-    input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor], reduction: int
+    input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: int
 ) -> Tensor:
     dtype = compute_dtype(input.dtype, target.dtype)
     p = None if pos_weight is None else pos_weight.to(dtype)
@@ -131,7 +130,7 @@ def binary_cross_entropy_with_logits(
 
 @binary_cross_entropy_with_logits.register_fake
 def _(
-    input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor], reduction: int
+    input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: int
 ) -> Tensor:
     return target.new_empty(input.shape if reduction == NONE else ())
 

@@ -1,0 +1,114 @@
+"""The torch.library operators: registration checks, gradcheck / gradgradcheck, torch.compile, meta."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bcekit.torch as bce
+
+OPS = torch.ops.bcekit
+
+
+def _double(*shape, low=0.0, high=1.0):
+    return (torch.rand(*shape, dtype=torch.float64) * (high - low) + low).requires_grad_()
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_opcheck(reduction, weighted) -> None:
+    weight = torch.rand(3) if weighted else None
+    x, y = torch.randn(4, 3, requires_grad=True), torch.rand(4, 3, requires_grad=True)
+    pos_weight = torch.rand(3) + 0.5 if weighted else None
+    torch.library.opcheck(OPS.binary_cross_entropy_with_logits.default, (x, y, weight, pos_weight, reduction))
+    p = torch.rand(4, 3, requires_grad=True)
+    torch.library.opcheck(OPS.binary_cross_entropy.default, (p, y, weight, reduction))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weight_shape", [None, (), (3,), (4, 1), (4, 3)])
+@pytest.mark.parametrize("pos_weight_shape", [None, (), (3,), (4, 3)])
+def test_logits_gradcheck_and_gradgradcheck(reduction, weight_shape, pos_weight_shape) -> None:
+    x = _double(4, 3, low=-6, high=6)
+    y = _double(4, 3)
+    w = None if weight_shape is None else torch.rand(weight_shape, dtype=torch.float64) + 0.1
+    p = None if pos_weight_shape is None else torch.rand(pos_weight_shape, dtype=torch.float64) + 0.1
+
+    def loss(x, y):
+        return bce.binary_cross_entropy_with_logits(x, y, w, reduction=reduction, pos_weight=p)
+
+    assert torch.autograd.gradcheck(loss, (x, y))
+    assert torch.autograd.gradgradcheck(loss, (x, y))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weight_shape", [None, (), (3,), (4, 1), (4, 3)])
+def test_probability_gradcheck_and_gradgradcheck(reduction, weight_shape) -> None:
+    x = _double(4, 3, low=0.05, high=0.95)  # away from 0 and 1, where the loss is smooth
+    y = _double(4, 3)
+    w = None if weight_shape is None else torch.rand(weight_shape, dtype=torch.float64) + 0.1
+
+    def loss(x, y):
+        return bce.binary_cross_entropy(x, y, w, reduction=reduction)
+
+    assert torch.autograd.gradcheck(loss, (x, y))
+    assert torch.autograd.gradgradcheck(loss, (x, y))
+
+
+def test_double_backward_matches_torch() -> None:
+    """Second derivatives agree with torch's own double-backward formulas."""
+    x = _double(5, low=0.05, high=0.95)
+    y = _double(5)
+    for ours_fn, torch_fn, inputs in [
+        (bce.binary_cross_entropy, F.binary_cross_entropy, (x, y)),
+        (bce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, (x * 8 - 4, y)),
+    ]:
+        hessians = []
+        for fn in (ours_fn, torch_fn):
+            (g,) = torch.autograd.grad(fn(*inputs, reduction="sum"), x, create_graph=True)
+            hessians.append(torch.autograd.grad(g.sum(), (x, y), retain_graph=True))
+        for mine, theirs in zip(*hessians, strict=True):
+            torch.testing.assert_close(mine, theirs)
+
+
+class _Model(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 3)
+        self.logits_loss = bce.BCEWithLogitsLoss(weight=torch.rand(3), pos_weight=torch.rand(3) + 0.5)
+        self.probability_loss = bce.BCELoss(reduction="sum")
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(x)
+        return self.logits_loss(logits, y) + self.probability_loss(torch.sigmoid(logits), y)
+
+
+def test_torch_compile_fullgraph_forward_and_backward() -> None:
+    torch.manual_seed(0)
+    model = _Model()
+    x, y = torch.randn(8, 6), torch.rand(8, 3)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, y)
+    loss.backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager = model(x, y)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    for mine, theirs in zip(compiled_grads, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_torch_compile_inductor_has_no_graph_breaks() -> None:
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(_Model())(torch.randn(8, 6), torch.rand(8, 3))
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+
+
+def test_meta_tensors_give_shapes_and_dtypes() -> None:
+    x = torch.empty(5, 4, device="meta", dtype=torch.bfloat16)
+    assert bce.binary_cross_entropy_with_logits(x, x, reduction="none").shape == (5, 4)
+    out = bce.binary_cross_entropy(x, x)
+    assert out.shape == () and out.dtype == torch.bfloat16 and out.device.type == "meta"
