@@ -21,16 +21,16 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 from sklearn.datasets import load_breast_cancer
 from sklearn.metrics import log_loss
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
+from torch import nn
 
 import bcekit.numpy as bce_np
-import torch
 from bcekit.torch import BCEWithLogitsLoss
-from torch import nn
 
 
 def load_data(

@@ -57,7 +57,7 @@ def _softplus(t: mpmath.mpf) -> mpmath.mpf:
     return max(t, MP.zero) + _log1p(MP.exp(-abs(t)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def logits_exact(x: float, y: float, pos_weight: float | None = None) -> mpmath.mpf:
     """The exact logits loss at floating ``x``, ``y`` (and ``pos_weight``), as an mpmath number."""
     xm, ym = MP.mpf(x), MP.mpf(y)
@@ -78,7 +78,7 @@ def _clamped_neg_log(value: mpmath.mpf) -> mpmath.mpf:
     return min(-MP.log(value), MP.mpf(_LOG_CLAMP))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bce_exact(x: float, y: float) -> mpmath.mpf:
     """The exact probability loss at floating ``x`` in [0, 1] and ``y`` in [0, 1]."""
     xm, ym = MP.mpf(x), MP.mpf(y)

@@ -129,10 +129,7 @@ def _softplus_parts(ops: Ops, x: Array) -> tuple[Array, Array, Array, Array]:
     overflows, both summands are non-negative, and for x < 0 ``sp(x)`` is log1p of a small number.
     """
     e = ops.exp(-ops.abs(x))
-    # log1p(e) rounds to e once e < 2**-54 (the next term, e**2 / 2, is below half an ulp). Saying so
-    # explicitly also sidesteps torch's vectorised log1p, which is ~1 ulp off on subnormal arguments.
-    tail = ops.where(e < 2.0**-54, e, ops.log1p(e))
-    return ops.clamp_min(x, 0.0), ops.clamp_min(-x, 0.0), tail, e
+    return ops.clamp_min(x, 0.0), ops.clamp_min(-x, 0.0), ops.log1p(e), e
 
 
 def _sigmoid_pair(ops: Ops, x: Array, e: Array) -> tuple[Array, Array]:

@@ -267,7 +267,8 @@ def compute_precision(bits: int) -> int:
 
     Half types (16 bits) are computed in float32, as the brief asks. float32 is computed in float64: every
     per-element result is then within 0.5 ulp (plus a 2^-29 relative error) of the exact value after rounding,
-    which no float32 formulation with libm-quality exp/log can promise. float64 stays in float64, where the
-    formulation (each term a softplus, no cancellation) carries the accuracy.
+    which no float32 formulation with libm-quality exp/log can promise. float64 losses on the CPU are
+    evaluated in ``long double`` where the platform has one (:mod:`bcekit._extended`), elsewhere in float64
+    with a double-double combination step; gradients are computed in float64.
     """
     return 32 if bits <= 16 else 64

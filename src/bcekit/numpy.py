@@ -20,13 +20,11 @@ elementwise derivative of each element's loss.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from bcekit import _math, _semantics
-from bcekit._semantics import MEAN, NONE, ArraySpec
+from bcekit import _extended, _math, _semantics
+from bcekit._semantics import MEAN, ArraySpec
 
 __all__ = [
     "binary_cross_entropy",
@@ -36,27 +34,7 @@ __all__ = [
 ]
 
 
-class _NumpyOps:
-    """The elementwise namespace :mod:`bcekit._math` computes with."""
-
-    exp = staticmethod(np.exp)
-    log = staticmethod(np.log)
-    log1p = staticmethod(np.log1p)
-    abs = staticmethod(np.abs)
-    isinf = staticmethod(np.isinf)
-    isfinite = staticmethod(np.isfinite)
-    where = staticmethod(np.where)
-
-    @staticmethod
-    def clamp_min(a: Any, bound: float) -> Any:
-        return np.maximum(a, bound)
-
-    @staticmethod
-    def clamp_max(a: Any, bound: float) -> Any:
-        return np.minimum(a, bound)
-
-
-_OPS = _NumpyOps()
+_OPS = _extended.NUMPY_OPS
 
 
 def _as_array(value: ArrayLike) -> np.ndarray:
@@ -72,23 +50,10 @@ def _compute_dtype(result: np.dtype) -> np.dtype:
     return np.dtype(np.float32 if _semantics.compute_precision(result.itemsize * 8) == 32 else np.float64)
 
 
-def _reduce(loss: np.ndarray, reduction: int) -> np.ndarray:
-    if reduction == NONE:
-        return loss
-    # np.sum is pairwise over contiguous data; the mean divides by the element count, never by the weights.
-    total = np.sum(loss, dtype=loss.dtype)
-    return total / loss.size if reduction == MEAN else total
-
-
-def _finish(
-    loss: np.ndarray, grad: np.ndarray | None, reduction: int, result_dtype: np.dtype, input_dtype: np.dtype
-) -> tuple[np.ndarray, np.ndarray | None]:
-    reduced = np.asarray(_reduce(loss, reduction)).astype(result_dtype)
-    if grad is None:
-        return reduced, None
-    if reduction == MEAN:
-        grad = grad / max(loss.size, 1)
-    return reduced, np.asarray(grad).astype(input_dtype)
+def _scale_grad(grad: np.ndarray, weight: np.ndarray | None, reduction: int, size: int) -> np.ndarray:
+    if weight is not None:
+        grad = grad * weight
+    return grad / size if reduction == MEAN and size else grad
 
 
 def _bce(
@@ -99,18 +64,21 @@ def _bce(
     _semantics.check_binary_cross_entropy(_spec(x), _spec(y), None if w is None else _spec(w))
     compute = _compute_dtype(x.dtype)
     xc, yc = x.astype(compute, copy=False), y.astype(compute, copy=False)
+    wc = None if w is None else w.astype(compute, copy=False)
     if not np.all((xc >= 0) & (xc <= 1)):  # NaN fails both comparisons
         raise _semantics.input_range_error()
     if not np.all((yc >= 0) & (yc <= 1)):
         raise _semantics.target_range_error()
     with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
-        loss = _math.bce_loss(_OPS, xc, yc, compensated=x.dtype == np.float64)
-        grad = _math.bce_grad_input(_OPS, xc, yc) if with_grad else None
-        if w is not None:
-            wc = w.astype(compute, copy=False)
-            loss = loss * wc
-            grad = None if grad is None else grad * wc
-        return _finish(loss, grad, reduction, x.dtype, x.dtype)
+        if x.dtype == np.float64 and _extended.EXTENDED is not None:
+            loss = _extended.bce_loss(x, y, w, reduction)
+        else:
+            per_element = _math.bce_loss(_OPS, xc, yc, compensated=x.dtype == np.float64)
+            loss = _extended.reduce_loss(per_element if wc is None else per_element * wc, reduction)
+        grad = None
+        if with_grad:
+            grad = _scale_grad(_math.bce_grad_input(_OPS, xc, yc), wc, reduction, x.size).astype(x.dtype)
+        return np.asarray(loss).astype(x.dtype), grad
 
 
 def _bce_with_logits(
@@ -130,15 +98,19 @@ def _bce_with_logits(
     result_dtype = y.dtype
     compute = _compute_dtype(np.promote_types(x.dtype, y.dtype))
     xc, yc = x.astype(compute, copy=False), y.astype(compute, copy=False)
+    wc = None if w is None else w.astype(compute, copy=False)
     pc = None if p is None else p.astype(compute, copy=False)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
-        loss = _math.logits_loss(_OPS, xc, yc, pc, compensated=result_dtype == np.float64)
-        grad = _math.logits_grad_input(_OPS, xc, yc, pc) if with_grad else None
-        if w is not None:
-            wc = w.astype(compute, copy=False)
-            loss = loss * wc
-            grad = None if grad is None else grad * wc
-        return _finish(loss, grad, reduction, result_dtype, x.dtype)
+        if result_dtype == np.float64 and _extended.EXTENDED is not None:
+            loss = _extended.logits_loss(x, y, w, p, reduction)
+        else:
+            per_element = _math.logits_loss(_OPS, xc, yc, pc, compensated=result_dtype == np.float64)
+            loss = _extended.reduce_loss(per_element if wc is None else per_element * wc, reduction)
+        grad = None
+        if with_grad:
+            grad = _math.logits_grad_input(_OPS, xc, yc, pc)
+            grad = _scale_grad(grad, wc, reduction, x.size).astype(x.dtype)
+        return np.asarray(loss).astype(result_dtype), grad
 
 
 def binary_cross_entropy(

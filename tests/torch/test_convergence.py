@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-
-import bcekit.torch as bce
 import torch
 from torch import Tensor, nn
+
+import bcekit.torch as bce
 
 STEPS = 50
 LR = 0.1

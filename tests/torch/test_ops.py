@@ -17,12 +17,15 @@ def _double(*shape, low=0.0, high=1.0):
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_opcheck(reduction, weighted) -> None:
-    weight = torch.rand(3) if weighted else None
-    x, y = torch.randn(4, 3, requires_grad=True), torch.rand(4, 3, requires_grad=True)
-    pos_weight = torch.rand(3) + 0.5 if weighted else None
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck(reduction, weighted, dtype) -> None:
+    # float64 runs the extended-precision path on the CPU (bcekit._extended); the others run torch ops
+    weight = torch.rand(3, dtype=dtype) if weighted else None
+    x = torch.randn(4, 3, dtype=dtype, requires_grad=True)
+    y = torch.rand(4, 3, dtype=dtype, requires_grad=True)
+    pos_weight = torch.rand(3, dtype=dtype) + 0.5 if weighted else None
     torch.library.opcheck(OPS.binary_cross_entropy_with_logits.default, (x, y, weight, pos_weight, reduction))
-    p = torch.rand(4, 3, requires_grad=True)
+    p = torch.rand(4, 3, dtype=dtype, requires_grad=True)
     torch.library.opcheck(OPS.binary_cross_entropy.default, (p, y, weight, reduction))
 
 

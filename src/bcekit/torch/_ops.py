@@ -10,10 +10,12 @@ operations, so double backward works.
 (No ``from __future__ import annotations`` here: ``torch.library.custom_op`` reads the type hints.)
 """
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from bcekit import _math, _semantics
+from bcekit import _extended, _math, _semantics
 from bcekit._semantics import MEAN, NONE
 
 __all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "compute_dtype"]
@@ -24,7 +26,13 @@ class _TorchOps:
 
     exp = staticmethod(torch.exp)
     log = staticmethod(torch.log)
-    log1p = staticmethod(torch.log1p)
+
+    @staticmethod
+    def log1p(a: Tensor) -> Tensor:
+        # log1p(a) rounds to a once |a| < 2**-54 (the next term, a**2 / 2, is below half an ulp); saying
+        # so sidesteps torch's vectorised float64 log1p, which is ~1 ulp off on subnormal arguments.
+        return torch.where(a.abs() < 2.0**-54, a, torch.log1p(a))
+
     abs = staticmethod(torch.abs)
     isinf = staticmethod(torch.isinf)
     isfinite = staticmethod(torch.isfinite)
@@ -49,7 +57,7 @@ def _reduce(loss: Tensor, reduction: int) -> Tensor:
     return total / loss.numel() if reduction == MEAN else total
 
 
-def _grad_scale(grad_output: Tensor, weight: Tensor | None, reduction: int, numel: int, dtype) -> Tensor:
+def _grad_scale(grad_output: Tensor, weight: Optional[Tensor], reduction: int, numel: int, dtype) -> Tensor:
     """What the elementwise derivative is multiplied by: grad_output, the weight, 1/n for the mean."""
     scale = grad_output.to(dtype)
     if weight is not None:
@@ -57,6 +65,23 @@ def _grad_scale(grad_output: Tensor, weight: Tensor | None, reduction: int, nume
     if reduction == MEAN:
         scale = scale / numel
     return scale
+
+
+def _use_extended(result_dtype: torch.dtype, *tensors: Optional[Tensor]) -> bool:
+    """float64 results of CPU tensors are evaluated in long double (see :mod:`bcekit._extended`)."""
+    return (
+        result_dtype == torch.float64
+        and _extended.EXTENDED is not None
+        and all(t is None or t.device.type == "cpu" for t in tensors)
+    )
+
+
+def _to_numpy(*tensors: Optional[Tensor]):
+    return tuple(None if t is None else t.detach().resolve_conj().resolve_neg().numpy() for t in tensors)
+
+
+def _from_numpy(array, like: Tensor) -> Tensor:
+    return torch.from_numpy(array.copy()).to(like.device)
 
 
 def _check_probabilities(input: Tensor, target: Tensor) -> None:
@@ -73,8 +98,10 @@ def _check_probabilities(input: Tensor, target: Tensor) -> None:
 
 
 @torch.library.custom_op("bcekit::binary_cross_entropy", mutates_args=())
-def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, reduction: int) -> Tensor:
+def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int) -> Tensor:
     _check_probabilities(input, target)
+    if _use_extended(input.dtype, input, target, weight):
+        return _from_numpy(_extended.bce_loss(*_to_numpy(input, target, weight), reduction), input)
     dtype = compute_dtype(input.dtype)
     compensated = input.dtype == torch.float64
     loss = _math.bce_loss(_OPS, input.to(dtype), target.to(dtype), compensated)
@@ -84,7 +111,7 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, r
 
 
 @binary_cross_entropy.register_fake
-def _(input: Tensor, target: Tensor, weight: Tensor | None, reduction: int) -> Tensor:
+def _(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int) -> Tensor:
     return input.new_empty(input.shape if reduction == NONE else ())
 
 
@@ -117,8 +144,11 @@ binary_cross_entropy.register_autograd(_bce_backward, setup_context=_bce_setup_c
 
 @torch.library.custom_op("bcekit::binary_cross_entropy_with_logits", mutates_args=())
 def binary_cross_entropy_with_logits(
-    input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: int
+    input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor], reduction: int
 ) -> Tensor:
+    if _use_extended(target.dtype, input, target, weight, pos_weight):
+        arrays = _to_numpy(input, target, weight, pos_weight)
+        return _from_numpy(_extended.logits_loss(*arrays, reduction), input)
     dtype = compute_dtype(input.dtype, target.dtype)
     p = None if pos_weight is None else pos_weight.to(dtype)
     compensated = target.dtype == torch.float64  # the result's dtype
@@ -130,7 +160,7 @@ def binary_cross_entropy_with_logits(
 
 @binary_cross_entropy_with_logits.register_fake
 def _(
-    input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: int
+    input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor], reduction: int
 ) -> Tensor:
     return target.new_empty(input.shape if reduction == NONE else ())
 
