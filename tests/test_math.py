@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _reference import bce_exact, logits_exact, ulp_error
 
+from _reference import bce_exact, logits_exact, ulp_error
 from bcekit import _extended, _math
 
 OPS = _extended.NUMPY_OPS
