@@ -57,7 +57,8 @@ def _check(case: Case, logits: bool) -> None:
     np.testing.assert_allclose(loss.astype(np.float64), expected_loss, **tolerance)
     np.testing.assert_array_equal(paired, loss)
     assert grad.dtype == dtype and grad.shape == x.shape
-    finite = np.isfinite(expected_grad.astype(dtype))
+    with np.errstate(over="ignore"):  # 1e12-sized gradients at x = 0 or 1 overflow float16, as ours do
+        finite = np.isfinite(expected_grad.astype(dtype))
     np.testing.assert_allclose(grad[finite].astype(np.float64), expected_grad[finite], **tolerance)
 
 

@@ -25,7 +25,7 @@ __all__ = [
     "resolve_reduction",
     "check_binary_cross_entropy",
     "check_binary_cross_entropy_with_logits",
-    "check_weight_requires_grad",
+    "weight_requires_grad_error",
     "input_range_error",
     "target_range_error",
     "compute_precision",
@@ -246,7 +246,7 @@ def check_binary_cross_entropy_with_logits(
     return target
 
 
-def check_weight_requires_grad(function: str, argument: str) -> RuntimeError:
+def weight_requires_grad_error(function: str, argument: str) -> RuntimeError:
     """torch's error for a weight that asks for a gradient: these losses are not differentiable in it."""
     return RuntimeError(
         f"The function '{function}' is not differentiable with respect to argument '{argument}'. "

@@ -83,7 +83,7 @@ def _check_no_weight_grad(function: str, **weights: Tensor | None) -> None:
         return
     for name, weight in weights.items():
         if weight is not None and weight.requires_grad:
-            raise _semantics.check_weight_requires_grad(function, name)
+            raise _semantics.weight_requires_grad_error(function, name)
 
 
 def binary_cross_entropy(
