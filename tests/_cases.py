@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 REDUCTIONS = ("none", "mean", "sum")
+#: contiguous; the transpose of a contiguous buffer; every other element of a wider buffer (last dim);
+#: a stride-0 view repeating the first row (the case's rows are then drawn equal)
+LAYOUTS = ("contiguous", "transposed", "strided", "broadcast")
 
 
 @dataclass
@@ -24,7 +27,7 @@ class Case:
     pos_weight: np.ndarray | None
     dtype: str
     reduction: str
-    transposed: bool  # lay input and target out as the transpose of a contiguous buffer
+    layout: str  # how input and target lie in memory: one of LAYOUTS
 
 
 shapes = st.one_of(
@@ -67,6 +70,19 @@ def _values(draw: st.DrawFn, shape: tuple[int, ...], kind: str) -> np.ndarray:
     return values.reshape(shape)
 
 
+def lay_out(array: np.ndarray, layout: str) -> np.ndarray:
+    """The same values (and dtype) as ``array``, laid out in memory as ``layout`` says."""
+    if layout == "transposed":
+        return np.ascontiguousarray(array.swapaxes(0, 1)).swapaxes(0, 1)
+    if layout == "strided":
+        wide = np.zeros((*array.shape[:-1], 2 * array.shape[-1]), dtype=array.dtype)
+        wide[..., ::2] = array
+        return wide[..., ::2]
+    if layout == "broadcast":
+        return np.broadcast_to(array[:1], array.shape)
+    return array
+
+
 @st.composite
 def cases(draw: st.DrawFn, logits: bool, dtypes: tuple[str, ...] = FLOAT_DTYPES) -> Case:
     shape = draw(shapes)
@@ -78,6 +94,10 @@ def cases(draw: st.DrawFn, logits: bool, dtypes: tuple[str, ...] = FLOAT_DTYPES)
     pos_weight = None
     if logits and draw(st.booleans()):
         pos_weight = _values(draw, draw(broadcast_shape(shape)), "weights")
+    layouts = ["contiguous"] + ["strided", "broadcast"] * bool(shape) + ["transposed"] * (len(shape) >= 2)
+    layout = draw(st.sampled_from(layouts))
+    if layout == "broadcast":
+        x, y = np.broadcast_to(x[:1], shape).copy(), np.broadcast_to(y[:1], shape).copy()
     return Case(
         input=x,
         target=y,
@@ -85,5 +105,5 @@ def cases(draw: st.DrawFn, logits: bool, dtypes: tuple[str, ...] = FLOAT_DTYPES)
         pos_weight=pos_weight,
         dtype=draw(st.sampled_from(dtypes)),
         reduction=draw(st.sampled_from(REDUCTIONS)),
-        transposed=len(shape) >= 2 and draw(st.booleans()),
+        layout=layout,
     )

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 
 import bcekit.numpy as bnp
-from _cases import Case, cases
+from _cases import Case, cases, lay_out
 
 NUMPY_DTYPES = ("float16", "float32", "float64")
 _RNG = np.random.default_rng(0)
@@ -41,8 +41,7 @@ def _check(case: Case, logits: bool) -> None:
     x, y = case.input.astype(dtype), case.target.astype(dtype)
     w = None if case.weight is None else case.weight.astype(dtype)
     p = None if case.pos_weight is None else case.pos_weight.astype(dtype)
-    if case.transposed:
-        x, y = np.asfortranarray(x), np.asfortranarray(y)
+    x, y = lay_out(x, case.layout), lay_out(y, case.layout)
     if logits:
         loss = bnp.binary_cross_entropy_with_logits(x, y, w, reduction=case.reduction, pos_weight=p)
         paired, grad = bnp.binary_cross_entropy_with_logits_and_grad(x, y, w, case.reduction, pos_weight=p)

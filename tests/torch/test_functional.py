@@ -26,12 +26,21 @@ DTYPES = {
 }
 
 
-def _tensor(array, dtype: torch.dtype, transposed: bool = False, requires_grad: bool = False) -> torch.Tensor:
-    t = torch.tensor(array, dtype=torch.float64)
-    if transposed:  # same values, non-contiguous layout
-        t = t.transpose(0, 1).contiguous().transpose(0, 1)
-    t = t.to(dtype)
-    return t.requires_grad_(requires_grad)
+def _tensor(
+    array, dtype: torch.dtype, layout: str = "contiguous", requires_grad: bool = False
+) -> torch.Tensor:
+    """``array``'s values in ``dtype``, laid out as ``layout`` says (see ``_cases.LAYOUTS``)."""
+    values = torch.tensor(array, dtype=torch.float64).to(dtype)
+    if layout == "transposed":
+        leaf = values.transpose(0, 1).contiguous().requires_grad_(requires_grad)
+        return leaf.transpose(0, 1)
+    if layout == "strided":
+        leaf = torch.zeros(*values.shape[:-1], 2 * values.shape[-1], dtype=dtype)
+        leaf[..., ::2] = values
+        return leaf.requires_grad_(requires_grad)[..., ::2]
+    if layout == "broadcast":
+        return values[:1].clone().requires_grad_(requires_grad).expand(values.shape)
+    return values.requires_grad_(requires_grad)
 
 
 def _tolerances(dtype: torch.dtype) -> dict[str, float]:
@@ -42,8 +51,8 @@ def _tolerances(dtype: torch.dtype) -> dict[str, float]:
 
 
 def _args(case: Case, dtype: torch.dtype, grad: bool = False):
-    x = _tensor(case.input, dtype, case.transposed, grad)
-    y = _tensor(case.target, dtype, case.transposed, grad)
+    x = _tensor(case.input, dtype, case.layout, grad)
+    y = _tensor(case.target, dtype, case.layout, grad)
     w = None if case.weight is None else _tensor(case.weight, dtype)
     p = None if case.pos_weight is None else _tensor(case.pos_weight, dtype)
     return x, y, w, p
