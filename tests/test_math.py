@@ -1,6 +1,6 @@
 """The shared formulas themselves, on the paths this machine's backends do not take by default.
 
-On x86-64 and aarch64 Linux, float64 losses run in ``long double`` (:mod:`bcekit._extended`); elsewhere
+On x86-64 and aarch64 Linux, float64 losses run in ``long double`` (:mod:`bcekit._numpy_core`); elsewhere
 (and on CUDA) they run in float64 with the double-double combination of :mod:`bcekit._math`. That fallback
 is exercised here directly, against the exact reference.
 """
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from _reference import bce_exact, logits_exact, ulp_error
-from bcekit import _extended, _math
+from bcekit import _math, _numpy_core
 
-OPS = _extended.NUMPY_OPS
+OPS = _numpy_core.NUMPY_OPS
 
 
 def _random_logits_points(n: int, seed: int):

@@ -29,6 +29,8 @@ __all__ = [
     "input_range_error",
     "target_range_error",
     "compute_precision",
+    "check_label_smoothing",
+    "check_focal_parameters",
 ]
 
 NONE, MEAN, SUM = 0, 1, 2
@@ -268,7 +270,22 @@ def compute_precision(bits: int) -> int:
     Half types (16 bits) are computed in float32, as the brief asks. float32 is computed in float64: every
     per-element result is then within 0.5 ulp (plus a 2^-29 relative error) of the exact value after rounding,
     which no float32 formulation with libm-quality exp/log can promise. float64 losses on the CPU are
-    evaluated in ``long double`` where the platform has one (:mod:`bcekit._extended`), elsewhere in float64
+    evaluated in ``long double`` where the platform has one (:mod:`bcekit._numpy_core`), elsewhere in float64
     with a double-double combination step; gradients are computed in float64.
     """
     return 32 if bits <= 16 else 64
+
+
+def check_label_smoothing(label_smoothing: float) -> None:
+    """Keras's label smoothing takes a fraction in [0, 1]; anything else is a mistake, not a choice."""
+    if not 0.0 <= label_smoothing <= 1.0:  # NaN fails too
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+
+
+def check_focal_parameters(alpha: float, gamma: float) -> None:
+    """``gamma >= 0`` (a negative power rewards confident mistakes); ``alpha <= 1`` (a larger one gives the
+    negative class a negative weight); ``alpha < 0`` is torchvision's "no class weighting"."""
+    if not (gamma >= 0.0 and gamma != float("inf")):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    if not alpha <= 1.0:
+        raise ValueError(f"alpha must be <= 1 (or negative to disable class weighting), got {alpha!r}")

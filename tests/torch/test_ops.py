@@ -18,15 +18,22 @@ def _double(*shape, low=0.0, high=1.0):
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_opcheck(reduction, weighted, dtype) -> None:
-    # float64 runs the extended-precision path on the CPU (bcekit._extended); the others run torch ops
+@pytest.mark.parametrize(("label_smoothing", "ignore_index"), [(0.0, None), (0.2, 0.5)])
+def test_opcheck(reduction, weighted, dtype, label_smoothing, ignore_index) -> None:
+    # float64 runs the extended-precision path on the CPU (bcekit._numpy_core); the others run torch ops
     weight = torch.rand(3, dtype=dtype) if weighted else None
     x = torch.randn(4, 3, dtype=dtype, requires_grad=True)
-    y = torch.rand(4, 3, dtype=dtype, requires_grad=True)
+    y = torch.rand(4, 3, dtype=dtype)
+    y[0, 0] = 0.5  # an ignored element when ignore_index is 0.5
+    y.requires_grad_()
+    options = (label_smoothing, ignore_index)
     pos_weight = torch.rand(3, dtype=dtype) + 0.5 if weighted else None
-    torch.library.opcheck(OPS.binary_cross_entropy_with_logits.default, (x, y, weight, pos_weight, reduction))
+    torch.library.opcheck(
+        OPS.binary_cross_entropy_with_logits.default, (x, y, weight, pos_weight, reduction, *options)
+    )
     p = torch.rand(4, 3, dtype=dtype, requires_grad=True)
-    torch.library.opcheck(OPS.binary_cross_entropy.default, (p, y, weight, reduction))
+    torch.library.opcheck(OPS.binary_cross_entropy.default, (p, y, weight, reduction, *options))
+    torch.library.opcheck(OPS.sigmoid_focal_loss.default, (x, y, 0.25, 2.0, reduction))
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])

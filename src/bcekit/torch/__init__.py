@@ -6,7 +6,18 @@
 tensor(0.6931)
 """
 
-from bcekit.torch.functional import binary_cross_entropy, binary_cross_entropy_with_logits
-from bcekit.torch.modules import BCELoss, BCEWithLogitsLoss
+from bcekit.torch.functional import (
+    binary_cross_entropy,
+    binary_cross_entropy_with_logits,
+    sigmoid_focal_loss,
+)
+from bcekit.torch.modules import BCELoss, BCEWithLogitsLoss, SigmoidFocalLoss
 
-__all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "BCELoss", "BCEWithLogitsLoss"]
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "sigmoid_focal_loss",
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "SigmoidFocalLoss",
+]

@@ -21,7 +21,7 @@ from bcekit import _semantics
 from bcekit._semantics import ArraySpec
 from bcekit.torch import _ops
 
-__all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits"]
+__all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "sigmoid_focal_loss"]
 
 _DTYPES: dict[torch.dtype, tuple[str, str]] = {
     torch.float16: ("f", "Half"),
@@ -78,6 +78,10 @@ def _autocast_to_float32(input: Tensor, *others: Tensor | None) -> tuple[Tensor 
     )
 
 
+def _optional_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
 def _check_no_weight_grad(function: str, **weights: Tensor | None) -> None:
     if not torch.is_grad_enabled():
         return
@@ -93,6 +97,9 @@ def binary_cross_entropy(
     size_average: bool | None = None,
     reduce: bool | None = None,
     reduction: str = "mean",
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: float | None = None,
 ) -> Tensor:
     r"""Binary cross-entropy between probabilities and targets, as ``torch.nn.functional``'s.
 
@@ -107,6 +114,11 @@ def binary_cross_entropy(
         weight: rescaling weight broadcastable to ``input``'s shape. Not differentiable.
         size_average, reduce: deprecated; either one, when given, overrides ``reduction``.
         reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
+        label_smoothing: ``s`` in [0, 1] (keyword-only); targets become ``y (1 - s) + s / 2``, Keras's
+            definition: hard labels 0 and 1 become ``s / 2`` and ``1 - s / 2``.
+        ignore_index: (keyword-only) elements whose target equals it add no loss and get zero gradients,
+            and ``'mean'`` divides by the number of elements kept; NaN matches NaN targets. Their targets
+            are not range-checked. All ignored: ``'mean'`` is NaN (with zero gradients), ``'sum'`` is 0.
 
     Returns:
         A 0-d tensor, or ``input``'s shape for ``'none'``; ``input``'s dtype. Differentiable in ``input``
@@ -125,7 +137,10 @@ def binary_cross_entropy(
         _spec(input), _spec(target), None if weight is None else _spec(weight), _format_shape
     )
     _check_no_weight_grad("binary_cross_entropy", weight=weight)
-    return _ops.binary_cross_entropy(input, target, weight, enum)
+    _semantics.check_label_smoothing(label_smoothing)
+    return _ops.binary_cross_entropy(
+        input, target, weight, enum, float(label_smoothing), _optional_float(ignore_index)
+    )
 
 
 def binary_cross_entropy_with_logits(
@@ -136,6 +151,9 @@ def binary_cross_entropy_with_logits(
     reduce: bool | None = None,
     reduction: str = "mean",
     pos_weight: Tensor | None = None,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: float | None = None,
 ) -> Tensor:
     r"""Binary cross-entropy on logits (sigmoid + BCE in one exact step), as ``torch.nn.functional``'s.
 
@@ -153,6 +171,7 @@ def binary_cross_entropy_with_logits(
         size_average, reduce: deprecated; either one, when given, overrides ``reduction``.
         reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
         pos_weight: weight of positive examples, broadcastable to ``input``'s shape. Not differentiable.
+        label_smoothing, ignore_index: keyword-only, as in :func:`binary_cross_entropy`.
 
     >>> import torch
     >>> from bcekit.torch import binary_cross_entropy_with_logits
@@ -173,4 +192,46 @@ def binary_cross_entropy_with_logits(
         _format_shape,
     )
     _check_no_weight_grad("binary_cross_entropy_with_logits", weight=weight, pos_weight=pos_weight)
-    return _ops.binary_cross_entropy_with_logits(input, target, weight, pos_weight, enum)
+    _semantics.check_label_smoothing(label_smoothing)
+    return _ops.binary_cross_entropy_with_logits(
+        input, target, weight, pos_weight, enum, float(label_smoothing), _optional_float(ignore_index)
+    )
+
+
+def sigmoid_focal_loss(
+    input: Tensor,
+    target: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+) -> Tensor:
+    r"""Sigmoid focal loss (Lin et al., 2017), torchvision's ``sigmoid_focal_loss``, computed in log space.
+
+    .. math::
+        \ell = \alpha_t\, \mathrm{BCEWithLogits}(x, y)\, (1 - p_t)^\gamma,\quad
+        1 - p_t = \sigma(x)(1 - y) + \sigma(-x)\,y,\quad \alpha_t = \alpha y + (1 - \alpha)(1 - y)
+
+    Down-weights easy examples (``p_t`` near 1) so that training concentrates on hard ones: the usual
+    choice for dense detection and heavily imbalanced multi-label problems. ``alpha < 0`` disables the
+    class weighting; soft targets are allowed. torchvision's formula overflows or turns NaN for large
+    logits (and for ``gamma < 1`` in the gradient); here every factor is formed in log space, so logits up
+    to ``|1e4|`` and any ``gamma >= 0`` give finite losses and gradients.
+
+    Args:
+        input: logits, any shape.
+        target: same shape, values in [0, 1]; its dtype is the result's (as for the logits loss).
+        alpha: weight of the positive class in [0, 1], or negative for no weighting.
+        gamma: focusing exponent ``>= 0``; 0 gives the alpha-weighted BCE.
+        reduction: ``'none'`` (torchvision's default) | ``'mean'`` | ``'sum'``.
+
+    >>> import torch
+    >>> from bcekit.torch import sigmoid_focal_loss
+    >>> sigmoid_focal_loss(torch.tensor([3.0, -3.0]), torch.tensor([1.0, 1.0]))  # easy, then hard
+    tensor([2.7321e-05, 6.9157e-01])
+    """
+    _require_tensors("sigmoid_focal_loss", input=input, target=target)
+    enum = _semantics.reduction_enum(reduction)
+    _semantics.check_focal_parameters(alpha, gamma)
+    input, target = _autocast_to_float32(input, target)
+    _semantics.check_binary_cross_entropy_with_logits(_spec(input), _spec(target), None, None, _format_shape)
+    return _ops.sigmoid_focal_loss(input, target, float(alpha), float(gamma), enum)

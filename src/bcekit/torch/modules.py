@@ -12,18 +12,39 @@ from torch import Tensor, nn
 from bcekit import _semantics
 from bcekit.torch import functional
 
-__all__ = ["BCELoss", "BCEWithLogitsLoss"]
+__all__ = ["BCELoss", "BCEWithLogitsLoss", "SigmoidFocalLoss"]
 
 
 class _Loss(nn.Module):
+    """Configuration shared by the BCE modules: the reduction (legacy pair mapped once, here) and the
+    keyword-only target options, validated at construction."""
+
     reduction: str
 
-    def __init__(self, size_average: bool | None = None, reduce: bool | None = None, reduction: str = "mean"):
+    def __init__(
+        self,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        ignore_index: float | None = None,
+    ):
         super().__init__()
         if size_average is not None or reduce is not None:
             self.reduction = _semantics.legacy_reduction(size_average, reduce)
         else:
             self.reduction = reduction
+        _semantics.check_label_smoothing(label_smoothing)
+        self.label_smoothing = label_smoothing
+        self.ignore_index = ignore_index
+
+    def extra_repr(self) -> str:
+        options = []
+        if self.label_smoothing:
+            options.append(f"label_smoothing={self.label_smoothing}")
+        if self.ignore_index is not None:
+            options.append(f"ignore_index={self.ignore_index}")
+        return ", ".join(options)
 
 
 class BCELoss(_Loss):
@@ -52,12 +73,22 @@ class BCELoss(_Loss):
         size_average: bool | None = None,
         reduce: bool | None = None,
         reduction: str = "mean",
+        *,
+        label_smoothing: float = 0.0,
+        ignore_index: float | None = None,
     ) -> None:
-        super().__init__(size_average, reduce, reduction)
+        super().__init__(size_average, reduce, reduction, label_smoothing, ignore_index)
         self.register_buffer("weight", weight)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return functional.binary_cross_entropy(input, target, weight=self.weight, reduction=self.reduction)
+        return functional.binary_cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
+        )
 
 
 class BCEWithLogitsLoss(_Loss):
@@ -89,12 +120,45 @@ class BCEWithLogitsLoss(_Loss):
         reduce: bool | None = None,
         reduction: str = "mean",
         pos_weight: Tensor | None = None,
+        *,
+        label_smoothing: float = 0.0,
+        ignore_index: float | None = None,
     ) -> None:
-        super().__init__(size_average, reduce, reduction)
+        super().__init__(size_average, reduce, reduction, label_smoothing, ignore_index)
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional.binary_cross_entropy_with_logits(
-            input, target, self.weight, pos_weight=self.pos_weight, reduction=self.reduction
+            input,
+            target,
+            self.weight,
+            pos_weight=self.pos_weight,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
         )
+
+
+class SigmoidFocalLoss(nn.Module):
+    r"""Sigmoid focal loss as a module; see :func:`bcekit.torch.sigmoid_focal_loss`.
+
+    .. math::
+        \ell = \alpha_t\, \mathrm{BCEWithLogits}(x, y)\, (1 - p_t)^\gamma
+
+    >>> import torch
+    >>> from bcekit.torch import SigmoidFocalLoss
+    >>> SigmoidFocalLoss(alpha=-1, gamma=0, reduction="mean")(torch.zeros(4), torch.ones(4))  # plain BCE
+    tensor(0.6931)
+    """
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none") -> None:
+        super().__init__()
+        _semantics.check_focal_parameters(alpha, gamma)
+        self.alpha, self.gamma, self.reduction = alpha, gamma, reduction
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return functional.sigmoid_focal_loss(input, target, self.alpha, self.gamma, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
