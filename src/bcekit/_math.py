@@ -59,6 +59,7 @@ __all__ = [
     "logits_loss",
     "logits_grad_input",
     "logits_grad_target",
+    "logits_grad_pos_weight",
     "focal_loss",
     "focal_grad_input",
     "focal_grad_target",
@@ -229,6 +230,13 @@ def logits_grad_target(ops: Ops, x: Array, pos_weight: Array | None) -> Array:
         return -x
     x_pos, x_neg, tail, _ = _softplus_parts(ops, x)
     return _scaled(ops, pos_weight, x_neg + tail) - (x_pos + tail)
+
+
+def logits_grad_pos_weight(ops: Ops, x: Array, y: Array) -> Array:
+    """``y sp(-x)``: the logits loss's derivative in its positive-class weight (used by the JAX backend,
+    where a weight's gradient cannot be refused as torch does)."""
+    x_pos, x_neg, tail, _ = _softplus_parts(ops, x)
+    return _scaled(ops, y, x_neg + tail)
 
 
 # --------------------------------------------------------------------------------------------------------
