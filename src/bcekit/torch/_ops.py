@@ -22,7 +22,15 @@ from bcekit import _math, _numpy_core, _semantics
 from bcekit._math import LossSpec
 from bcekit._semantics import MEAN, NONE
 
-__all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "sigmoid_focal_loss", "compute_dtype"]
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "sigmoid_focal_loss",
+    "compute_dtype",
+    "composed_loss",
+    "elementwise_gradients",
+    "check_probabilities",
+]
 
 
 class _TorchOps:
@@ -88,6 +96,19 @@ def _loss(
         arrays = (_as_numpy(t) for t in (input, target, weight, pos_weight))
         value = _numpy_core.loss(spec, *arrays, compute=_numpy_core.EXTENDED).astype(np.float64)
         return torch.from_numpy(np.array(value, copy=True))
+    return composed_loss(spec, input, target, weight, pos_weight, result_dtype)
+
+
+def composed_loss(
+    spec: LossSpec,
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+    result_dtype: torch.dtype,
+) -> Tensor:
+    """The loss composed of torch operations only (no NumPy, no data-dependent Python): what the
+    torch.func transforms can batch and differentiate (:mod:`bcekit.torch._transforms`)."""
     dtype = compute_dtype(input.dtype, target.dtype)
     values, kept = _math.elementwise_loss(
         _OPS,
@@ -101,20 +122,37 @@ def _loss(
     return _math.reduce(_OPS, values, kept, spec.reduction).to(result_dtype)
 
 
-def _gradients(spec: LossSpec, ctx, grad_output: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Input and target gradients, composed of differentiable torch operations (so double backward works)."""
-    input, target, weight, pos_weight = ctx.saved_tensors
-    need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+def elementwise_gradients(
+    spec: LossSpec,
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+    need_input: bool,
+    need_target: bool,
+) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
+    """Per-element derivatives in input and target, and what they are multiplied by for the reduction
+    (1/count for ``'mean'``, else 1), all in the compute dtype and composed of differentiable torch ops."""
     dtype = compute_dtype(input.dtype, target.dtype)
     x, y = input.to(dtype), target.to(dtype)
     grad_input, grad_target = _math.elementwise_grads(
         _OPS, spec, x, y, _cast(weight, dtype), _cast(pos_weight, dtype), need_input, need_target
     )
-    scale = grad_output.to(dtype)
+    reduction_scale = torch.ones((), dtype=dtype, device=x.device)
     if spec.reduction == MEAN:
         _, kept = _math.prepare_targets(_OPS, y, 0.0, spec.ignore_index)
         # an all-ignored mean is NaN, but its gradient is zero, not NaN: it must not poison a training step
-        scale = scale / (max(x.numel(), 1) if kept is None else kept.sum().clamp_min(1))
+        reduction_scale = reduction_scale / (max(x.numel(), 1) if kept is None else kept.sum().clamp_min(1))
+    return grad_input, grad_target, reduction_scale
+
+
+def _gradients(spec: LossSpec, ctx, grad_output: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Input and target gradients, composed of differentiable torch operations (so double backward works)."""
+    input, target, weight, pos_weight = ctx.saved_tensors
+    grad_input, grad_target, reduction_scale = elementwise_gradients(
+        spec, input, target, weight, pos_weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    )
+    scale = grad_output.to(reduction_scale.dtype) * reduction_scale
     if grad_input is not None:
         grad_input = (grad_input * scale).to(input.dtype)
     if grad_target is not None:
@@ -126,7 +164,7 @@ def _output_shape(input: Tensor, reduction: int):
     return input.shape if reduction == NONE else ()
 
 
-def _check_probabilities(input: Tensor, target: Tensor, ignore_index: Optional[float]) -> None:
+def check_probabilities(input: Tensor, target: Tensor, ignore_index: Optional[float]) -> None:
     # NaN fails both comparisons, so it is reported as out of range, as torch does.
     if not bool(((input >= 0) & (input <= 1)).all()):
         raise _semantics.input_range_error()
@@ -150,7 +188,7 @@ def binary_cross_entropy(
     label_smoothing: float,
     ignore_index: Optional[float],
 ) -> Tensor:
-    _check_probabilities(input, target, ignore_index)
+    check_probabilities(input, target, ignore_index)
     spec = LossSpec("bce", reduction, label_smoothing, ignore_index)
     return _loss(spec, input, target, weight, None, input.dtype)
 

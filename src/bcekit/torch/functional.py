@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from bcekit import _semantics
+from bcekit._math import LossSpec
 from bcekit._semantics import ArraySpec
-from bcekit.torch import _ops
+from bcekit.torch import _ops, _transforms
 
 __all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "sigmoid_focal_loss"]
 
@@ -138,9 +139,13 @@ def binary_cross_entropy(
     )
     _check_no_weight_grad("binary_cross_entropy", weight=weight)
     _semantics.check_label_smoothing(label_smoothing)
-    return _ops.binary_cross_entropy(
-        input, target, weight, enum, float(label_smoothing), _optional_float(ignore_index)
-    )
+    smoothing, ignore = float(label_smoothing), _optional_float(ignore_index)
+    if _transforms.active(input, target, weight):
+        if not _transforms.wrapped(input, target):
+            _ops.check_probabilities(input, target, ignore)
+        spec = LossSpec("bce", enum, smoothing, ignore)
+        return _transforms.loss(spec, input, target, weight, None, input.dtype)
+    return _ops.binary_cross_entropy(input, target, weight, enum, smoothing, ignore)
 
 
 def binary_cross_entropy_with_logits(
@@ -193,9 +198,11 @@ def binary_cross_entropy_with_logits(
     )
     _check_no_weight_grad("binary_cross_entropy_with_logits", weight=weight, pos_weight=pos_weight)
     _semantics.check_label_smoothing(label_smoothing)
-    return _ops.binary_cross_entropy_with_logits(
-        input, target, weight, pos_weight, enum, float(label_smoothing), _optional_float(ignore_index)
-    )
+    smoothing, ignore = float(label_smoothing), _optional_float(ignore_index)
+    if _transforms.active(input, target, weight, pos_weight):
+        spec = LossSpec("logits", enum, smoothing, ignore)
+        return _transforms.loss(spec, input, target, weight, pos_weight, target.dtype)
+    return _ops.binary_cross_entropy_with_logits(input, target, weight, pos_weight, enum, smoothing, ignore)
 
 
 def sigmoid_focal_loss(
@@ -234,4 +241,7 @@ def sigmoid_focal_loss(
     _semantics.check_focal_parameters(alpha, gamma)
     input, target = _autocast_to_float32(input, target)
     _semantics.check_binary_cross_entropy_with_logits(_spec(input), _spec(target), None, None, _format_shape)
+    if _transforms.active(input, target):
+        spec = LossSpec("focal", enum, alpha=float(alpha), gamma=float(gamma))
+        return _transforms.loss(spec, input, target, None, None, target.dtype)
     return _ops.sigmoid_focal_loss(input, target, float(alpha), float(gamma), enum)
