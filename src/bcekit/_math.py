@@ -1,8 +1,10 @@
 r"""The formulas of the BCE loss family, written once over a tiny array namespace.
 
-Each backend hands in an object with ``exp, log, log1p, abs, where, isinf, clamp_min, clamp_max`` that act
-elementwise on its arrays (NumPy, torch, JAX); the math below never sees which. Arrays arrive already in the
-compute precision (see :func:`bcekit._semantics.compute_precision`), weights already broadcastable.
+Each backend hands in an :class:`Ops` object (``exp``, ``log``, ``log1p``, ``where``, ``clamp_min``, ...,
+``sum``, ``size``) acting on its arrays (NumPy, torch, JAX); the math below never sees which. Arrays arrive
+already in the compute precision (see :func:`bcekit._semantics.compute_precision`), weights already
+broadcastable. The end of the file holds the pipeline every backend runs: targets (label smoothing,
+ignore mask), per-element loss or derivatives, weight, mask, reduction.
 
 Probability loss, ``x`` in [0, 1], ``y`` in [0, 1], torch's clamp of each log term at -100:
 
