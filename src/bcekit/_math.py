@@ -66,6 +66,8 @@ __all__ = [
     "focal_grad_input",
     "focal_grad_target",
     "prepare_targets",
+    "kept_mask",
+    "valid_targets",
     "LossSpec",
     "elementwise_loss",
     "elementwise_grads",
@@ -323,6 +325,20 @@ def focal_grad_target(ops: Ops, x: Array, y: Array, alpha: float, gamma: float) 
 # --------------------------------------------------------------------------------------------------------
 
 
+def kept_mask(ops: Ops, y: Array, ignore_index: float | None) -> Array | None:
+    """Mask of the elements that count (target not equal to ``ignore_index``; NaN matches NaN), or None."""
+    if ignore_index is None:
+        return None
+    return ~ops.isnan(y) if ignore_index != ignore_index else y != ignore_index
+
+
+def valid_targets(ops: Ops, y: Array, ignore_index: float | None) -> Array:
+    """Where a probability-loss target is acceptable: in [0, 1] (NaN is not), or ignored."""
+    valid = (y >= 0) & (y <= 1)
+    kept = kept_mask(ops, y, ignore_index)
+    return valid if kept is None else valid | ~kept
+
+
 def prepare_targets(
     ops: Ops, y: Array, label_smoothing: float, ignore_index: float | None
 ) -> tuple[Array, Array | None]:
@@ -332,9 +348,8 @@ def prepare_targets(
     infinity from them reaches the arithmetic; callers zero their loss and gradients with the mask. Label
     smoothing (Keras's definition) then maps ``y`` to ``y (1 - s) + s / 2``.
     """
-    kept = None
-    if ignore_index is not None:
-        kept = ~ops.isnan(y) if ignore_index != ignore_index else y != ignore_index
+    kept = kept_mask(ops, y, ignore_index)
+    if kept is not None:
         y = ops.where(kept, y, 0.0)
     if label_smoothing:
         y = y * (1.0 - label_smoothing) + 0.5 * label_smoothing

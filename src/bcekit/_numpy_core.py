@@ -98,7 +98,7 @@ def gradients(
             NUMPY_OPS, spec, x, y, weight, pos_weight, need_input=True, need_target=need_target
         )
         if spec.reduction == MEAN:
-            _, kept = _math.prepare_targets(NUMPY_OPS, y, 0.0, spec.ignore_index)
+            kept = _math.kept_mask(NUMPY_OPS, y, spec.ignore_index)
             denominator = _math.count(NUMPY_OPS, x, kept)
             grad_input = grad_input / denominator if denominator else grad_input
             if grad_target is not None and denominator:

@@ -178,10 +178,8 @@ def _is_concrete(*arrays: jax.Array) -> bool:
 
 
 def _check_probabilities(x: jax.Array, y: jax.Array, ignore_index: float | None) -> None:
-    _, kept = _math.prepare_targets(_OPS, y, 0.0, ignore_index)
     input_ok = jnp.all((x >= 0) & (x <= 1))
-    valid = (y >= 0) & (y <= 1)
-    target_ok = jnp.all(valid if kept is None else valid | ~kept)
+    target_ok = jnp.all(_math.valid_targets(_OPS, y, ignore_index))
     if _CHECK_VALUES.get():
         checkify.check(input_ok, str(_semantics.input_range_error()))
         checkify.check(target_ok, str(_semantics.target_range_error()))

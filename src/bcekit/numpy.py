@@ -58,9 +58,7 @@ def _compute(result: np.dtype) -> tuple[Any, bool]:
 def _check_probabilities(x: np.ndarray, y: np.ndarray, ignore_index: float | None) -> None:
     if not np.all((x >= 0) & (x <= 1)):  # NaN fails both comparisons
         raise _semantics.input_range_error()
-    _, kept = _math.prepare_targets(_numpy_core.NUMPY_OPS, y, 0.0, ignore_index)
-    valid = (y >= 0) & (y <= 1)
-    if not np.all(valid if kept is None else valid | ~kept):
+    if not np.all(_math.valid_targets(_numpy_core.NUMPY_OPS, y, ignore_index)):
         raise _semantics.target_range_error()
 
 

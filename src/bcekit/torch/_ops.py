@@ -140,7 +140,7 @@ def elementwise_gradients(
     )
     reduction_scale = torch.ones((), dtype=dtype, device=x.device)
     if spec.reduction == MEAN:
-        _, kept = _math.prepare_targets(_OPS, y, 0.0, spec.ignore_index)
+        kept = _math.kept_mask(_OPS, y, spec.ignore_index)
         # an all-ignored mean is NaN, but its gradient is zero, not NaN: it must not poison a training step
         reduction_scale = reduction_scale / (max(x.numel(), 1) if kept is None else kept.sum().clamp_min(1))
     return grad_input, grad_target, reduction_scale
@@ -168,9 +168,7 @@ def check_probabilities(input: Tensor, target: Tensor, ignore_index: Optional[fl
     # NaN fails both comparisons, so it is reported as out of range, as torch does.
     if not bool(((input >= 0) & (input <= 1)).all()):
         raise _semantics.input_range_error()
-    valid = (target >= 0) & (target <= 1)
-    _, kept = _math.prepare_targets(_OPS, target, 0.0, ignore_index)
-    if not bool((valid if kept is None else valid | ~kept).all()):
+    if not bool(_math.valid_targets(_OPS, target, ignore_index).all()):
         raise _semantics.target_range_error()
 
 
