@@ -8,7 +8,13 @@ Backends are separate modules so that importing one never imports another framew
 
 Each offers ``binary_cross_entropy``, ``binary_cross_entropy_with_logits`` and ``sigmoid_focal_loss`` with
 torch's semantics; the rules live in ``bcekit._semantics`` and the formulas in ``bcekit._math``, once.
+On the CPU the probability and logits losses run in C++ kernels (``bcekit._core``, through
+``bcekit._native``): one multithreaded pass computes the loss and the input gradient.
+:func:`set_num_threads` sets their threads for NumPy arrays; torch tensors follow
+``torch.get_num_threads()``.
 """
 
+from bcekit._native import get_num_threads, set_num_threads
+
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+__all__ = ["__version__", "get_num_threads", "set_num_threads"]

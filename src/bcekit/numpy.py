@@ -6,6 +6,11 @@ soft targets and the same exception types and texts. Results are NumPy arrays (0
 ``'sum'``) in the input's dtype (for the logits loss, the target's when the two floating dtypes differ, as
 torch does). float16 is computed in float32, float32 in float64.
 
+The probability and logits losses run in bcekit's C++ kernels (one pass giving loss and gradient) when
+every array has the same dtype and each weight broadcasts as a scalar, ``(C,)``, ``(N, 1)`` or the full
+shape; the threads they use are :func:`bcekit.set_num_threads`'s. Other calls take the composed NumPy path,
+with the same results.
+
 The ``*_and_grad`` variants return ``(loss, gradient of the loss with respect to input)``, the
 ``jac=True`` convention of :func:`scipy.optimize.minimize`. With ``reduction='none'`` the gradient is the
 elementwise derivative of each element's loss.
@@ -25,8 +30,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from bcekit import _math, _numpy_core, _semantics
-from bcekit._semantics import ArraySpec
+from bcekit import _math, _native, _numpy_core, _semantics
+from bcekit._semantics import MEAN, NONE, ArraySpec
 
 __all__ = [
     "binary_cross_entropy",
@@ -71,6 +76,14 @@ def _evaluate(
     result: np.dtype,
     with_grad: bool,
 ) -> tuple[np.ndarray, np.ndarray | None]:
+    if _native.eligible(
+        spec.kind,
+        [a.dtype.name for a in (x, y, weight, pos_weight) if a is not None],
+        x.shape,
+        None if weight is None else weight.shape,
+        None if pos_weight is None else pos_weight.shape,
+    ):
+        return _kernel(spec, x, y, weight, pos_weight, with_grad)
     compute, compensated = _compute(result)
     loss = _numpy_core.loss(spec, x, y, weight, pos_weight, compute, compensated).astype(result)
     if not with_grad:
@@ -80,6 +93,41 @@ def _evaluate(
     grad, _ = _numpy_core.gradients(spec, x, y, weight, pos_weight, gradient_compute)
     with np.errstate(over="ignore"):  # torch's 1e12 gradient at x = 0 or 1 is inf in float16, as in torch
         return loss, grad.astype(x.dtype)
+
+
+def _kernel(
+    spec: _math.LossSpec,
+    x: np.ndarray,
+    y: np.ndarray,
+    weight: np.ndarray | None,
+    pos_weight: np.ndarray | None,
+    with_grad: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The C++ kernels: loss and gradient in one pass over the data (see :mod:`bcekit._native`)."""
+    contiguous = [None if a is None else np.asarray(a, order="C") for a in (x, y, weight, pos_weight)]
+    x, y, weight, pos_weight = contiguous
+    per_element = np.empty_like(x) if spec.reduction == NONE else None
+    grad = np.empty_like(x) if with_grad else None
+    value, kept = _native.run(
+        spec.kind,
+        x,
+        y,
+        weight,
+        None if weight is None else weight.shape,
+        pos_weight,
+        None if pos_weight is None else pos_weight.shape,
+        input_shape=x.shape,
+        reduction=spec.reduction,
+        loss=per_element,
+        grad_input=grad,
+        grad_scale=1.0 / x.size if spec.reduction == MEAN and spec.ignore_index is None and x.size else 1.0,
+        label_smoothing=spec.label_smoothing,
+        ignore_index=spec.ignore_index,
+    )
+    if grad is not None and spec.reduction == MEAN and spec.ignore_index is not None and kept:
+        grad /= kept  # the mean's denominator is known only after the pass
+    loss = per_element if per_element is not None else np.asarray(value, dtype=np.float64).astype(x.dtype)
+    return loss, grad
 
 
 def _bce(

@@ -1,0 +1,168 @@
+"""The bridge to the C++ kernels (``bcekit._core``), shared by the NumPy and torch backends.
+
+Framework-free: it takes anything the kernels can read in place (NumPy arrays through the buffer protocol,
+CPU torch tensors through DLPack: no copies) and knows only shapes, dtypes and the kernel's options. Which
+calls may take the kernels is decided here too (:func:`eligible`), so both backends agree.
+
+What the kernels compute is exactly :mod:`bcekit._math`'s pipeline for the probability and logits losses
+(label smoothing and ``ignore_index`` included): float32, float16 and bfloat16 evaluated in double lanes and
+rounded once; float64 in x87 ``long double``. The focal loss, mixed dtypes and weights that broadcast in
+other forms than the four below stay on the composed path.
+
+Threads: torch tensors use ``torch.get_num_threads()``; NumPy arrays use :func:`get_num_threads`, which is
+``BCEKIT_NUM_THREADS`` from the environment if set, else the CPUs this process may run on, and which
+:func:`set_num_threads` changes. Results do not depend on it: the kernels cut the data into fixed chunks
+and add the chunks' sums in a fixed order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from bcekit._semantics import NONE
+
+try:
+    from bcekit import _core
+except ImportError:  # a source tree without the built extension: the composed path serves everything
+    _core = None
+
+__all__ = [
+    "AVAILABLE",
+    "ISA",
+    "SCALAR",
+    "PER_CLASS",
+    "PER_ROW",
+    "FULL",
+    "broadcast_form",
+    "eligible",
+    "run",
+    "get_num_threads",
+    "set_num_threads",
+]
+
+AVAILABLE: bool = _core is not None
+#: The instruction set the vector kernel was dispatched to ("avx2", "baseline"), or None without kernels.
+ISA: str | None = _core.ISA if _core is not None else None
+
+SCALAR, PER_CLASS, PER_ROW, FULL = 1, 2, 3, 4
+_KINDS = {"bce": 0, "logits": 1}
+#: dtype names the kernels store natively (float64 only where long double is x87's 80-bit format)
+_DTYPES = {"float32", "float16", "bfloat16"} | (
+    {"float64"} if _core is not None and _core.EXTENDED_FLOAT64 else set()
+)
+
+
+def _default_threads() -> int:
+    configured = os.environ.get("BCEKIT_NUM_THREADS")
+    if configured:
+        return max(1, int(configured))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_threads = _default_threads()
+
+
+def get_num_threads() -> int:
+    """Threads the kernels use for NumPy arrays (torch tensors follow ``torch.get_num_threads()``)."""
+    return _threads
+
+
+def set_num_threads(threads: int) -> None:
+    """Set the threads the kernels use for NumPy arrays. Results are bitwise the same for any count."""
+    global _threads
+    if int(threads) < 1:
+        raise ValueError(f"set_num_threads: expected a positive number of threads, got {threads}")
+    _threads = int(threads)
+
+
+def broadcast_form(weight_shape: Sequence[int], input_shape: Sequence[int]) -> tuple[int, int] | None:
+    """How a weight of ``weight_shape``, broadcast to ``input_shape``, can be read in place by the kernels:
+    ``(form, inner)`` with form SCALAR, PER_CLASS (``inner`` = the last dimension's size: ``(C,)``),
+    PER_ROW (one value per run of ``inner`` consecutive elements: ``(N, 1)``, ``(N, 1, 1)``, ...) or FULL;
+    None when it is none of these (or would enlarge the input's shape)."""
+    weight_shape, input_shape = tuple(weight_shape), tuple(input_shape)
+    if len(weight_shape) > len(input_shape):
+        if any(d != 1 for d in weight_shape[: len(weight_shape) - len(input_shape)]):
+            return None
+        weight_shape = weight_shape[len(weight_shape) - len(input_shape) :]
+    padded = (1,) * (len(input_shape) - len(weight_shape)) + weight_shape
+    if any(w not in (1, d) for w, d in zip(padded, input_shape, strict=True)):
+        return None  # not broadcastable to the input's shape without growing it
+    if math.prod(padded) == 1:
+        return SCALAR, 1
+    if padded == input_shape:
+        return FULL, 1
+    if padded[:-1] == (1,) * (len(padded) - 1):
+        return PER_CLASS, input_shape[-1]
+    # the leading dimensions as the input's, then only ones: one value per trailing block
+    split = max(i for i, w in enumerate(padded) if w != 1) + 1
+    if padded[:split] == input_shape[:split]:
+        return PER_ROW, math.prod(input_shape[split:])
+    return None
+
+
+def eligible(kind: str, dtypes: Sequence[str], input_shape: Sequence[int], *weight_shapes: Any) -> bool:
+    """Whether the kernels serve this call: a kernel loss, every array of one supported dtype, and each
+    weight (a shape, or None when absent) in one of the in-place broadcast forms."""
+    if _core is None or kind not in _KINDS:
+        return False
+    if len(set(dtypes)) != 1 or dtypes[0] not in _DTYPES:
+        return False
+    return all(shape is None or broadcast_form(shape, input_shape) is not None for shape in weight_shapes)
+
+
+def run(
+    kind: str,
+    input: Any,
+    target: Any,
+    weight: Any = None,
+    weight_shape: Sequence[int] | None = None,
+    pos_weight: Any = None,
+    pos_weight_shape: Sequence[int] | None = None,
+    *,
+    input_shape: Sequence[int],
+    reduction: int = NONE,
+    loss: Any = None,
+    grad_input: Any = None,
+    grad_target: Any = None,
+    grad_output: Any = None,
+    grad_scale: float = 1.0,
+    label_smoothing: float = 0.0,
+    ignore_index: float | None = None,
+    threads: int | None = None,
+) -> tuple[float, int]:
+    """One pass of the kernel over C-contiguous, same-dtype operands (outputs preallocated by the caller).
+
+    Returns ``(value, kept)``: the mean or sum of the per-element losses (0.0 for ``'none'``), reduced in
+    the kernel's extended precision and rounded to float64 once, and the number of kept elements.
+    Gradients are multiplied by ``grad_scale`` and, if given, the per-element ``grad_output``.
+    """
+    assert _core is not None
+    w_mode, w_inner = (0, 1) if weight is None else broadcast_form(weight_shape, input_shape)
+    p_mode, p_inner = (0, 1) if pos_weight is None else broadcast_form(pos_weight_shape, input_shape)
+    return _core.run(
+        _KINDS[kind],
+        input,
+        target,
+        weight,
+        w_mode,
+        w_inner,
+        pos_weight,
+        p_mode,
+        p_inner,
+        grad_output,
+        float(grad_scale),
+        loss,
+        grad_input,
+        grad_target,
+        int(reduction),  # NONE, MEAN, SUM are the kernel's 0, 1, 2
+        float(label_smoothing),
+        None if ignore_index is None else float(ignore_index),
+        _threads if threads is None else int(threads),
+    )

@@ -1,0 +1,189 @@
+// bcekit._core: the Python entry point of the CPU kernels (nanobind), the ISA dispatch and the threads.
+//
+// Determinism: the elements are cut into fixed chunks of CHUNK elements whatever the thread count; each
+// chunk's loss sum is formed in a fixed order and the chunk sums are combined pairwise in index order, so
+// a result is bitwise the same for 1 thread or 64. Threads only decide who computes which chunk.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernel_api.h"
+
+namespace nb = nanobind;
+
+namespace bcekit {
+namespace {
+
+constexpr int64_t CHUNK = 8192;               // elements per chunk (a multiple of the vector width)
+constexpr int64_t MIN_PER_THREAD = 1 << 15;   // below this many elements per thread, fewer threads
+
+bool cpu_has_avx2() {
+#if defined(BCEKIT_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+}
+
+const bool HAS_AVX2 = cpu_has_avx2();
+
+const char* isa_name() { return HAS_AVX2 ? "avx2" : "baseline"; }
+
+ChunkFn select_kernel(int dtype) {
+    if (dtype == F64) return &extended_chunk;
+#if defined(BCEKIT_HAVE_AVX2)
+    if (HAS_AVX2) return isa_avx2::vector_kernel(dtype);
+#endif
+    return isa_baseline::vector_kernel(dtype);
+}
+
+long double pairwise(const std::vector<ChunkResult>& parts, size_t lo, size_t hi) {
+    if (hi - lo == 1) return parts[lo].sum;
+    size_t mid = lo + (hi - lo) / 2;
+    return pairwise(parts, lo, mid) + pairwise(parts, mid, hi);
+}
+
+// Runs the pass; returns the kept elements' loss sum (if asked) and their count.
+std::pair<long double, int64_t> run(const Args& args, int threads) {
+    const ChunkFn fn = select_kernel(args.dtype);
+    if (!fn) throw std::invalid_argument("bcekit._core: unsupported dtype");
+    const int64_t n = args.n;
+    if (n == 0) return {0.0L, 0};
+    const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+    std::vector<ChunkResult> parts(static_cast<size_t>(chunks));
+    int64_t t = std::max<int64_t>(1, std::min<int64_t>({int64_t(threads), chunks, n / MIN_PER_THREAD}));
+    auto work = [&](int64_t worker) {
+        const int64_t first = chunks * worker / t, last = chunks * (worker + 1) / t;
+        for (int64_t c = first; c < last; ++c)
+            parts[size_t(c)] = fn(args, c * CHUNK, std::min(n, (c + 1) * CHUNK));
+    };
+    if (t == 1) {
+        work(0);
+    } else {
+        std::vector<std::thread> pool;
+        pool.reserve(size_t(t - 1));
+        for (int64_t w = 1; w < t; ++w) pool.emplace_back(work, w);
+        work(0);
+        for (auto& th : pool) th.join();
+    }
+    int64_t kept = 0;
+    for (const auto& p : parts) kept += p.kept;
+    return {args.want_sum ? pairwise(parts, 0, parts.size()) : 0.0L, kept};
+}
+
+using In = nb::ndarray<nb::ro, nb::device::cpu, nb::c_contig>;  // read in place (read-only views too)
+using Out = nb::ndarray<nb::device::cpu, nb::c_contig>;
+
+template <class A>
+int dtype_of(const A& a) {
+    const nb::dlpack::dtype d = a.dtype();
+    if (d.lanes == 1) {
+        if (d.code == uint8_t(nb::dlpack::dtype_code::Float)) {
+            if (d.bits == 32) return F32;
+            if (d.bits == 64) return F64;
+            if (d.bits == 16) return F16;
+        }
+        if (d.code == uint8_t(nb::dlpack::dtype_code::Bfloat) && d.bits == 16) return BF16;
+    }
+    throw std::invalid_argument("bcekit._core: arrays must be float16, bfloat16, float32 or float64");
+}
+
+template <class A>
+const void* operand(const std::optional<A>& a, const char* name, int dtype, int64_t size,
+                    bool exact_size = true) {
+    if (!a) return nullptr;
+    if (dtype_of(*a) != dtype)
+        throw std::invalid_argument(std::string("bcekit._core: '") + name + "' has another dtype than 'input'");
+    const int64_t got = int64_t(a->size());
+    if (exact_size ? got != size : got < size)
+        throw std::invalid_argument(std::string("bcekit._core: '") + name + "' has " + std::to_string(got) +
+                                    " elements, expected " + std::to_string(size));
+    return a->data();
+}
+
+int64_t weight_size(int mode, int64_t n, int64_t inner) {
+    switch (mode) {
+        case SCALAR: return 1;
+        case PER_CLASS: return inner;
+        case PER_ROW: return inner > 0 ? (n + inner - 1) / inner : 0;
+        case FULL: return n;
+        default: throw std::invalid_argument("bcekit._core: unknown broadcast form");
+    }
+}
+
+}  // namespace
+}  // namespace bcekit
+
+NB_MODULE(_core, m) {
+    using namespace bcekit;
+    m.doc() = "bcekit's CPU kernels. Use bcekit._native, not this module.";
+    m.attr("CHUNK") = CHUNK;
+    m.attr("ISA") = isa_name();
+    // float64 is computed in long double only where it has a 64-bit significand (x87); elsewhere the
+    // Python layer keeps float64 on its composed double-double path.
+    m.attr("EXTENDED_FLOAT64") = LDBL_MANT_DIG >= 64 && LDBL_MANT_DIG < 113;
+
+    m.def(
+        "run",
+        [](int kind, const In& x, const In& y, std::optional<In> w, int w_mode, int64_t w_inner,
+           std::optional<In> p, int p_mode, int64_t p_inner, std::optional<In> grad_output,
+           double grad_scale, std::optional<Out> loss, std::optional<Out> grad_input,
+           std::optional<Out> grad_target, int reduction, double label_smoothing,
+           std::optional<double> ignore_index, int threads) -> std::pair<double, int64_t> {
+            Args a;
+            if (kind != PROBABILITIES && kind != LOGITS) throw std::invalid_argument("bcekit._core: bad kind");
+            a.kind = kind;
+            a.dtype = dtype_of(x);
+            a.n = int64_t(x.size());
+            a.x = x.data();
+            a.y = operand(std::optional<In>(y), "target", a.dtype, a.n);
+            if (w) {
+                a.w_mode = w_mode;
+                a.w_inner = w_inner;
+                a.w = operand(w, "weight", a.dtype, weight_size(w_mode, a.n, w_inner));
+            }
+            if (p) {
+                a.p_mode = p_mode;
+                a.p_inner = p_inner;
+                a.p = operand(p, "pos_weight", a.dtype, weight_size(p_mode, a.n, p_inner));
+            }
+            a.grad_output = operand(grad_output, "grad_output", a.dtype, a.n);
+            a.grad_scale = grad_scale;
+            a.loss = const_cast<void*>(operand(loss, "loss", a.dtype, a.n));
+            a.grad_input = const_cast<void*>(operand(grad_input, "grad_input", a.dtype, a.n));
+            a.grad_target = const_cast<void*>(operand(grad_target, "grad_target", a.dtype, a.n));
+            if (reduction < 0 || reduction > 2) throw std::invalid_argument("bcekit._core: bad reduction");
+            a.want_sum = reduction != 0;
+            a.label_smoothing = label_smoothing;
+            a.has_ignore = ignore_index.has_value();
+            a.ignore_index = ignore_index.value_or(0.0);
+            std::pair<long double, int64_t> r;
+            {
+                nb::gil_scoped_release release;
+                r = run(a, threads);
+            }
+            // reduction: 0 none, 1 mean (over the kept elements; NaN when none is kept), 2 sum
+            long double value = r.first;
+            if (reduction == 1) value = r.second ? value / r.second : std::numeric_limits<long double>::quiet_NaN();
+            return {double(value), r.second};
+        },
+        nb::arg("kind"), nb::arg("input"), nb::arg("target"), nb::arg("weight").none(), nb::arg("w_mode"),
+        nb::arg("w_inner"), nb::arg("pos_weight").none(), nb::arg("p_mode"), nb::arg("p_inner"),
+        nb::arg("grad_output").none(), nb::arg("grad_scale"), nb::arg("loss").none(),
+        nb::arg("grad_input").none(), nb::arg("grad_target").none(), nb::arg("reduction"),
+        nb::arg("label_smoothing"), nb::arg("ignore_index").none(), nb::arg("threads"),
+        "One pass over the data; returns (reduced loss or 0.0, number of kept elements).");
+}

@@ -1,0 +1,113 @@
+// float64 storage: each element computed in long double with libm, rounded once.
+//
+// On x86-64 Linux long double is the x87 80-bit format (64-bit significand), which puts libm's ~1 ulp
+// error 11 bits below float64's last digit: the same reasoning and the same formulas as the NumPy
+// long double path of bcekit._numpy_core. The Python layer sends float64 here only where long double has
+// a 64-bit significand (see core.cpp: extended_float64); elsewhere float64 takes the composed path.
+#include <cmath>
+
+#include "kernel_api.h"
+
+namespace bcekit {
+
+namespace {
+
+using R = long double;
+constexpr R GRAD_EPSILON = 9.999999960041972e-13L;  // float32(1e-12): torch's clamp of x (1 - x)
+
+struct BroadcastReader {
+    const double* data;
+    int mode;
+    int64_t inner, col, row;
+    BroadcastReader(const void* p, int mode_, int64_t inner_, int64_t begin)
+        : data(static_cast<const double*>(p)), mode(p ? mode_ : ABSENT), inner(inner_ > 0 ? inner_ : 1),
+          col(begin % inner), row(begin / inner) {}
+    R next(int64_t i) {
+        R v = 1.0L;
+        switch (mode) {
+            case SCALAR: v = data[0]; break;
+            case FULL: v = data[i]; break;
+            case PER_CLASS: v = data[col]; break;
+            case PER_ROW: v = data[row]; break;
+            default: break;
+        }
+        if (++col == inner) { col = 0; ++row; }
+        return v;
+    }
+};
+
+inline R scaled(R c, R v) { return (c == 0 && std::isinf(v)) ? R(0) : c * v; }
+
+}  // namespace
+
+ChunkResult extended_chunk(const Args& a, int64_t begin, int64_t end) {
+    const double* x = static_cast<const double*>(a.x);
+    const double* y = static_cast<const double*>(a.y);
+    const double* g = static_cast<const double*>(a.grad_output);
+    double* loss_out = static_cast<double*>(a.loss);
+    double* gi_out = static_cast<double*>(a.grad_input);
+    double* gt_out = static_cast<double*>(a.grad_target);
+    const bool logits = a.kind == LOGITS;
+    const bool need_loss = loss_out || a.want_sum;
+    const bool has_w = a.w != nullptr, has_p = a.p != nullptr;
+    const R s = a.label_smoothing;
+    const bool nan_ignore = a.has_ignore && std::isnan(a.ignore_index);
+    BroadcastReader wr(a.w, a.w_mode, a.w_inner, begin), pr(a.p, a.p_mode, a.p_inner, begin);
+    ChunkResult result;
+    int64_t kept_count = 0;
+
+    for (int64_t i = begin; i < end; ++i) {
+        R xv = x[i], yv = y[i];
+        const R wv = wr.next(i), pv = pr.next(i);
+        bool kept = true;
+        if (a.has_ignore) {
+            kept = nan_ignore ? !std::isnan(y[i]) : y[i] != a.ignore_index;
+            if (!kept) yv = 0;
+        }
+        kept_count += kept;
+        if (s != 0) yv = yv * (1 - s) + s / 2;
+
+        R loss = 0, gi = 0, gt = 0;
+        if (logits) {
+            const R e = std::exp(-std::fabs(xv));
+            const R positive = has_p ? pv * yv : yv;
+            const R x_pos = xv > 0 ? xv : (std::isnan(xv) ? xv : R(0));
+            const R x_neg = xv < 0 ? -xv : (std::isnan(xv) ? xv : R(0));
+            const R tail = std::log1p(e);
+            loss = scaled(positive, x_neg + tail) + scaled(1 - yv, x_pos + tail);
+            gt = has_p ? scaled(pv, x_neg + tail) - (x_pos + tail) : -xv;
+            const R large = 1 / (1 + e), small = e / (1 + e);
+            const R sig = xv >= 0 ? large : small, sig_neg = xv >= 0 ? small : large;
+            gi = (1 - yv) * sig - positive * sig_neg;
+        } else {
+            const R log_x = std::log(xv), log_1mx = std::log1p(-xv);
+            loss = yv * std::fmin(-log_x, R(100)) + (1 - yv) * std::fmin(-log_1mx, R(100));
+            gt = log_1mx - log_x;
+            R denom = xv * (1 - xv);
+            if (!(denom > GRAD_EPSILON)) denom = GRAD_EPSILON;
+            gi = (xv - yv) / denom;
+        }
+        if (need_loss) {
+            if (has_w) loss *= wv;
+            if (!kept) loss = 0;
+            if (loss_out) loss_out[i] = double(loss);
+            result.sum += loss;
+        }
+        if (gi_out || gt_out) {
+            const R scale = g ? R(g[i]) * R(a.grad_scale) : R(a.grad_scale);
+            if (gi_out) {
+                if (has_w) gi *= wv;
+                gi_out[i] = double((kept ? gi : R(0)) * scale);
+            }
+            if (gt_out) {
+                if (s != 0) gt *= 1 - s;
+                if (has_w) gt *= wv;
+                gt_out[i] = double((kept ? gt : R(0)) * scale);
+            }
+        }
+    }
+    result.kept = kept_count;
+    return result;
+}
+
+}  // namespace bcekit

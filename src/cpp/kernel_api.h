@@ -1,0 +1,58 @@
+// The contract between the Python layer and the kernels: one flat struct describing a BCE pass.
+//
+// A pass reads input x and target y (same dtype, C-contiguous, n elements), optionally a weight w and a
+// positive-class weight p broadcast in one of the forms below, and writes any of: the per-element loss, the
+// gradient in x, the gradient in y. It also returns the sum of the per-element loss over the kept elements
+// and their count. Only the kernels know about memory layout; the Python layer maps shapes to these forms.
+#pragma once
+#include <cstdint>
+
+namespace bcekit {
+
+enum Dtype : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
+enum Kind : int { PROBABILITIES = 0, LOGITS = 1 };
+// How a weight of the input's shape S is stored: absent, one value, S[-1] values along the last
+// dimension (index i % inner), one value per row of `inner` elements (index i / inner), or all of S.
+enum Broadcast : int { ABSENT = 0, SCALAR = 1, PER_CLASS = 2, PER_ROW = 3, FULL = 4 };
+
+struct Args {
+    int kind = LOGITS;
+    int dtype = F32;
+    int64_t n = 0;
+    const void* x = nullptr;
+    const void* y = nullptr;
+    const void* w = nullptr;
+    const void* p = nullptr;
+    int w_mode = ABSENT, p_mode = ABSENT;
+    int64_t w_inner = 1, p_inner = 1;
+    // Per-element grad_output (the backward of reduction='none'), or null: gradients are then scaled by
+    // `grad_scale` alone (1/n for a mean, times the scalar grad_output).
+    const void* grad_output = nullptr;
+    double grad_scale = 1.0;
+    void* loss = nullptr;         // per-element loss out, or null
+    void* grad_input = nullptr;   // d(loss)/dx out, or null
+    void* grad_target = nullptr;  // d(loss)/dy out, or null
+    bool want_sum = false;        // accumulate the loss sum
+    double label_smoothing = 0.0;
+    bool has_ignore = false;
+    double ignore_index = 0.0;    // NaN matches NaN targets
+};
+
+// One chunk [begin, end): adds the chunk's loss sum and kept count.
+struct ChunkResult {
+    long double sum = 0.0L;
+    int64_t kept = 0;
+};
+
+using ChunkFn = ChunkResult (*)(const Args&, int64_t begin, int64_t end);
+
+// Vector kernels (float, float16, bfloat16 storage; computed in double lanes), one build per ISA.
+namespace isa_baseline { ChunkFn vector_kernel(int dtype); }
+#if defined(BCEKIT_HAVE_AVX2)
+namespace isa_avx2 { ChunkFn vector_kernel(int dtype); }
+#endif
+
+// float64 storage: computed in long double with libm (exact to ~0.5 ulp where long double is x87).
+ChunkResult extended_chunk(const Args&, int64_t begin, int64_t end);
+
+}  // namespace bcekit
