@@ -22,7 +22,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from bcekit._semantics import NONE
+from bcekit._semantics import NONE, input_range_error, target_range_error
 
 try:
     from bcekit import _core
@@ -141,12 +141,14 @@ def run(
 
     Returns ``(value, kept)``: the mean or sum of the per-element losses (0.0 for ``'none'``), reduced in
     the kernel's extended precision and rounded to float64 once, and the number of kept elements.
-    Gradients are multiplied by ``grad_scale`` and, if given, the per-element ``grad_output``.
+    Gradients are multiplied by ``grad_scale`` and, if given, the per-element ``grad_output``. For the
+    probability loss the same pass checks that inputs and (kept) targets lie in [0, 1], and raises torch's
+    errors if not (outputs are then garbage).
     """
     assert _core is not None
     w_mode, w_inner = (0, 1) if weight is None else broadcast_form(weight_shape, input_shape)
     p_mode, p_inner = (0, 1) if pos_weight is None else broadcast_form(pos_weight_shape, input_shape)
-    return _core.run(
+    value, kept, flags = _core.run(
         _KINDS[kind],
         input,
         target,
@@ -166,3 +168,8 @@ def run(
         None if ignore_index is None else float(ignore_index),
         _threads if threads is None else int(threads),
     )
+    if flags & 1:
+        raise input_range_error()
+    if flags & 2:
+        raise target_range_error()
+    return value, kept

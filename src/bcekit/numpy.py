@@ -83,7 +83,9 @@ def _evaluate(
         None if weight is None else weight.shape,
         None if pos_weight is None else pos_weight.shape,
     ):
-        return _kernel(spec, x, y, weight, pos_weight, with_grad)
+        return _kernel(spec, x, y, weight, pos_weight, with_grad)  # checks [0, 1] in the same pass
+    if spec.kind == "bce":
+        _check_probabilities(x, y, spec.ignore_index)
     compute, compensated = _compute(result)
     loss = _numpy_core.loss(spec, x, y, weight, pos_weight, compute, compensated).astype(result)
     if not with_grad:
@@ -141,7 +143,6 @@ def _bce(
     x, y = _as_array(input), _as_array(target)
     w = None if weight is None else _as_array(weight)
     _semantics.check_binary_cross_entropy(_spec(x), _spec(y), None if w is None else _spec(w))
-    _check_probabilities(x, y, spec.ignore_index)
     return _evaluate(spec, x, y, w, None, x.dtype, with_grad)
 
 

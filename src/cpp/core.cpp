@@ -6,7 +6,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
-#include <nanobind/stl/pair.h>
+#include <nanobind/stl/tuple.h>
 
 #include <algorithm>
 #include <cfloat>
@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "kernel_api.h"
@@ -56,12 +57,18 @@ long double pairwise(const std::vector<ChunkResult>& parts, size_t lo, size_t hi
     return pairwise(parts, lo, mid) + pairwise(parts, mid, hi);
 }
 
-// Runs the pass; returns the kept elements' loss sum (if asked) and their count.
-std::pair<long double, int64_t> run(const Args& args, int threads) {
+struct RunResult {
+    long double sum = 0.0L;
+    int64_t kept = 0;
+    int flags = 0;  // 1: an input outside [0, 1]; 2: a target outside [0, 1] (probability loss)
+};
+
+// Runs the pass; returns the kept elements' loss sum (if asked), their count and the range flags.
+RunResult run(const Args& args, int threads) {
     const ChunkFn fn = select_kernel(args.dtype);
     if (!fn) throw std::invalid_argument("bcekit._core: unsupported dtype");
     const int64_t n = args.n;
-    if (n == 0) return {0.0L, 0};
+    if (n == 0) return {};
     const int64_t chunks = (n + CHUNK - 1) / CHUNK;
     std::vector<ChunkResult> parts(static_cast<size_t>(chunks));
     int64_t t = std::max<int64_t>(1, std::min<int64_t>({int64_t(threads), chunks, n / MIN_PER_THREAD}));
@@ -79,9 +86,13 @@ std::pair<long double, int64_t> run(const Args& args, int threads) {
         work(0);
         for (auto& th : pool) th.join();
     }
-    int64_t kept = 0;
-    for (const auto& p : parts) kept += p.kept;
-    return {args.want_sum ? pairwise(parts, 0, parts.size()) : 0.0L, kept};
+    RunResult r;
+    for (const auto& p : parts) {
+        r.kept += p.kept;
+        r.flags |= (p.bad_input ? 1 : 0) | (p.bad_target ? 2 : 0);
+    }
+    r.sum = args.want_sum ? pairwise(parts, 0, parts.size()) : 0.0L;
+    return r;
 }
 
 using In = nb::ndarray<nb::ro, nb::device::cpu, nb::c_contig>;  // read in place (read-only views too)
@@ -142,7 +153,7 @@ NB_MODULE(_core, m) {
            std::optional<In> p, int p_mode, int64_t p_inner, std::optional<In> grad_output,
            double grad_scale, std::optional<Out> loss, std::optional<Out> grad_input,
            std::optional<Out> grad_target, int reduction, double label_smoothing,
-           std::optional<double> ignore_index, int threads) -> std::pair<double, int64_t> {
+           std::optional<double> ignore_index, int threads) -> std::tuple<double, int64_t, int> {
             Args a;
             if (kind != PROBABILITIES && kind != LOGITS) throw std::invalid_argument("bcekit._core: bad kind");
             a.kind = kind;
@@ -170,20 +181,20 @@ NB_MODULE(_core, m) {
             a.label_smoothing = label_smoothing;
             a.has_ignore = ignore_index.has_value();
             a.ignore_index = ignore_index.value_or(0.0);
-            std::pair<long double, int64_t> r;
+            RunResult r;
             {
                 nb::gil_scoped_release release;
                 r = run(a, threads);
             }
             // reduction: 0 none, 1 mean (over the kept elements; NaN when none is kept), 2 sum
-            long double value = r.first;
-            if (reduction == 1) value = r.second ? value / r.second : std::numeric_limits<long double>::quiet_NaN();
-            return {double(value), r.second};
+            long double value = r.sum;
+            if (reduction == 1) value = r.kept ? value / r.kept : std::numeric_limits<long double>::quiet_NaN();
+            return {double(value), r.kept, r.flags};
         },
         nb::arg("kind"), nb::arg("input"), nb::arg("target"), nb::arg("weight").none(), nb::arg("w_mode"),
         nb::arg("w_inner"), nb::arg("pos_weight").none(), nb::arg("p_mode"), nb::arg("p_inner"),
         nb::arg("grad_output").none(), nb::arg("grad_scale"), nb::arg("loss").none(),
         nb::arg("grad_input").none(), nb::arg("grad_target").none(), nb::arg("reduction"),
         nb::arg("label_smoothing"), nb::arg("ignore_index").none(), nb::arg("threads"),
-        "One pass over the data; returns (reduced loss or 0.0, number of kept elements).");
+        "One pass over the data; returns (reduced loss or 0.0, kept elements, range flags: 1 input, 2 target).");
 }

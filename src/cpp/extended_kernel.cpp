@@ -50,7 +50,7 @@ ChunkResult extended_chunk(const Args& a, int64_t begin, int64_t end) {
     const bool logits = a.kind == LOGITS;
     const bool need_loss = loss_out || a.want_sum;
     const bool has_w = a.w != nullptr, has_p = a.p != nullptr;
-    const R s = a.label_smoothing;
+    const R s = a.label_smoothing;  // the loss's targets are smoothed in long double
     const bool nan_ignore = a.has_ignore && std::isnan(a.ignore_index);
     BroadcastReader wr(a.w, a.w_mode, a.w_inner, begin), pr(a.p, a.p_mode, a.p_inner, begin);
     ChunkResult result;
@@ -65,44 +65,68 @@ ChunkResult extended_chunk(const Args& a, int64_t begin, int64_t end) {
             if (!kept) yv = 0;
         }
         kept_count += kept;
+        if (!logits) {  // the [0, 1] checks of the probability loss (NaN fails both comparisons)
+            result.bad_input |= !(xv >= 0 && xv <= 1);
+            result.bad_target |= kept && !(yv >= 0 && yv <= 1);
+        }
         if (s != 0) yv = yv * (1 - s) + s / 2;
 
-        R loss = 0, gi = 0, gt = 0;
-        if (logits) {
-            const R e = std::exp(-std::fabs(xv));
-            const R positive = has_p ? pv * yv : yv;
-            const R x_pos = xv > 0 ? xv : (std::isnan(xv) ? xv : R(0));
-            const R x_neg = xv < 0 ? -xv : (std::isnan(xv) ? xv : R(0));
-            const R tail = std::log1p(e);
-            loss = scaled(positive, x_neg + tail) + scaled(1 - yv, x_pos + tail);
-            gt = has_p ? scaled(pv, x_neg + tail) - (x_pos + tail) : -xv;
-            const R large = 1 / (1 + e), small = e / (1 + e);
-            const R sig = xv >= 0 ? large : small, sig_neg = xv >= 0 ? small : large;
-            gi = (1 - yv) * sig - positive * sig_neg;
-        } else {
-            const R log_x = std::log(xv), log_1mx = std::log1p(-xv);
-            loss = yv * std::fmin(-log_x, R(100)) + (1 - yv) * std::fmin(-log_1mx, R(100));
-            gt = log_1mx - log_x;
-            R denom = xv * (1 - xv);
-            if (!(denom > GRAD_EPSILON)) denom = GRAD_EPSILON;
-            gi = (xv - yv) / denom;
-        }
+        R loss = 0;
         if (need_loss) {
+            if (logits) {
+                const R e = std::exp(-std::fabs(xv));
+                const R positive = has_p ? pv * yv : yv;
+                const R x_pos = xv > 0 ? xv : (std::isnan(xv) ? xv : R(0));
+                const R x_neg = xv < 0 ? -xv : (std::isnan(xv) ? xv : R(0));
+                const R tail = std::log1p(e);
+                loss = scaled(positive, x_neg + tail) + scaled(1 - yv, x_pos + tail);
+            } else {
+                loss = yv * std::fmin(-std::log(xv), R(100)) + (1 - yv) * std::fmin(-std::log1p(-xv), R(100));
+            }
             if (has_w) loss *= wv;
             if (!kept) loss = 0;
             if (loss_out) loss_out[i] = double(loss);
             result.sum += loss;
         }
         if (gi_out || gt_out) {
-            const R scale = g ? R(g[i]) * R(a.grad_scale) : R(a.grad_scale);
+            // Gradients carry no accuracy promise beyond torch's: they are the composed float64 formulas
+            // (bcekit._math), evaluated in double in the same order, so they agree with them bitwise.
+            const double xd = x[i], wd = has_w ? double(wv) : 1.0, pd = has_p ? double(pv) : 1.0;
+            double yd = kept ? y[i] : 0.0;
+            if (a.label_smoothing != 0.0) yd = yd * (1.0 - a.label_smoothing) + 0.5 * a.label_smoothing;
+            const double scale = g ? g[i] * a.grad_scale : a.grad_scale;
+            double gi = 0, gt = 0;
+            if (logits) {
+                const double e = std::exp(-std::fabs(xd));
+                const double large = 1.0 / (1.0 + e), small = e / (1.0 + e);
+                const double positive = has_p ? pd * yd : yd;
+                gi = (1.0 - yd) * (xd >= 0 ? large : small) - positive * (xd >= 0 ? small : large);
+                if (gt_out) {
+                    if (has_p) {
+                        const double x_pos = xd > 0 ? xd : (std::isnan(xd) ? xd : 0.0);
+                        const double x_neg = xd < 0 ? -xd : (std::isnan(xd) ? xd : 0.0);
+                        const double tail = std::abs(e) < 0x1p-54 ? e : std::log1p(e);
+                        const double sp_neg = x_neg + tail;
+                        gt = ((pd == 0 && std::isinf(sp_neg)) ? 0.0 : pd * sp_neg) - (x_pos + tail);
+                    } else {
+                        gt = -xd;
+                    }
+                }
+            } else {
+                double denom = xd * (1.0 - xd);
+                if (!(denom > double(GRAD_EPSILON))) denom = double(GRAD_EPSILON);
+                gi = (xd - yd) / denom;
+                const double log_1mx = std::abs(xd) < 0x1p-54 ? -xd : std::log1p(-xd);
+                gt = log_1mx - std::log(xd);
+            }
             if (gi_out) {
-                if (has_w) gi *= wv;
-                gi_out[i] = double((kept ? gi : R(0)) * scale);
+                if (has_w) gi *= wd;
+                gi_out[i] = (kept ? gi : 0.0) * scale;
             }
             if (gt_out) {
-                if (s != 0) gt *= 1 - s;
-                if (has_w) gt *= wv;
-                gt_out[i] = double((kept ? gt : R(0)) * scale);
+                if (a.label_smoothing != 0.0) gt *= 1.0 - a.label_smoothing;
+                if (has_w) gt *= wd;
+                gt_out[i] = (kept ? gt : 0.0) * scale;
             }
         }
     }

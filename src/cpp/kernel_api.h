@@ -42,6 +42,9 @@ struct Args {
 struct ChunkResult {
     long double sum = 0.0L;
     int64_t kept = 0;
+    // probability loss only: an input outside [0, 1] (or NaN), a kept target outside [0, 1] (or NaN)
+    bool bad_input = false;
+    bool bad_target = false;
 };
 
 using ChunkFn = ChunkResult (*)(const Args&, int64_t begin, int64_t end);

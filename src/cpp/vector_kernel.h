@@ -265,6 +265,7 @@ ChunkResult chunk(const Args& a, int64_t begin, int64_t end) {
     const vd zero = splat(0.0);
     vd acc = zero;
     int64_t kept_total = 0;
+    vl bad_x = splat_l(0), bad_y = splat_l(0);
 
     for (int64_t base = begin; base < end; base += B) {
         const int64_t count = end - base < B ? end - base : B;
@@ -276,10 +277,15 @@ ChunkResult chunk(const Args& a, int64_t begin, int64_t end) {
             vd xv = load_lanes(x, i, lanes, 0.5), yv = load_lanes(y, i, lanes, 0.5);
             if (has_w) WV[v] = wr.next(i, lanes);
             if (has_p) PV[v] = pr.next(i, lanes);
-            vl kept = lane_index() < lanes;
+            const vl valid = lane_index() < lanes;
+            vl kept = valid;
             if (a.has_ignore) {
                 kept &= nan_ignore ? (yv == yv) : (yv != a.ignore_index);
                 yv = select(kept, yv, zero);
+            }
+            if (!logits) {  // the [0, 1] checks of the probability loss (NaN fails both comparisons)
+                bad_x |= valid & ~((xv >= 0.0) & (xv <= 1.0));
+                bad_y |= kept & ~((yv >= 0.0) & (yv <= 1.0));
             }
             if (s != 0.0) yv = yv * (1.0 - s) + 0.5 * s;
             X[v] = xv;
@@ -367,6 +373,10 @@ ChunkResult chunk(const Args& a, int64_t begin, int64_t end) {
     for (int j = 0; j < W; ++j) total += acc[j];
     r.sum = (long double)total;
     r.kept = a.has_ignore ? kept_total : end - begin;
+    for (int j = 0; j < W; ++j) {
+        r.bad_input |= bad_x[j] != 0;
+        r.bad_target |= bad_y[j] != 0;
+    }
     return r;
 }
 

@@ -1,12 +1,24 @@
 """The ``bcekit::`` operators: registered with ``torch.library`` so ``torch.compile`` sees them whole.
 
 Each op takes tensors already checked by :mod:`bcekit.torch.functional` (shapes, dtypes, option values)
-and owns only what needs the data: the [0, 1] check of the probability loss and the arithmetic. The
-arithmetic is the shared pipeline of :mod:`bcekit._math`, evaluated here with torch operations in the
-compute precision (float32 for half types, float64 otherwise); float64 results of CPU tensors are
-evaluated in ``long double`` by :mod:`bcekit._numpy_core`. A fake implementation gives ``torch.compile``
-and the meta device the output's shape and dtype; the autograd formulas are composed of differentiable
-torch operations, so double backward works.
+and owns only what needs the data: the [0, 1] check of the probability loss and the arithmetic.
+
+Where the arithmetic runs:
+
+* CPU tensors of one dtype whose weights broadcast in a form the C++ kernels read in place
+  (:func:`kernel_ready`): the kernels, through :mod:`bcekit._native`, with ``torch.get_num_threads()``
+  threads. When the input needs a gradient and the loss is reduced, the functionals call the ``*_fused``
+  ops instead: their one pass returns the loss **and** the input gradient, which autograd keeps, so the
+  backward only multiplies it by ``grad_output`` (or hands it over as is when that is 1). Other backwards
+  (``'none'``, target gradients) are one backward-only kernel pass.
+* Everything else (CUDA, mixed dtypes, the focal loss, other broadcasts): the shared pipeline of
+  :mod:`bcekit._math` composed of torch operations in the compute precision (float32 for half types,
+  float64 otherwise); float64 results of CPU tensors are evaluated in ``long double`` by
+  :mod:`bcekit._numpy_core`.
+
+Double backward (``create_graph=True``) and traced backwards (``torch.compile``) use the composed
+derivative formulas, which are differentiable torch operations. A fake implementation gives
+``torch.compile`` and the meta device each output's shape and dtype.
 
 (No ``from __future__ import annotations`` here: ``torch.library.custom_op`` reads the type hints, and
 torch releases before PEP 604 support need ``Optional[...]``.)
@@ -18,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bcekit import _math, _numpy_core, _semantics
+from bcekit import _math, _native, _numpy_core, _semantics
 from bcekit._math import LossSpec
 from bcekit._semantics import MEAN, NONE
 
@@ -30,6 +42,9 @@ __all__ = [
     "composed_loss",
     "elementwise_gradients",
     "check_probabilities",
+    "kernel_ready",
+    "binary_cross_entropy_fused",
+    "binary_cross_entropy_with_logits_fused",
 ]
 
 
@@ -148,7 +163,7 @@ def elementwise_gradients(
 
 def _gradients(spec: LossSpec, ctx, grad_output: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Input and target gradients, composed of differentiable torch operations (so double backward works)."""
-    input, target, weight, pos_weight = ctx.saved_tensors
+    input, target, weight, pos_weight = ctx.saved_tensors[:4]
     grad_input, grad_target, reduction_scale = elementwise_gradients(
         spec, input, target, weight, pos_weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     )
@@ -158,6 +173,134 @@ def _gradients(spec: LossSpec, ctx, grad_output: Tensor) -> tuple[Optional[Tenso
     if grad_target is not None:
         grad_target = (grad_target * scale).to(target.dtype)
     return grad_input, grad_target
+
+
+# --------------------------------------------------------------------------------------------------------
+# The C++ kernels
+# --------------------------------------------------------------------------------------------------------
+
+_KERNEL_DTYPES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+
+
+def _shape(tensor: Optional[Tensor]):
+    return None if tensor is None else tuple(tensor.shape)
+
+
+def kernel_ready(spec: LossSpec, *tensors: Optional[Tensor]) -> bool:
+    """Whether the C++ kernels serve this call: plain CPU tensors (input, target, weight, pos_weight) of
+    one dtype, target shaped like input, weights in an in-place broadcast form (:mod:`bcekit._native`)."""
+    input, target, weight, pos_weight = tensors
+    present = [t for t in tensors if t is not None]
+    return (
+        _native.AVAILABLE
+        and all(t.device.type == "cpu" and type(t) in (Tensor, torch.nn.Parameter) for t in present)
+        and input.shape == target.shape
+        and _native.eligible(
+            spec.kind,
+            [_KERNEL_DTYPES.get(t.dtype, "?") for t in present],
+            tuple(input.shape),
+            _shape(weight),
+            _shape(pos_weight),
+        )
+    )
+
+
+def _plain(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    """A contiguous tensor with no autograd history, which DLPack exports without copying."""
+    return None if tensor is None else tensor.detach().contiguous()
+
+
+def _concrete(*tensors: Optional[Tensor]) -> bool:
+    """Real CPU data (not a tensor being traced by torch.compile / AOTAutograd), so kernels can run."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(t is None or type(t) is Tensor for t in tensors)
+
+
+def _kernel_pass(
+    spec: LossSpec,
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+    *,
+    reduction: int,
+    grad_input: bool = False,
+    grad_target: bool = False,
+    grad_output: Optional[Tensor] = None,
+    grad_scale: float = 1.0,
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """One kernel pass: ``(loss, grad_input, grad_target)``, each None unless asked for. The loss is 0-d
+    unless ``reduction`` is NONE. Gradients of a mean include the 1/count factor."""
+    x, y, w, p = (_plain(t) for t in (input, target, weight, pos_weight))
+    per_element = torch.empty_like(x) if reduction == NONE else None
+    gi = torch.empty_like(x) if grad_input else None
+    gt = torch.empty_like(x) if grad_target else None
+    mean_unknown = reduction == MEAN and spec.ignore_index is not None  # count known after the pass
+    if reduction == MEAN and not mean_unknown and x.numel():
+        grad_scale = grad_scale / x.numel()
+    value, kept = _native.run(
+        spec.kind,
+        x,
+        y,
+        w,
+        _shape(w),
+        p,
+        _shape(p),
+        input_shape=tuple(x.shape),
+        reduction=reduction,
+        loss=per_element,
+        grad_input=gi,
+        grad_target=gt,
+        grad_output=None if grad_output is None else grad_output.detach().to(x.dtype).contiguous(),
+        grad_scale=grad_scale,
+        label_smoothing=spec.label_smoothing,
+        ignore_index=spec.ignore_index,
+        threads=torch.get_num_threads(),
+    )
+    if mean_unknown and kept:
+        for grad in (gi, gt):
+            if grad is not None:
+                grad.div_(kept)
+    loss = per_element if per_element is not None else torch.tensor(value, dtype=x.dtype)
+    return loss, gi, gt
+
+
+def _kernel_gradients(spec: LossSpec, ctx, grad_output: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The backward as one backward-only kernel pass (reduced: a scalar grad_output; 'none': per element)."""
+    input, target, weight, pos_weight = ctx.saved_tensors[:4]
+    per_element = spec.reduction == NONE
+    _, gi, gt = _kernel_pass(
+        spec,
+        input,
+        target,
+        weight,
+        pos_weight,
+        reduction=spec.reduction,
+        grad_input=ctx.needs_input_grad[0],
+        grad_target=ctx.needs_input_grad[1],
+        grad_output=grad_output.expand(input.shape) if per_element else None,
+        grad_scale=1.0 if per_element else float(grad_output),
+    )
+    return gi, gt
+
+
+def _backward(spec: LossSpec, ctx, grad_output: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Kernel backward where it can run (real data, first order), else the composed formulas."""
+    tensors = ctx.saved_tensors[:4]
+    if (
+        ctx.kernel
+        and not torch.is_grad_enabled()
+        and _concrete(grad_output, *tensors)
+        and grad_output.dtype == tensors[0].dtype
+    ):
+        return _kernel_gradients(spec, ctx, grad_output)
+    return _gradients(spec, ctx, grad_output)
 
 
 def _output_shape(input: Tensor, reduction: int):
@@ -186,8 +329,10 @@ def binary_cross_entropy(
     label_smoothing: float,
     ignore_index: Optional[float],
 ) -> Tensor:
-    check_probabilities(input, target, ignore_index)
     spec = LossSpec("bce", reduction, label_smoothing, ignore_index)
+    if kernel_ready(spec, input, target, weight, None):
+        return _kernel_pass(spec, input, target, weight, None, reduction=reduction)[0]  # checks [0, 1] too
+    check_probabilities(input, target, ignore_index)
     return _loss(spec, input, target, weight, None, input.dtype)
 
 
@@ -200,10 +345,11 @@ def _bce_setup_context(ctx, inputs, output) -> None:
     input, target, weight, reduction, label_smoothing, ignore_index = inputs
     ctx.save_for_backward(input, target, weight, None)
     ctx.spec = LossSpec("bce", reduction, label_smoothing, ignore_index)
+    ctx.kernel = kernel_ready(ctx.spec, input, target, weight, None)
 
 
 def _bce_backward(ctx, grad_output: Tensor):
-    return (*_gradients(ctx.spec, ctx, grad_output), None, None, None, None)
+    return (*_backward(ctx.spec, ctx, grad_output), None, None, None, None)
 
 
 binary_cross_entropy.register_autograd(_bce_backward, setup_context=_bce_setup_context)
@@ -225,6 +371,8 @@ def binary_cross_entropy_with_logits(
     ignore_index: Optional[float],
 ) -> Tensor:
     spec = LossSpec("logits", reduction, label_smoothing, ignore_index)
+    if kernel_ready(spec, input, target, weight, pos_weight):
+        return _kernel_pass(spec, input, target, weight, pos_weight, reduction=reduction)[0]
     return _loss(spec, input, target, weight, pos_weight, target.dtype)
 
 
@@ -237,10 +385,11 @@ def _logits_setup_context(ctx, inputs, output) -> None:
     input, target, weight, pos_weight, reduction, label_smoothing, ignore_index = inputs
     ctx.save_for_backward(input, target, weight, pos_weight)
     ctx.spec = LossSpec("logits", reduction, label_smoothing, ignore_index)
+    ctx.kernel = kernel_ready(ctx.spec, input, target, weight, pos_weight)
 
 
 def _logits_backward(ctx, grad_output: Tensor):
-    return (*_gradients(ctx.spec, ctx, grad_output), None, None, None, None, None)
+    return (*_backward(ctx.spec, ctx, grad_output), None, None, None, None, None)
 
 
 binary_cross_entropy_with_logits.register_autograd(_logits_backward, setup_context=_logits_setup_context)
@@ -266,6 +415,7 @@ def _focal_setup_context(ctx, inputs, output) -> None:
     input, target, alpha, gamma, reduction = inputs
     ctx.save_for_backward(input, target, None, None)
     ctx.spec = LossSpec("focal", reduction, alpha=alpha, gamma=gamma)
+    ctx.kernel = False
 
 
 def _focal_backward(ctx, grad_output: Tensor):
@@ -273,3 +423,119 @@ def _focal_backward(ctx, grad_output: Tensor):
 
 
 sigmoid_focal_loss.register_autograd(_focal_backward, setup_context=_focal_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fused ops: the loss and the input gradient from one kernel pass (reduced losses of an input that
+# needs a gradient; CPU tensors that pass kernel_ready only)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _is_one(grad_output: Tensor) -> bool:
+    return _concrete(grad_output) and grad_output.numel() == 1 and bool(grad_output == 1)
+
+
+def _fused_setup_context(ctx, spec: LossSpec, tensors, output) -> None:
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.save_for_backward(*tensors, grad)
+    ctx.spec = spec
+    ctx.kernel = True
+
+
+def _fused_backward(ctx, grad_output: Tensor, _grad_of_grad: Optional[Tensor]):
+    """The stored gradient times grad_output; target gradients (and double backward) as the plain ops."""
+    input, target, weight, pos_weight, grad = ctx.saved_tensors
+    need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if torch.is_grad_enabled() or not _concrete(grad_output, *ctx.saved_tensors[:4]):
+        return _gradients(ctx.spec, ctx, grad_output)  # differentiable (double backward) and traceable
+    grad_input = None
+    if need_input and _is_one(grad_output):
+        grad_input = grad
+    elif need_input and grad.dtype in (torch.float32, torch.float64):
+        grad_input = grad * grad_output.to(grad.dtype)
+    # half types: scaling the rounded gradient would round twice, so the backward kernel recomputes it
+    recompute_input = need_input and grad_input is None
+    if not (recompute_input or need_target):
+        return grad_input, None
+    _, recomputed, grad_target = _kernel_pass(
+        ctx.spec,
+        input,
+        target,
+        weight,
+        pos_weight,
+        reduction=ctx.spec.reduction,
+        grad_input=recompute_input,
+        grad_target=need_target,
+        grad_scale=float(grad_output),
+    )
+    return (recomputed if recompute_input else grad_input), grad_target
+
+
+@torch.library.custom_op("bcekit::binary_cross_entropy_fused", mutates_args=())
+def binary_cross_entropy_fused(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    reduction: int,
+    label_smoothing: float,
+    ignore_index: Optional[float],
+) -> tuple[Tensor, Tensor]:
+    """``(loss, d loss / d input)`` of a reduced probability loss, from one kernel pass."""
+    spec = LossSpec("bce", reduction, label_smoothing, ignore_index)
+    loss, grad, _ = _kernel_pass(spec, input, target, weight, None, reduction=reduction, grad_input=True)
+    return loss, grad
+
+
+@binary_cross_entropy_fused.register_fake
+def _(input, target, weight, reduction, label_smoothing, ignore_index):
+    return input.new_empty(()), torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _bce_fused_setup_context(ctx, inputs, output) -> None:
+    input, target, weight, reduction, label_smoothing, ignore_index = inputs
+    spec = LossSpec("bce", reduction, label_smoothing, ignore_index)
+    _fused_setup_context(ctx, spec, (input, target, weight, None), output)
+
+
+def _bce_fused_backward(ctx, grad_output: Tensor, grad_of_grad: Optional[Tensor]):
+    return (*_fused_backward(ctx, grad_output, grad_of_grad), None, None, None, None)
+
+
+binary_cross_entropy_fused.register_autograd(_bce_fused_backward, setup_context=_bce_fused_setup_context)
+
+
+@torch.library.custom_op("bcekit::binary_cross_entropy_with_logits_fused", mutates_args=())
+def binary_cross_entropy_with_logits_fused(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+    reduction: int,
+    label_smoothing: float,
+    ignore_index: Optional[float],
+) -> tuple[Tensor, Tensor]:
+    """``(loss, d loss / d input)`` of a reduced logits loss, from one kernel pass."""
+    spec = LossSpec("logits", reduction, label_smoothing, ignore_index)
+    loss, grad, _ = _kernel_pass(spec, input, target, weight, pos_weight, reduction=reduction, grad_input=True)
+    return loss, grad
+
+
+@binary_cross_entropy_with_logits_fused.register_fake
+def _(input, target, weight, pos_weight, reduction, label_smoothing, ignore_index):
+    return target.new_empty(()), torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _logits_fused_setup_context(ctx, inputs, output) -> None:
+    input, target, weight, pos_weight, reduction, label_smoothing, ignore_index = inputs
+    spec = LossSpec("logits", reduction, label_smoothing, ignore_index)
+    _fused_setup_context(ctx, spec, (input, target, weight, pos_weight), output)
+
+
+def _logits_fused_backward(ctx, grad_output: Tensor, grad_of_grad: Optional[Tensor]):
+    return (*_fused_backward(ctx, grad_output, grad_of_grad), None, None, None, None, None)
+
+
+binary_cross_entropy_with_logits_fused.register_autograd(
+    _logits_fused_backward, setup_context=_logits_fused_setup_context
+)

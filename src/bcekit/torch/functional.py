@@ -79,6 +79,11 @@ def _autocast_to_float32(input: Tensor, *others: Tensor | None) -> tuple[Tensor 
     )
 
 
+def _fuse(input: Tensor, reduction: int) -> bool:
+    """A reduced loss whose input needs a gradient: compute that gradient in the forward's kernel pass."""
+    return reduction != _semantics.NONE and input.requires_grad and torch.is_grad_enabled()
+
+
 def _optional_float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
@@ -145,6 +150,8 @@ def binary_cross_entropy(
             _ops.check_probabilities(input, target, ignore)
         spec = LossSpec("bce", enum, smoothing, ignore)
         return _transforms.loss(spec, input, target, weight, None, input.dtype)
+    if _fuse(input, enum) and _ops.kernel_ready(LossSpec("bce", enum), input, target, weight, None):
+        return _ops.binary_cross_entropy_fused(input, target, weight, enum, smoothing, ignore)[0]
     return _ops.binary_cross_entropy(input, target, weight, enum, smoothing, ignore)
 
 
@@ -202,6 +209,11 @@ def binary_cross_entropy_with_logits(
     if _transforms.active(input, target, weight, pos_weight):
         spec = LossSpec("logits", enum, smoothing, ignore)
         return _transforms.loss(spec, input, target, weight, pos_weight, target.dtype)
+    if _fuse(input, enum) and _ops.kernel_ready(LossSpec("logits", enum), input, target, weight, pos_weight):
+        loss, _ = _ops.binary_cross_entropy_with_logits_fused(
+            input, target, weight, pos_weight, enum, smoothing, ignore
+        )
+        return loss
     return _ops.binary_cross_entropy_with_logits(input, target, weight, pos_weight, enum, smoothing, ignore)
 
 
