@@ -517,7 +517,9 @@ def binary_cross_entropy_with_logits_fused(
 ) -> tuple[Tensor, Tensor]:
     """``(loss, d loss / d input)`` of a reduced logits loss, from one kernel pass."""
     spec = LossSpec("logits", reduction, label_smoothing, ignore_index)
-    loss, grad, _ = _kernel_pass(spec, input, target, weight, pos_weight, reduction=reduction, grad_input=True)
+    loss, grad, _ = _kernel_pass(
+        spec, input, target, weight, pos_weight, reduction=reduction, grad_input=True
+    )
     return loss, grad
 
 
