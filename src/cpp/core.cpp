@@ -6,6 +6,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 
 #include <algorithm>
@@ -147,6 +148,29 @@ NB_MODULE(_core, m) {
     // Python layer keeps float64 on its composed double-double path.
     m.attr("EXTENDED_FLOAT64") = LDBL_MANT_DIG >= 64 && LDBL_MANT_DIG < 113;
 
+    m.def(
+        "elementwise",
+        [](const std::string& name, nb::ndarray<nb::ro, double, nb::device::cpu, nb::c_contig> in,
+           nb::ndarray<double, nb::device::cpu, nb::c_contig> out, const std::string& isa) {
+            if (in.size() != out.size()) throw std::invalid_argument("elementwise: sizes differ");
+            const int64_t n = int64_t(in.size());
+            bool found = false;
+            if (isa == "baseline") {
+                found = isa_baseline::elementwise(name.c_str(), in.data(), out.data(), n);
+            } else if (isa == "avx2") {
+#if defined(BCEKIT_HAVE_AVX2)
+                if (!HAS_AVX2) throw std::invalid_argument("elementwise: this CPU has no AVX2 + FMA");
+                found = isa_avx2::elementwise(name.c_str(), in.data(), out.data(), n);
+#else
+                throw std::invalid_argument("elementwise: built without the AVX2 kernel");
+#endif
+            } else {
+                throw std::invalid_argument("elementwise: isa must be 'baseline' or 'avx2'");
+            }
+            if (!found) throw std::invalid_argument("elementwise: no function '" + name + "'");
+        },
+        nb::arg("name"), nb::arg("input"), nb::arg("out"), nb::arg("isa"),
+        "For tests: out = f(input) for one of the kernels' vector math functions, on one ISA's build.");
     m.def(
         "run",
         [](int kind, const In& x, const In& y, std::optional<In> w, int w_mode, int64_t w_inner,

@@ -50,9 +50,16 @@ struct ChunkResult {
 using ChunkFn = ChunkResult (*)(const Args&, int64_t begin, int64_t end);
 
 // Vector kernels (float, float16, bfloat16 storage; computed in double lanes), one build per ISA.
-namespace isa_baseline { ChunkFn vector_kernel(int dtype); }
+// elementwise(): the vector math functions by name, for the accuracy tests (false: no such function)
+namespace isa_baseline {
+ChunkFn vector_kernel(int dtype);
+bool elementwise(const char* name, const double* in, double* out, int64_t n);
+}  // namespace isa_baseline
 #if defined(BCEKIT_HAVE_AVX2)
-namespace isa_avx2 { ChunkFn vector_kernel(int dtype); }
+namespace isa_avx2 {
+ChunkFn vector_kernel(int dtype);
+bool elementwise(const char* name, const double* in, double* out, int64_t n);
+}  // namespace isa_avx2
 #endif
 
 // float64 storage: computed in long double with libm (exact to ~0.5 ulp where long double is x87).

@@ -4,4 +4,7 @@
 
 namespace bcekit::isa_baseline {
 ChunkFn vector_kernel(int dtype) { return vector_kernel_impl(dtype); }
+bool elementwise(const char* name, const double* in, double* out, int64_t n) {
+    return elementwise_impl(name, in, out, n);
+}
 }  // namespace bcekit::isa_baseline

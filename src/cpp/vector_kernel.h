@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string_view>
 
 #include "kernel_api.h"
 
@@ -378,6 +379,25 @@ ChunkResult chunk(const Args& a, int64_t begin, int64_t end) {
         r.bad_target |= bad_y[j] != 0;
     }
     return r;
+}
+
+// For tests: apply one of the vector functions to n doubles (n a multiple of W not required).
+inline bool elementwise_impl(const char* name, const double* in, double* out, int64_t n) {
+    vd (*fn)(vd) = nullptr;
+    const std::string_view f(name);
+    if (f == "exp_neg") fn = &exp_neg;
+    else if (f == "log1p_unit") fn = &log1p_unit;
+    else if (f == "log_unit") fn = &log_unit;
+    else if (f == "log1p_reduced") fn = &log1p_reduced;
+    if (!fn) return false;
+    for (int64_t i = 0; i < n; i += W) {
+        vd v = splat(0.5);
+        const int64_t lanes = n - i < W ? n - i : W;
+        for (int64_t j = 0; j < lanes; ++j) v[j] = in[i + j];
+        v = fn(v);
+        for (int64_t j = 0; j < lanes; ++j) out[i + j] = v[j];
+    }
+    return true;
 }
 
 inline ChunkFn vector_kernel_impl(int dtype) {

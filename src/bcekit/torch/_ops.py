@@ -438,6 +438,8 @@ def _is_one(grad_output: Tensor) -> bool:
 def _fused_setup_context(ctx, spec: LossSpec, tensors, output) -> None:
     _, grad = output
     ctx.mark_non_differentiable(grad)
+    # no zero-filled input-sized "gradient" for the gradient output, which nothing differentiates
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*tensors, grad)
     ctx.spec = spec
     ctx.kernel = True
@@ -447,6 +449,8 @@ def _fused_backward(ctx, grad_output: Tensor, _grad_of_grad: Optional[Tensor]):
     """The stored gradient times grad_output; target gradients (and double backward) as the plain ops."""
     input, target, weight, pos_weight, grad = ctx.saved_tensors
     need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_output is None:  # the loss took no part in what is being differentiated
+        return None, None
     if torch.is_grad_enabled() or not _concrete(grad_output, *ctx.saved_tensors[:4]):
         return _gradients(ctx.spec, ctx, grad_output)  # differentiable (double backward) and traceable
     grad_input = None
