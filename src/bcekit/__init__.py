@@ -11,10 +11,11 @@ torch's semantics; the rules live in ``bcekit._semantics`` and the formulas in `
 On the CPU the probability and logits losses run in C++ kernels (``bcekit._core``, through
 ``bcekit._native``): one multithreaded pass computes the loss and the input gradient.
 :func:`set_num_threads` sets their threads for NumPy arrays; torch tensors follow
-``torch.get_num_threads()``.
+``torch.get_num_threads()``. Large outputs come from a buffer cache (so that a training step does not
+fault in a fresh gradient's pages every time); :func:`empty_cache` releases it.
 """
 
-from bcekit._native import get_num_threads, set_num_threads
+from bcekit._native import empty_cache, get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "get_num_threads", "set_num_threads"]
+__all__ = ["__version__", "empty_cache", "get_num_threads", "set_num_threads"]

@@ -9,6 +9,13 @@ What the kernels compute is exactly :mod:`bcekit._math`'s pipeline for the proba
 rounded once; float64 in x87 ``long double``. The focal loss, mixed dtypes and weights that broadcast in
 other forms than the four below stay on the composed path.
 
+Outputs (gradients, per-element losses) of at least :data:`CACHED_MIN_BYTES` come from a cache of buffers
+kept by the C++ core: a training step frees its gradient and allocates the next one of the same size, and
+a fresh allocation would have its pages faulted in by the kernel's stores one 4 KiB page at a time, which
+at 2^24 float32 elements costs more than the pass. A buffer returns to the cache when the tensor or array
+storage owning it is freed (views keep it alive). The cache keeps at most ``BCEKIT_CACHE_BYTES`` bytes
+(default 1 GiB, 0 disables it); :func:`empty_cache` frees what it holds.
+
 Threads: torch tensors use ``torch.get_num_threads()``; NumPy arrays use :func:`get_num_threads`, which is
 ``BCEKIT_NUM_THREADS`` from the environment if set, else the CPUs this process may run on, and which
 :func:`set_num_threads` changes. Results do not depend on it: the kernels cut the data into fixed chunks
@@ -41,6 +48,9 @@ __all__ = [
     "run",
     "get_num_threads",
     "set_num_threads",
+    "empty",
+    "empty_cache",
+    "CACHED_MIN_BYTES",
 ]
 
 AVAILABLE: bool = _core is not None
@@ -53,6 +63,29 @@ _KINDS = {"bce": 0, "logits": 1}
 _DTYPES = {"float32", "float16", "bfloat16"} | (
     {"float64"} if _core is not None and _core.EXTENDED_FLOAT64 else set()
 )
+
+
+_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
+_ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+#: Outputs smaller than this are allocated as usual; larger ones come from the buffer cache.
+CACHED_MIN_BYTES = 1 << 20
+
+if _core is not None and os.environ.get("BCEKIT_CACHE_BYTES"):
+    _core.set_cache_limit(int(os.environ["BCEKIT_CACHE_BYTES"]))
+
+
+def empty(shape: Sequence[int], dtype: str, torch: bool) -> Any | None:
+    """An uninitialised C-contiguous output from the buffer cache (a CPU tensor if ``torch``, else a
+    NumPy array), or None when it is small (or the kernels are absent): allocate it the usual way then."""
+    if _core is None or math.prod(shape) * _ITEMSIZE[dtype] < CACHED_MIN_BYTES:
+        return None
+    return _core.empty([int(d) for d in shape], _CODES[dtype], torch)
+
+
+def empty_cache() -> None:
+    """Free the buffers the kernels keep for reuse (see the module docstring)."""
+    if _core is not None:
+        _core.empty_cache()
 
 
 def _default_threads() -> int:

@@ -97,6 +97,12 @@ def _evaluate(
         return loss, grad.astype(x.dtype)
 
 
+def _output(x: np.ndarray) -> np.ndarray:
+    """An array shaped like ``x``: from the kernels' buffer cache when large (see :mod:`bcekit._native`)."""
+    cached = _native.empty(x.shape, x.dtype.name, torch=False)
+    return np.empty_like(x) if cached is None else cached
+
+
 def _kernel(
     spec: _math.LossSpec,
     x: np.ndarray,
@@ -108,8 +114,8 @@ def _kernel(
     """The C++ kernels: loss and gradient in one pass over the data (see :mod:`bcekit._native`)."""
     contiguous = [None if a is None else np.asarray(a, order="C") for a in (x, y, weight, pos_weight)]
     x, y, weight, pos_weight = contiguous
-    per_element = np.empty_like(x) if spec.reduction == NONE else None
-    grad = np.empty_like(x) if with_grad else None
+    per_element = _output(x) if spec.reduction == NONE else None
+    grad = _output(x) if with_grad else None
     value, kept = _native.run(
         spec.kind,
         x,

@@ -8,12 +8,18 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -50,6 +56,77 @@ ChunkFn select_kernel(int dtype) {
     if (HAS_AVX2) return isa_avx2::vector_kernel(dtype);
 #endif
     return isa_baseline::vector_kernel(dtype);
+}
+
+// A cache of output buffers. A training step allocates a fresh input-sized gradient every time and the
+// kernel's stores then fault its pages in one by one: for 2^24 float32 that costs about twice the pass
+// itself. Buffers come back here when the tensor or array that owns them is freed (its storage, so
+// views keep a buffer alive) and are handed out again for the same size, already mapped. The cache
+// holds at most `limit` bytes (BCEKIT_CACHE_BYTES, default 1 GiB; 0 disables it); empty_cache() frees it.
+class BufferCache {
+  public:
+    static constexpr size_t HEADER = 64;  // the size is kept in front of the data (64-byte aligned)
+
+    void* get(size_t bytes) {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            auto it = free_.find(bytes);
+            if (it != free_.end()) {
+                char* block = it->second;
+                free_.erase(it);
+                cached_ -= bytes;
+                return block + HEADER;
+            }
+        }
+        char* block = static_cast<char*>(std::aligned_alloc(HEADER, HEADER + round_up(bytes)));
+        if (!block) throw std::bad_alloc();
+        std::memcpy(block, &bytes, sizeof bytes);
+        return block + HEADER;
+    }
+
+    void put(void* data) noexcept {
+        char* block = static_cast<char*>(data) - HEADER;
+        size_t bytes;
+        std::memcpy(&bytes, block, sizeof bytes);
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (cached_ + bytes <= limit_) {
+            free_.emplace(bytes, block);
+            cached_ += bytes;
+        } else {
+            std::free(block);
+        }
+    }
+
+    void clear() noexcept {
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (auto& entry : free_) std::free(entry.second);
+        free_.clear();
+        cached_ = 0;
+    }
+
+    size_t cached() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return cached_;
+    }
+    void set_limit(size_t limit) {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            limit_ = limit;
+        }
+        if (limit == 0) clear();
+    }
+
+  private:
+    static size_t round_up(size_t bytes) { return (bytes + HEADER - 1) / HEADER * HEADER; }
+    std::mutex mutex_;
+    std::multimap<size_t, char*> free_;
+    size_t cached_ = 0;
+    size_t limit_ = size_t(1) << 30;
+};
+
+BufferCache& cache() {
+    static BufferCache* instance = new BufferCache();  // never destroyed: buffers may outlive the module
+    return *instance;
 }
 
 long double pairwise(const std::vector<ChunkResult>& parts, size_t lo, size_t hi) {
@@ -148,6 +225,30 @@ NB_MODULE(_core, m) {
     // Python layer keeps float64 on its composed double-double path.
     m.attr("EXTENDED_FLOAT64") = LDBL_MANT_DIG >= 64 && LDBL_MANT_DIG < 113;
 
+    m.def(
+        "empty",
+        [](std::vector<size_t> shape, int dtype, bool torch) -> nb::object {
+            size_t numel = 1;
+            for (size_t d : shape) numel *= d;
+            const nb::dlpack::dtype codes[] = {
+                nb::dtype<float>(), nb::dtype<double>(),
+                {uint8_t(nb::dlpack::dtype_code::Float), 16, 1},
+                {uint8_t(nb::dlpack::dtype_code::Bfloat), 16, 1}};
+            if (dtype < 0 || dtype > 3) throw std::invalid_argument("empty: bad dtype");
+            const size_t itemsize = dtype == F64 ? 8 : (dtype == F32 ? 4 : 2);
+            void* data = cache().get(numel * itemsize);
+            nb::capsule owner(data, [](void* p) noexcept { cache().put(p); });
+            if (torch)
+                return nb::ndarray<nb::pytorch>(data, shape.size(), shape.data(), owner, nullptr, codes[dtype])
+                    .cast();
+            return nb::ndarray<nb::numpy>(data, shape.size(), shape.data(), owner, nullptr, codes[dtype]).cast();
+        },
+        nb::arg("shape"), nb::arg("dtype"), nb::arg("torch"),
+        "An uninitialised C-contiguous array (NumPy) or CPU tensor (torch) from the buffer cache.");
+    m.def("empty_cache", []() { cache().clear(); }, "Free the cached buffers.");
+    m.def("cached_bytes", []() { return cache().cached(); }, "Bytes held by the buffer cache.");
+    m.def("set_cache_limit", [](size_t bytes) { cache().set_limit(bytes); }, nb::arg("bytes"),
+          "Most bytes the cache keeps (0: keep none).");
     m.def(
         "elementwise",
         [](const std::string& name, nb::ndarray<nb::ro, double, nb::device::cpu, nb::c_contig> in,

@@ -81,6 +81,24 @@ inline vd exp_neg(vd a) {
     return select(isnan_v(a), a, e);
 }
 
+// exp(-a) for finite a in [0, 708] only (the caller checked): no clamping, no NaN handling.
+inline vd exp_neg_finite(vd a) {
+    vd kd = (a * INV_LN2 + SHIFTER) - SHIFTER;
+    vd q = (kd * LN2_HI - a) + kd * LN2_LO;  // -r
+    vd poly = splat(1.0 / 362880.0);
+    poly = poly * q + 1.0 / 40320.0;
+    poly = poly * q + 1.0 / 5040.0;
+    poly = poly * q + 1.0 / 720.0;
+    poly = poly * q + 1.0 / 120.0;
+    poly = poly * q + 1.0 / 24.0;
+    poly = poly * q + 1.0 / 6.0;
+    poly = poly * q + 0.5;
+    poly = poly * q + 1.0;
+    poly = poly * q + 1.0;
+    vl k = (vl)(kd + SHIFTER) - (vl)splat(SHIFTER);
+    return poly * (vd)((splat_l(1023) - k) << 52);
+}
+
 // 2 atanh(f / (2 + f)) = log(1 + f) for f in [-0.2929, 0.4143].
 inline vd log1p_reduced(vd f) {
     vd s = f / (f + 2.0);
@@ -101,8 +119,8 @@ inline vd log1p_unit(vd e) {
     return select(big, splat(LN2), splat(0.0)) + log1p_reduced(f);
 }
 
-// log(u) for u in (0, 1]: u = 2^k m with m in [sqrt(1/2), sqrt(2)); u = 0 gives -inf.
-inline vd log_unit(vd u) {
+// u = 2^k (1 + f) with f in [-0.2929, 0.4143], for positive normal u (kd = k as a double).
+inline void decompose(vd u, vd& kd, vd& f) {
     const vl one_bits = (vl)splat(1.0);
     vl bits = (vl)u;
     vl k = (bits >> 52) - 1023;
@@ -110,9 +128,29 @@ inline vd log_unit(vd u) {
     vl big = m > 1.4142135623730951;
     m = select(big, m * 0.5, m);
     k = k - big;  // big is -1 where true
-    vd kd = (vd)(k + (vl)splat(SHIFTER)) - SHIFTER;
-    vd result = kd * LN2 + log1p_reduced(m - 1.0);
-    return select(u == 0.0, splat(-std::numeric_limits<double>::infinity()), result);
+    kd = (vd)(k + (vl)splat(SHIFTER)) - SHIFTER;
+    f = m - 1.0;
+}
+
+// log(u) for u in (0, 1]; u = 0 gives -inf.
+inline vd log_unit(vd u) {
+    vd kd, f;
+    decompose(u, kd, f);
+    return select(u == 0.0, splat(-std::numeric_limits<double>::infinity()), kd * LN2 + log1p_reduced(f));
+}
+
+// log(x) and log1p(-x) for x in [0, 1]. Below 0.2929, 1 - x would round away -x's low digits, so log1p
+// is evaluated on f = -x directly; above, 1 - x is exact and is reduced like any argument of log.
+inline void log_pair(vd x, vd& log_x, vd& log_1mx) {
+    const vd inf = splat(-std::numeric_limits<double>::infinity());
+    vd kx, fx, k1, f1;
+    decompose(x, kx, fx);
+    const vl small = x < 0.29289321881345248;
+    decompose(select(small, splat(1.0), 1.0 - x), k1, f1);
+    k1 = select(small, splat(0.0), k1);
+    f1 = select(small, -x, f1);
+    log_x = select(x == 0.0, inf, kx * LN2 + log1p_reduced(fx));
+    log_1mx = select(x == 1.0, inf, k1 * LN2 + log1p_reduced(f1));
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -261,7 +299,7 @@ ChunkResult chunk(const Args& a, int64_t begin, int64_t end) {
     const double s = a.label_smoothing;
     const bool nan_ignore = a.has_ignore && std::isnan(a.ignore_index);
     WeightReader<T> wr(a.w, a.w_mode, a.w_inner, begin), pr(a.p, a.p_mode, a.p_inner, begin);
-    vd X[V], Y[V], E[V], TL[V], WV[V], PV[V];
+    vd X[V], Y[V], A[V], E[V], TL[V], WV[V], PV[V];
     vl KEPT[V];
     const vd zero = splat(0.0);
     vd acc = zero;
@@ -294,22 +332,26 @@ ChunkResult chunk(const Args& a, int64_t begin, int64_t end) {
             KEPT[v] = kept;
         }
         // stage 2: the transcendental functions
+        // A block whose logits are all finite with |x| <= 700 (the usual case) takes shorter formulas:
+        // no NaN or infinity to propagate, no 0 * inf to avoid, no exp underflow to flush.
+        bool finite = true;
         if (logits) {
+            vl ok = splat_l(-1);
             for (int v = 0; v < V; ++v) {
-                vd ax = select(X[v] < 0.0, -X[v], X[v]);
-                E[v] = exp_neg(select(isnan_v(X[v]), X[v], ax));
+                const vd ax = select(X[v] < 0.0, -X[v], X[v]);
+                ok &= ax <= 700.0;  // false for NaN
+                A[v] = ax;
+            }
+            for (int j = 0; j < W; ++j) finite &= ok[j] != 0;
+            if (finite) {
+                for (int v = 0; v < V; ++v) E[v] = exp_neg_finite(A[v]);
+            } else {
+                for (int v = 0; v < V; ++v) E[v] = exp_neg(select(isnan_v(X[v]), X[v], A[v]));
             }
             if (need_tail)
                 for (int v = 0; v < V; ++v) TL[v] = log1p_unit(E[v]);
         } else {
-            // log(x) and log1p(-x): below 0.2929, 1 - x would round away -x's low digits, so log1p is
-            // evaluated on f = -x directly; above, 1 - x is exact and its logarithm is reduced as usual.
-            for (int v = 0; v < V; ++v) E[v] = log_unit(X[v]);
-            for (int v = 0; v < V; ++v) {
-                vl small_x = X[v] < 0.29289321881345248;
-                TL[v] = select(small_x, log1p_reduced(select(small_x, -X[v], zero)),
-                               log_unit(select(small_x, splat(1.0), 1.0 - X[v])));
-            }
+            for (int v = 0; v < V; ++v) log_pair(X[v], E[v], TL[v]);  // log(x), log1p(-x)
         }
         // stage 3: loss and gradients, weights, mask, stores
         for (int v = 0; v < V; ++v) {
@@ -323,7 +365,15 @@ ChunkResult chunk(const Args& a, int64_t begin, int64_t end) {
             if (logits) {
                 const vd e = E[v];
                 const vd positive = has_p ? PV[v] * yv : yv;
-                if (need_tail) {
+                const vl nonneg = xv >= 0.0;
+                if (need_tail && finite) {
+                    // p y sp(-x) + (1 - y) sp(x) = c |x| + (p y + 1 - y) tail, c = 1 - y (x >= 0) or p y
+                    const vd one_minus_y = 1.0 - yv;
+                    const vd c = select(nonneg, one_minus_y, positive);
+                    loss = c * A[v] + (positive + one_minus_y) * TL[v];
+                    gt = has_p ? PV[v] * (select(nonneg, zero, A[v]) + TL[v]) - (select(nonneg, A[v], zero) + TL[v])
+                               : -xv;
+                } else if (need_tail) {
                     const vd sp_neg = vmax0(-xv) + TL[v], sp_pos = vmax0(xv) + TL[v];  // sp(-x), sp(x)
                     loss = scaled(positive, sp_neg) + scaled(1.0 - yv, sp_pos);
                     gt = has_p ? scaled(PV[v], sp_neg) - sp_pos : -xv;
@@ -332,9 +382,8 @@ ChunkResult chunk(const Args& a, int64_t begin, int64_t end) {
                 }
                 if (a.grad_input) {
                     const vd large = 1.0 / (1.0 + e), small = e * large;  // s(|x|), s(-|x|)
-                    const vl nonneg = xv >= 0.0;
                     gi = (1.0 - yv) * select(nonneg, large, small) - positive * select(nonneg, small, large);
-                    gi = select(isnan_v(xv), xv, gi);
+                    if (!finite) gi = select(isnan_v(xv), xv, gi);
                 }
             } else {
                 const vd log_x = E[v], log_1mx = TL[v];
@@ -389,6 +438,8 @@ inline bool elementwise_impl(const char* name, const double* in, double* out, in
     else if (f == "log1p_unit") fn = &log1p_unit;
     else if (f == "log_unit") fn = &log_unit;
     else if (f == "log1p_reduced") fn = &log1p_reduced;
+    else if (f == "log_x") fn = [](vd x) { vd a, b; log_pair(x, a, b); return a; };
+    else if (f == "log1p_neg_x") fn = [](vd x) { vd a, b; log_pair(x, a, b); return b; };
     if (!fn) return false;
     for (int64_t i = 0; i < n; i += W) {
         vd v = splat(0.5);

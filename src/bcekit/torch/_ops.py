@@ -222,6 +222,12 @@ def _concrete(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or type(t) is Tensor for t in tensors)
 
 
+def _output(x: Tensor) -> Tensor:
+    """An output shaped like ``x``: from the kernels' buffer cache when large (see :mod:`bcekit._native`)."""
+    cached = _native.empty(x.shape, _KERNEL_DTYPES[x.dtype], torch=True)
+    return torch.empty_like(x) if cached is None else cached
+
+
 def _kernel_pass(
     spec: LossSpec,
     input: Tensor,
@@ -238,9 +244,9 @@ def _kernel_pass(
     """One kernel pass: ``(loss, grad_input, grad_target)``, each None unless asked for. The loss is 0-d
     unless ``reduction`` is NONE. Gradients of a mean include the 1/count factor."""
     x, y, w, p = (_plain(t) for t in (input, target, weight, pos_weight))
-    per_element = torch.empty_like(x) if reduction == NONE else None
-    gi = torch.empty_like(x) if grad_input else None
-    gt = torch.empty_like(x) if grad_target else None
+    per_element = _output(x) if reduction == NONE else None
+    gi = _output(x) if grad_input else None
+    gt = _output(x) if grad_target else None
     mean_unknown = reduction == MEAN and spec.ignore_index is not None  # count known after the pass
     if reduction == MEAN and not mean_unknown and x.numel():
         grad_scale = grad_scale / x.numel()
