@@ -101,6 +101,25 @@ def _default_threads() -> int:
 _threads = _default_threads()
 
 
+def _torch_dtype(tensor: Any) -> str:
+    return str(tensor.dtype).rpartition(".")[2]
+
+
+def _form_size(mode: int, inner: int, n: int) -> int:
+    return {0: 0, SCALAR: 1, PER_CLASS: inner, PER_ROW: -(-n // max(inner, 1)), FULL: n}[mode]
+
+
+def _pointer(tensor: Any, name: str, dtype: str, size: int) -> int:
+    """The data pointer of a CPU tensor after the checks the C++ side cannot make on a raw pointer."""
+    if tensor is None:
+        return 0
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or _torch_dtype(tensor) != dtype:
+        raise ValueError(f"bcekit kernels: '{name}' must be a contiguous CPU tensor of dtype {dtype}")
+    if tensor.numel() != size:
+        raise ValueError(f"bcekit kernels: '{name}' has {tensor.numel()} elements, expected {size}")
+    return tensor.data_ptr()
+
+
 def get_num_threads() -> int:
     """Threads the kernels use for NumPy arrays (torch tensors follow ``torch.get_num_threads()``)."""
     return _threads
@@ -181,26 +200,62 @@ def run(
     assert _core is not None
     w_mode, w_inner = (0, 1) if weight is None else broadcast_form(weight_shape, input_shape)
     p_mode, p_inner = (0, 1) if pos_weight is None else broadcast_form(pos_weight_shape, input_shape)
-    value, kept, flags = _core.run(
-        _KINDS[kind],
-        input,
-        target,
-        weight,
-        w_mode,
-        w_inner,
-        pos_weight,
-        p_mode,
-        p_inner,
-        grad_output,
-        float(grad_scale),
-        loss,
-        grad_input,
-        grad_target,
+    options = (
         int(reduction),  # NONE, MEAN, SUM are the kernel's 0, 1, 2
         float(label_smoothing),
         None if ignore_index is None else float(ignore_index),
         _threads if threads is None else int(threads),
     )
+    if hasattr(input, "data_ptr"):  # torch tensors: raw pointers, checked here (DLPack costs ~5 us each)
+        n, dtype = input.numel(), _torch_dtype(input)
+        sizes = {"weight": _form_size(w_mode, w_inner, n), "pos_weight": _form_size(p_mode, p_inner, n)}
+        named = {
+            "target": target,
+            "weight": weight,
+            "pos_weight": pos_weight,
+            "grad_output": grad_output,
+            "loss": loss,
+            "grad_input": grad_input,
+            "grad_target": grad_target,
+        }
+        pointers = {name: _pointer(t, name, dtype, sizes.get(name, n)) for name, t in named.items()}
+        value, kept, flags = _core.run_raw(
+            _KINDS[kind],
+            _CODES[dtype],
+            n,
+            _pointer(input, "input", dtype, n),
+            pointers["target"],
+            pointers["weight"],
+            w_mode,
+            w_inner,
+            pointers["pos_weight"],
+            p_mode,
+            p_inner,
+            pointers["grad_output"],
+            float(grad_scale),
+            pointers["loss"],
+            pointers["grad_input"],
+            pointers["grad_target"],
+            *options,
+        )
+    else:
+        value, kept, flags = _core.run(
+            _KINDS[kind],
+            input,
+            target,
+            weight,
+            w_mode,
+            w_inner,
+            pos_weight,
+            p_mode,
+            p_inner,
+            grad_output,
+            float(grad_scale),
+            loss,
+            grad_input,
+            grad_target,
+            *options,
+        )
     if flags & 1:
         raise input_range_error()
     if flags & 2:

@@ -213,6 +213,25 @@ int64_t weight_size(int mode, int64_t n, int64_t inner) {
     }
 }
 
+std::tuple<double, int64_t, int> finish(Args& a, int kind, int reduction, double label_smoothing,
+                                        std::optional<double> ignore_index, int threads) {
+    if (kind != PROBABILITIES && kind != LOGITS) throw std::invalid_argument("bcekit._core: bad kind");
+    if (reduction < 0 || reduction > 2) throw std::invalid_argument("bcekit._core: bad reduction");
+    a.want_sum = reduction != 0;
+    a.label_smoothing = label_smoothing;
+    a.has_ignore = ignore_index.has_value();
+    a.ignore_index = ignore_index.value_or(0.0);
+    RunResult r;
+    {
+        nb::gil_scoped_release release;
+        r = run(a, threads);
+    }
+    // reduction: 0 none, 1 mean (over the kept elements; NaN when none is kept), 2 sum
+    long double value = r.sum;
+    if (reduction == 1) value = r.kept ? value / r.kept : std::numeric_limits<long double>::quiet_NaN();
+    return {double(value), r.kept, r.flags};
+}
+
 }  // namespace
 }  // namespace bcekit
 
@@ -273,6 +292,34 @@ NB_MODULE(_core, m) {
         nb::arg("name"), nb::arg("input"), nb::arg("out"), nb::arg("isa"),
         "For tests: out = f(input) for one of the kernels' vector math functions, on one ISA's build.");
     m.def(
+        "run_raw",
+        [](int kind, int dtype, int64_t n, uintptr_t x, uintptr_t y, uintptr_t w, int w_mode, int64_t w_inner,
+           uintptr_t p, int p_mode, int64_t p_inner, uintptr_t grad_output, double grad_scale, uintptr_t loss,
+           uintptr_t grad_input, uintptr_t grad_target, int reduction, double label_smoothing,
+           std::optional<double> ignore_index, int threads) -> std::tuple<double, int64_t, int> {
+            // The caller (bcekit._native) has checked every pointer's dtype, contiguity and size.
+            if (dtype < 0 || dtype > 3) throw std::invalid_argument("bcekit._core: bad dtype");
+            Args a;
+            a.kind = kind;
+            a.dtype = dtype;
+            a.n = n;
+            a.x = reinterpret_cast<const void*>(x);
+            a.y = reinterpret_cast<const void*>(y);
+            a.w = reinterpret_cast<const void*>(w);
+            a.w_mode = w ? w_mode : ABSENT;
+            a.w_inner = w_inner;
+            a.p = reinterpret_cast<const void*>(p);
+            a.p_mode = p ? p_mode : ABSENT;
+            a.p_inner = p_inner;
+            a.grad_output = reinterpret_cast<const void*>(grad_output);
+            a.grad_scale = grad_scale;
+            a.loss = reinterpret_cast<void*>(loss);
+            a.grad_input = reinterpret_cast<void*>(grad_input);
+            a.grad_target = reinterpret_cast<void*>(grad_target);
+            return finish(a, kind, reduction, label_smoothing, ignore_index, threads);
+        },
+        "run() on raw data pointers (torch tensors: no DLPack round trip); no checks here.");
+    m.def(
         "run",
         [](int kind, const In& x, const In& y, std::optional<In> w, int w_mode, int64_t w_inner,
            std::optional<In> p, int p_mode, int64_t p_inner, std::optional<In> grad_output,
@@ -280,7 +327,6 @@ NB_MODULE(_core, m) {
            std::optional<Out> grad_target, int reduction, double label_smoothing,
            std::optional<double> ignore_index, int threads) -> std::tuple<double, int64_t, int> {
             Args a;
-            if (kind != PROBABILITIES && kind != LOGITS) throw std::invalid_argument("bcekit._core: bad kind");
             a.kind = kind;
             a.dtype = dtype_of(x);
             a.n = int64_t(x.size());
@@ -301,20 +347,7 @@ NB_MODULE(_core, m) {
             a.loss = const_cast<void*>(operand(loss, "loss", a.dtype, a.n));
             a.grad_input = const_cast<void*>(operand(grad_input, "grad_input", a.dtype, a.n));
             a.grad_target = const_cast<void*>(operand(grad_target, "grad_target", a.dtype, a.n));
-            if (reduction < 0 || reduction > 2) throw std::invalid_argument("bcekit._core: bad reduction");
-            a.want_sum = reduction != 0;
-            a.label_smoothing = label_smoothing;
-            a.has_ignore = ignore_index.has_value();
-            a.ignore_index = ignore_index.value_or(0.0);
-            RunResult r;
-            {
-                nb::gil_scoped_release release;
-                r = run(a, threads);
-            }
-            // reduction: 0 none, 1 mean (over the kept elements; NaN when none is kept), 2 sum
-            long double value = r.sum;
-            if (reduction == 1) value = r.kept ? value / r.kept : std::numeric_limits<long double>::quiet_NaN();
-            return {double(value), r.kept, r.flags};
+            return finish(a, kind, reduction, label_smoothing, ignore_index, threads);
         },
         nb::arg("kind"), nb::arg("input"), nb::arg("target"), nb::arg("weight").none(), nb::arg("w_mode"),
         nb::arg("w_inner"), nb::arg("pos_weight").none(), nb::arg("p_mode"), nb::arg("p_inner"),

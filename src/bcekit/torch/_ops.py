@@ -45,6 +45,7 @@ __all__ = [
     "kernel_ready",
     "binary_cross_entropy_fused",
     "binary_cross_entropy_with_logits_fused",
+    "eager_kernel_loss",
 ]
 
 
@@ -273,7 +274,7 @@ def _kernel_pass(
         for grad in (gi, gt):
             if grad is not None:
                 grad.div_(kept)
-    loss = per_element if per_element is not None else torch.tensor(value, dtype=x.dtype)
+    loss = per_element if per_element is not None else torch.scalar_tensor(value, dtype=x.dtype)
     return loss, gi, gt
 
 
@@ -438,7 +439,7 @@ sigmoid_focal_loss.register_autograd(_focal_backward, setup_context=_focal_setup
 
 
 def _is_one(grad_output: Tensor) -> bool:
-    return _concrete(grad_output) and grad_output.numel() == 1 and bool(grad_output == 1)
+    return _concrete(grad_output) and grad_output.numel() == 1 and grad_output.item() == 1.0
 
 
 def _fused_setup_context(ctx, spec: LossSpec, tensors, output) -> None:
@@ -551,3 +552,45 @@ def _logits_fused_backward(ctx, grad_output: Tensor, grad_of_grad: Optional[Tens
 binary_cross_entropy_with_logits_fused.register_autograd(
     _logits_fused_backward, setup_context=_logits_fused_setup_context
 )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Eager calls: the same kernels without torch.library's dispatch (which costs more than a small loss)
+# --------------------------------------------------------------------------------------------------------
+
+
+class _EagerKernelLoss(torch.autograd.Function):
+    """What the ops above do, for eager calls on CPU tensors that pass :func:`kernel_ready`: the fused
+    pass when the input needs a gradient and the loss is reduced, else a forward pass and a backward-only
+    pass. torch.compile keeps using the registered ops, which it can trace."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, pos_weight, spec: LossSpec, fuse: bool):
+        loss, grad, _ = _kernel_pass(
+            spec, input, target, weight, pos_weight, reduction=spec.reduction, grad_input=fuse
+        )
+        ctx.save_for_backward(input, target, weight, pos_weight, grad)
+        ctx.spec, ctx.kernel, ctx.fused = spec, True, fuse
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        if ctx.fused:
+            gradients = _fused_backward(ctx, grad_output, None)
+        else:
+            gradients = _backward(ctx.spec, ctx, grad_output)
+        return (*gradients, None, None, None, None)
+
+
+def eager_kernel_loss(
+    spec: LossSpec,
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+) -> Tensor:
+    """The loss through the kernels for an eager call (the caller checked :func:`kernel_ready`)."""
+    if torch.is_grad_enabled() and (input.requires_grad or target.requires_grad):
+        fuse = input.requires_grad and spec.reduction != NONE
+        return _EagerKernelLoss.apply(input, target, weight, pos_weight, spec, fuse)
+    return _kernel_pass(spec, input, target, weight, pos_weight, reduction=spec.reduction)[0]

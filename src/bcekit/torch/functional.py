@@ -7,7 +7,9 @@ Same signatures, same semantics, same errors as torch 2.x eager, with these diff
 * the probability loss works under ``torch.autocast`` on CUDA too, computing in float32.
 
 Argument checks come from :mod:`bcekit._semantics`; the arithmetic runs in the ``bcekit::`` operators
-(:mod:`bcekit.torch._ops`), so ``torch.compile(fullgraph=True)`` traces through these functions.
+(:mod:`bcekit.torch._ops`), so ``torch.compile(fullgraph=True)`` traces through these functions. Eager
+calls on CPU tensors that the C++ kernels serve skip the operator dispatch and call the kernels through
+an ``autograd.Function`` (same passes, less per-call overhead).
 """
 
 from __future__ import annotations
@@ -150,8 +152,12 @@ def binary_cross_entropy(
             _ops.check_probabilities(input, target, ignore)
         spec = LossSpec("bce", enum, smoothing, ignore)
         return _transforms.loss(spec, input, target, weight, None, input.dtype)
-    if _fuse(input, enum) and _ops.kernel_ready(LossSpec("bce", enum), input, target, weight, None):
-        return _ops.binary_cross_entropy_fused(input, target, weight, enum, smoothing, ignore)[0]
+    spec = LossSpec("bce", enum, smoothing, ignore)
+    if _ops.kernel_ready(spec, input, target, weight, None):
+        if not torch.compiler.is_compiling():
+            return _ops.eager_kernel_loss(spec, input, target, weight, None)
+        if _fuse(input, enum):
+            return _ops.binary_cross_entropy_fused(input, target, weight, enum, smoothing, ignore)[0]
     return _ops.binary_cross_entropy(input, target, weight, enum, smoothing, ignore)
 
 
@@ -209,11 +215,15 @@ def binary_cross_entropy_with_logits(
     if _transforms.active(input, target, weight, pos_weight):
         spec = LossSpec("logits", enum, smoothing, ignore)
         return _transforms.loss(spec, input, target, weight, pos_weight, target.dtype)
-    if _fuse(input, enum) and _ops.kernel_ready(LossSpec("logits", enum), input, target, weight, pos_weight):
-        loss, _ = _ops.binary_cross_entropy_with_logits_fused(
-            input, target, weight, pos_weight, enum, smoothing, ignore
-        )
-        return loss
+    spec = LossSpec("logits", enum, smoothing, ignore)
+    if _ops.kernel_ready(spec, input, target, weight, pos_weight):
+        if not torch.compiler.is_compiling():
+            return _ops.eager_kernel_loss(spec, input, target, weight, pos_weight)
+        if _fuse(input, enum):
+            loss, _ = _ops.binary_cross_entropy_with_logits_fused(
+                input, target, weight, pos_weight, enum, smoothing, ignore
+            )
+            return loss
     return _ops.binary_cross_entropy_with_logits(input, target, weight, pos_weight, enum, smoothing, ignore)
 
 
