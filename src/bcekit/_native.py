@@ -101,12 +101,21 @@ def _default_threads() -> int:
 _threads = _default_threads()
 
 
+_TORCH_DTYPES: dict[Any, str] = {}
+
+
 def _torch_dtype(tensor: Any) -> str:
-    return str(tensor.dtype).rpartition(".")[2]
+    dtype = tensor.dtype
+    name = _TORCH_DTYPES.get(dtype)
+    if name is None:
+        name = _TORCH_DTYPES[dtype] = str(dtype).rpartition(".")[2]
+    return name
 
 
 def _form_size(mode: int, inner: int, n: int) -> int:
-    return {0: 0, SCALAR: 1, PER_CLASS: inner, PER_ROW: -(-n // max(inner, 1)), FULL: n}[mode]
+    if mode == SCALAR:
+        return 1
+    return n if mode == FULL else (inner if mode == PER_CLASS else -(-n // max(inner, 1)))
 
 
 def _pointer(tensor: Any, name: str, dtype: str, size: int) -> int:
@@ -208,34 +217,23 @@ def run(
     )
     if hasattr(input, "data_ptr"):  # torch tensors: raw pointers, checked here (DLPack costs ~5 us each)
         n, dtype = input.numel(), _torch_dtype(input)
-        sizes = {"weight": _form_size(w_mode, w_inner, n), "pos_weight": _form_size(p_mode, p_inner, n)}
-        named = {
-            "target": target,
-            "weight": weight,
-            "pos_weight": pos_weight,
-            "grad_output": grad_output,
-            "loss": loss,
-            "grad_input": grad_input,
-            "grad_target": grad_target,
-        }
-        pointers = {name: _pointer(t, name, dtype, sizes.get(name, n)) for name, t in named.items()}
         value, kept, flags = _core.run_raw(
             _KINDS[kind],
             _CODES[dtype],
             n,
             _pointer(input, "input", dtype, n),
-            pointers["target"],
-            pointers["weight"],
+            _pointer(target, "target", dtype, n),
+            _pointer(weight, "weight", dtype, _form_size(w_mode, w_inner, n)),
             w_mode,
             w_inner,
-            pointers["pos_weight"],
+            _pointer(pos_weight, "pos_weight", dtype, _form_size(p_mode, p_inner, n)),
             p_mode,
             p_inner,
-            pointers["grad_output"],
+            _pointer(grad_output, "grad_output", dtype, n),
             float(grad_scale),
-            pointers["loss"],
-            pointers["grad_input"],
-            pointers["grad_target"],
+            _pointer(loss, "loss", dtype, n),
+            _pointer(grad_input, "grad_input", dtype, n),
+            _pointer(grad_target, "grad_target", dtype, n),
             *options,
         )
     else:

@@ -196,24 +196,20 @@ def kernel_ready(spec: LossSpec, *tensors: Optional[Tensor]) -> bool:
     """Whether the C++ kernels serve this call: plain CPU tensors (input, target, weight, pos_weight) of
     one dtype, target shaped like input, weights in an in-place broadcast form (:mod:`bcekit._native`)."""
     input, target, weight, pos_weight = tensors
-    present = [t for t in tensors if t is not None]
-    return (
-        _native.AVAILABLE
-        and all(t.device.type == "cpu" and type(t) in (Tensor, torch.nn.Parameter) for t in present)
-        and input.shape == target.shape
-        and _native.eligible(
-            spec.kind,
-            [_KERNEL_DTYPES.get(t.dtype, "?") for t in present],
-            tuple(input.shape),
-            _shape(weight),
-            _shape(pos_weight),
-        )
-    )
+    if not _native.AVAILABLE or input.shape != target.shape:
+        return False
+    names = []
+    for t in tensors:
+        if t is not None:
+            if t.device.type != "cpu" or type(t) not in (Tensor, torch.nn.Parameter):
+                return False
+            names.append(_KERNEL_DTYPES.get(t.dtype, "?"))
+    return _native.eligible(spec.kind, names, tuple(input.shape), _shape(weight), _shape(pos_weight))
 
 
 def _plain(tensor: Optional[Tensor]) -> Optional[Tensor]:
-    """A contiguous tensor with no autograd history, which DLPack exports without copying."""
-    return None if tensor is None else tensor.detach().contiguous()
+    """A contiguous tensor (the kernels read its data pointer; autograd history does not matter)."""
+    return None if tensor is None else tensor.contiguous()
 
 
 def _concrete(*tensors: Optional[Tensor]) -> bool:
@@ -264,7 +260,7 @@ def _kernel_pass(
         loss=per_element,
         grad_input=gi,
         grad_target=gt,
-        grad_output=None if grad_output is None else grad_output.detach().to(x.dtype).contiguous(),
+        grad_output=None if grad_output is None else grad_output.to(x.dtype).contiguous(),
         grad_scale=grad_scale,
         label_smoothing=spec.label_smoothing,
         ignore_index=spec.ignore_index,
