@@ -1,21 +1,71 @@
 """CPU speed, side by side in one process: bcekit vs torch eager vs torch.compile vs NumPy vs the floor.
 
-    python -m benchmarks.cpu [--min-log2 10] [--max-log2 24] [--repeats 5] [--out benchmarks/results]
+Run from the repository root::
 
-For each loss (logits, probabilities), dtype (float32, bfloat16), pass (forward, forward+backward) and size
-2^k, it times the median of ``--repeats`` runs after a warm-up, prints a Markdown table of milliseconds and
-of ratios to torch eager, and writes ``cpu.png`` (time per element against size). The floor is
-``torch.add(x, y, out=g)``: reading input and target and writing a gradient-sized output, which any
-forward+backward must do at least once. The NumPy column is the textbook composition
-(``max(x, 0) - x y + log1p(exp(-|x|))``, gradient ``sigmoid(x) - y``), float32 only.
+    python -m benchmarks.cpu [--min-log2 10] [--max-log2 26] [--step 1] [--budget 1.0] [--min-repeats 3]
+                             [--max-repeats 200] [--memory-log2 24] [--out benchmarks/results]
+
+What is timed. For each loss (logits, probabilities), dtype (float32, bfloat16), pass (forward,
+forward+backward) and size 2^k (``--min-log2`` to ``--max-log2``), every contender runs once as a warm-up
+(which is also where torch.compile compiles), then again and again until it has run ``--min-repeats`` times
+and ``--budget`` seconds have passed, or ``--max-repeats`` times; the median is reported. Small sizes thus
+get many runs and the biggest ones (~1 s a call) only a few, which keeps a default run (2^10..2^26, all
+17 sizes) near 10-15 minutes on a 2-core machine. Torch uses ``torch.set_num_threads(os.cpu_count())``
+threads, set once at start-up for every contender (bcekit's kernels follow ``torch.get_num_threads()``
+for tensors); NumPy's composition is single-threaded, as NumPy's ufuncs are.
+
+* forward (``fwd``): ``loss = f(x, y)`` under ``torch.no_grad()``.
+* forward+backward (``fwd+bwd``) models a training step, the same for every contender:
+  ``loss = f(leaf, y); loss.backward(); leaf.grad = None`` (as ``optimizer.zero_grad(set_to_none=True)``
+  does), so allocating and freeing the gradient is part of every step's cost.
+* bcekit: ``bcekit.torch.binary_cross_entropy[_with_logits]``; torch eager: the same calls of
+  ``torch.nn.functional``; torch.compile: those calls compiled per (loss, dtype, pass) with
+  ``dynamic=True, fullgraph=True``: a few compilations serve all sizes (Inductor guards size ranges, e.g.
+  ``n <= 4096``). Dynamo's recompile limit is raised to 64 and ``fail_on_recompile_limit_hit`` is set, so
+  a recompile storm raises instead of silently falling back to eager; the number of graphs Dynamo compiled
+  per panel is printed and recorded in the JSON (``compiled_graphs``).
+* NumPy: the textbook composition, float32 only (NumPy has no bfloat16): logits
+  ``max(x, 0) - x y + log1p(exp(-|x|))``, gradient ``(sigmoid(x) - y) / n``; probabilities
+  ``-(y max(log x, -100) + (1 - y) max(log1p(-x), -100))``, gradient ``(x - y) / max(x (1 - x), 1e-12) / n``.
+  Forward computes the mean loss; forward+backward the mean loss and a freshly allocated gradient.
+* floor: the least memory traffic any implementation needs. Forward: ``torch.dot(x, y)``, a reduction that
+  reads input and target once and writes nothing (the same call for float32 and bfloat16: torch's CPU dot
+  handles both). Forward+backward: ``torch.add(x, y, out=g)`` into a preallocated ``g``: reads input and
+  target and writes a gradient-sized output, as any fused forward+backward must (the floor does not
+  allocate its output; the contenders do, see above).
+
+Per-call overhead: the n = 1024 row (2^10) is also printed on its own, in microseconds.
+
+Peak extra memory of a step (``--memory-log2``, default 2^24; 0 skips it). For each (loss, dtype) and each
+contender, a fresh ``python`` subprocess runs two forward+backward steps at 2^16 elements (imports, thread
+pool, compilation for torch.compile: one-time costs that must not count), builds the inputs (and the leaf)
+at the measured size, resets the kernel's high-water mark of its resident set (writing ``5`` to
+``/proc/self/clear_refs``), reads the resident set (``VmRSS``), runs two steps and reads the high-water mark
+(``VmHWM``, ``/proc/self/status``). The difference is the steps' peak memory beyond the inputs and whatever
+was already resident, in MiB and as a multiple of the gradient's size (n times the item size): the ideal is
+1x, the gradient only. The baseline is taken before the first step at that size, so memory a contender
+keeps between steps (a buffer cache, say) counts; it is also shown on its own ("retained": ``VmRSS`` after
+the steps minus before). Where ``clear_refs`` cannot be written, the child reads
+``getrusage(RUSAGE_SELF).ru_maxrss`` instead (an upper bound where the warm-up peaked higher), and says so.
+Only pages actually touched count, as in any RSS measurement; tensors of 2^24 elements are far above
+glibc's mmap threshold, so their pages come and go with each allocation.
+
+Outputs: Markdown tables (milliseconds and the ratios torch eager / bcekit, torch.compile / bcekit and
+bcekit / floor) per (loss, dtype, pass), the machine description, ``cpu.json`` and ``cpu.png`` (time per
+element against size, log-log, one panel per (loss, dtype, pass)) in ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,37 +74,103 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import bcekit._native
 import bcekit.torch as bce
 
 Runner = Callable[[], object]
 
-
-def _median_ms(run: Runner, repeats: int) -> float:
-    run()  # warm-up (and compilation for torch.compile)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+CONTENDERS = ("bcekit", "torch eager", "torch.compile", "numpy", "floor")
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red")
+LOSSES = ("logits", "probabilities")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PASSES = ("fwd", "fwd+bwd")
 
 
-def _torch_runner(function: Callable, x: torch.Tensor, y: torch.Tensor, backward: bool) -> Runner:
-    if not backward:
+def _set_threads() -> int:
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _configure_dynamo() -> None:
+    """Raise the recompile limit and make hitting it an error: torch.compile must never fall back silently."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the older name is an alias in recent releases
+        if hasattr(config, name):
+            setattr(config, name, 64)
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(config, name):
+            setattr(config, name, True)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count()
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable cpus": usable,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "bcekit ISA": bcekit._native.ISA,
+        "torch threads": torch.get_num_threads(),
+        "load average (1, 5, 15 min)": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+    }
+
+
+def _inputs(loss: str, dtype: torch.dtype, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=generator)
+    if loss == "probabilities":
+        x = torch.sigmoid(x)
+    return x.to(dtype), torch.rand(n, generator=generator).to(dtype)
+
+
+def _functions(loss: str) -> tuple[Callable, Callable]:
+    if loss == "logits":
+        return bce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits
+    return bce.binary_cross_entropy, F.binary_cross_entropy
+
+
+def _compiled(torch_fn: Callable) -> Callable:
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch_fn(x, y)
+
+    return torch.compile(loss_fn, dynamic=True, fullgraph=True)
+
+
+def _torch_runner(function: Callable, x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor | None) -> Runner:
+    if leaf is None:
 
         def forward() -> object:
             with torch.no_grad():
                 return function(x, y)
 
         return forward
-    leaf = x.detach().clone().requires_grad_()
 
-    def forward_backward() -> object:
+    def step() -> object:
         loss = function(leaf, y)
-        (grad,) = torch.autograd.grad(loss, leaf)
-        return grad
+        loss.backward()
+        leaf.grad = None  # optimizer.zero_grad(set_to_none=True)
+        return loss
 
-    return forward_backward
+    return step
 
 
 def _numpy_runner(x: np.ndarray, y: np.ndarray, backward: bool, logits: bool) -> Runner:
@@ -70,107 +186,319 @@ def _numpy_runner(x: np.ndarray, y: np.ndarray, backward: bool, logits: bool) ->
     return run
 
 
-def _floor_runner(x: torch.Tensor, y: torch.Tensor) -> Runner:
+def _floor_runner(x: torch.Tensor, y: torch.Tensor, backward: bool) -> Runner:
+    if not backward:
+        return lambda: torch.dot(x, y)
     out = torch.empty_like(x)
     return lambda: torch.add(x, y, out=out)
 
 
-def measure(min_log2: int, max_log2: int, repeats: int) -> list[dict]:
-    rows = []
-    generator = torch.Generator().manual_seed(0)
-    for logits in (True, False):
-        ours_fn = bce.binary_cross_entropy_with_logits if logits else bce.binary_cross_entropy
-        torch_fn = F.binary_cross_entropy_with_logits if logits else F.binary_cross_entropy
-        for dtype in (torch.float32, torch.bfloat16):
-            for backward in (False, True):
-                for log2 in range(min_log2, max_log2 + 1, 2):
-                    n = 1 << log2
-                    x = torch.randn(n, generator=generator)
-                    if not logits:
-                        x = torch.sigmoid(x)
-                    x, y = x.to(dtype), torch.rand(n, generator=generator).to(dtype)
-                    torch._dynamo.reset()  # a fresh compilation per row: no recompile limit, no fallback
-                    compiled_fn = torch.compile(torch_fn, dynamic=False)
-                    row = {
-                        "loss": "logits" if logits else "probabilities",
-                        "dtype": str(dtype).removeprefix("torch."),
-                        "pass": "fwd+bwd" if backward else "fwd",
-                        "n": n,
-                        "bcekit": _median_ms(_torch_runner(ours_fn, x, y, backward), repeats),
-                        "torch eager": _median_ms(_torch_runner(torch_fn, x, y, backward), repeats),
-                        "torch.compile": _median_ms(_torch_runner(compiled_fn, x, y, backward), repeats),
-                        "floor": _median_ms(_floor_runner(x, y), repeats),
-                    }
-                    if dtype == torch.float32:
-                        row["numpy"] = _median_ms(
-                            _numpy_runner(x.numpy(), y.numpy(), backward, logits), repeats
-                        )
-                    rows.append(row)
-                    print(_format_row(row), flush=True)
-    return rows
+def _runners(
+    loss: str, dtype: torch.dtype, backward: bool, x: torch.Tensor, y: torch.Tensor, compiled: Callable
+) -> dict[str, Runner]:
+    ours_fn, torch_fn = _functions(loss)
+    leaf = x.detach().clone().requires_grad_() if backward else None
+    runners = {
+        "bcekit": _torch_runner(ours_fn, x, y, leaf),
+        "torch eager": _torch_runner(torch_fn, x, y, leaf),
+        "torch.compile": _torch_runner(compiled, x, y, leaf),
+    }
+    if dtype == torch.float32:
+        runners["numpy"] = _numpy_runner(x.numpy(), y.numpy(), backward, loss == "logits")
+    runners["floor"] = _floor_runner(x, y, backward)
+    return runners
 
 
-COLUMNS = ("bcekit", "torch eager", "torch.compile", "numpy", "floor")
-COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red")
+def _time(run: Runner, budget: float, min_repeats: int, max_repeats: int) -> tuple[float, int, float]:
+    """(median ms, runs, warm-up seconds): runs until min_repeats runs and budget seconds, or max_repeats."""
+    start = time.perf_counter()
+    run()  # warm-up (and compilation for torch.compile)
+    warm_up = time.perf_counter() - start
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < budget):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, len(times), warm_up
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b is not None else "-"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}" if value < 100 else f"{value:.1f}"
+
+
+TABLE_HEAD = (
+    f"| n | {' | '.join(CONTENDERS)} | eager / bcekit | compile / bcekit | bcekit / floor |\n"
+    + "|---:" * (len(CONTENDERS) + 4)
+    + "|"
+)
 
 
 def _format_row(row: dict) -> str:
-    times = " | ".join(f"{row[c]:.3f}" if c in row else "-" for c in COLUMNS)
-    ratio = row["bcekit"] / row["torch eager"]
-    size = f"2^{row['n'].bit_length() - 1}"
-    return f"| {row['loss']} | {row['dtype']} | {row['pass']} | {size} | {times} | {ratio:.2f} |"
+    times = " | ".join(_ms(row.get(c)) for c in CONTENDERS)
+    ratios = " | ".join(
+        (
+            _ratio(row.get("torch eager"), row["bcekit"]),
+            _ratio(row.get("torch.compile"), row["bcekit"]),
+            _ratio(row["bcekit"], row.get("floor")),
+        )
+    )
+    return f"| 2^{row['n'].bit_length() - 1} | {times} | {ratios} |"
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def measure(log2s: list[int], budget: float, min_repeats: int, max_repeats: int) -> tuple[list, list]:
+    rows, panels = [], []
+    for loss in LOSSES:
+        _, torch_fn = _functions(loss)
+        for dtype_name, dtype in DTYPES.items():
+            for pass_ in PASSES:
+                backward = pass_ == "fwd+bwd"
+                torch._dynamo.reset()  # one fresh compilation per panel, shared by all its sizes
+                graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                compiled = _compiled(torch_fn)
+                print(f"\n### {loss}, {dtype_name}, {pass_} (ms, median)\n\n{TABLE_HEAD}", flush=True)
+                panel_start, compile_warm_up = time.perf_counter(), None
+                for log2 in log2s:
+                    x, y = _inputs(loss, dtype, 1 << log2)
+                    row = {"loss": loss, "dtype": dtype_name, "pass": pass_, "n": 1 << log2, "runs": {}}
+                    for name, run in _runners(loss, dtype, backward, x, y, compiled).items():
+                        row[name], row["runs"][name], warm_up = _time(run, budget, min_repeats, max_repeats)
+                        if name == "torch.compile" and compile_warm_up is None:
+                            compile_warm_up = warm_up
+                    rows.append(row)
+                    print(_format_row(row), flush=True)
+                    del x, y
+                    gc.collect()
+                panel = {
+                    "loss": loss,
+                    "dtype": dtype_name,
+                    "pass": pass_,
+                    "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before,
+                    "compile_first_call_s": round(compile_warm_up or 0.0, 2),
+                    "wall_s": round(time.perf_counter() - panel_start, 1),
+                }
+                panels.append(panel)
+                print(
+                    f"\ntorch.compile: {panel['compiled_graphs']} graph(s) compiled, first call "
+                    f"{panel['compile_first_call_s']} s; panel wall time {panel['wall_s']} s",
+                    flush=True,
+                )
+    return rows, panels
+
+
+def _overhead_table(rows: list[dict]) -> str:
+    selected = [r for r in rows if r["n"] == 1024]
+    if not selected:
+        return ""
+    lines = [
+        "### n = 1024: per-call overhead (µs, median)\n",
+        f"| loss | dtype | pass | {' | '.join(CONTENDERS)} |",
+        "|---" * 3 + "|---:" * len(CONTENDERS) + "|",
+    ]
+    for r in selected:
+        cells = " | ".join("-" if c not in r else f"{r[c] * 1e3:.1f}" for c in CONTENDERS)
+        lines.append(f"| {r['loss']} | {r['dtype']} | {r['pass']} | {cells} |")
+    return "\n".join(lines)
+
+
+# --- peak extra memory of a forward+backward step, one fresh subprocess per contender ---------------------
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _memory_child(loss: str, dtype_name: str, contender: str, log2: int) -> None:
+    """Runs in a fresh interpreter; prints one JSON line with the steps' peak extra resident memory."""
+    _set_threads()
+    _configure_dynamo()
+    dtype, n = DTYPES[dtype_name], 1 << log2
+    _, torch_fn = _functions(loss)
+    compiled = _compiled(torch_fn) if contender == "torch.compile" else None
+    x, y = _inputs(loss, dtype, 1 << 16)  # warm-up at a small size: imports, thread pool, compilation
+    step = _runners(loss, dtype, True, x, y, compiled)[contender]
+    for _ in range(2):
+        step()
+    del x, y, step
+    x, y = _inputs(loss, dtype, n)
+    step = _runners(loss, dtype, True, x, y, compiled)[contender]
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
+        method = "VmHWM after clear_refs"
+    except OSError:
+        method = "ru_maxrss (an upper bound: includes the warm-up's peak if higher)"
+    rss_before = _proc_status_kib("VmRSS")
+    for _ in range(2):
+        step()
+    if method.startswith("VmHWM"):
+        peak_kib = _proc_status_kib("VmHWM")
+    else:
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    retained_kib = _proc_status_kib("VmRSS") - rss_before
+    result = {"peak_extra_kib": peak_kib - rss_before, "retained_kib": retained_kib, "method": method}
+    print(json.dumps(result))
+
+
+def measure_memory(log2: int) -> list[dict]:
+    results = []
+    for loss in LOSSES:
+        for dtype_name, dtype in DTYPES.items():
+            gradient_bytes = (1 << log2) * torch.empty((), dtype=dtype).element_size()
+            for contender in CONTENDERS:
+                if contender == "numpy" and dtype != torch.float32:
+                    continue
+                code = (
+                    "from benchmarks.cpu import _memory_child; "
+                    f"_memory_child({loss!r}, {dtype_name!r}, {contender!r}, {log2})"
+                )
+                done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                if done.returncode != 0:
+                    failed = f"{loss}, {dtype_name}, {contender}"
+                    raise RuntimeError(f"memory child {failed} failed:\n{done.stderr}")
+                child = json.loads(done.stdout.strip().splitlines()[-1])
+                extra, retained = child["peak_extra_kib"] * 1024, child["retained_kib"] * 1024
+                result = {
+                    "loss": loss,
+                    "dtype": dtype_name,
+                    "contender": contender,
+                    "n": 1 << log2,
+                    "peak_extra_mib": extra / 2**20,
+                    "gradient_mib": gradient_bytes / 2**20,
+                    "multiple_of_gradient": extra / gradient_bytes,
+                    "retained_mib": retained / 2**20,
+                    "method": child["method"],
+                }
+                results.append(result)
+                print(
+                    f"| {loss} | {dtype_name} | {contender} | {result['peak_extra_mib']:.1f} | "
+                    f"{result['multiple_of_gradient']:.2f} | {result['retained_mib']:.1f} |",
+                    flush=True,
+                )
+    return results
+
+
+# --- plot ------------------------------------------------------------------------------------------------
+
+
+def _plot(rows: list[dict], path: Path, subtitle: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["loss"], r["dtype"], r["pass"]) for r in rows})
-    figure, axes = plt.subplots(2, len(panels) // 2, figsize=(4 * len(panels) // 2, 7), squeeze=False)
-    for axis, (loss, dtype, pass_) in zip(axes.flat, panels, strict=True):
+    panels = [(loss, dtype, pass_) for loss in LOSSES for dtype in DTYPES for pass_ in PASSES]
+    panels = [p for p in panels if any((r["loss"], r["dtype"], r["pass"]) == p for r in rows)]
+    columns = max(1, (len(panels) + 1) // 2)
+    figure, axes = plt.subplots(2, columns, figsize=(4.2 * columns, 7.5), squeeze=False)
+    for axis, (loss, dtype, pass_) in zip(axes.flat, panels, strict=False):
         selected = [r for r in rows if (r["loss"], r["dtype"], r["pass"]) == (loss, dtype, pass_)]
         sizes = [r["n"] for r in selected]
-        for column, color in zip(COLUMNS, COLORS, strict=True):
+        for column, color in zip(CONTENDERS, COLORS, strict=True):
             if column in selected[0]:
                 per_element = [r[column] * 1e6 / r["n"] for r in selected]
-                axis.plot(sizes, per_element, marker="o", color=color, label=column)
+                axis.plot(sizes, per_element, marker="o", markersize=3, color=color, label=column)
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_title(f"{loss}, {dtype}, {pass_}", fontsize=9)
         axis.set_xlabel("elements")
         axis.set_ylabel("ns per element")
-    handles = [plt.Line2D([], [], color=c, marker="o", label=n) for n, c in zip(COLUMNS, COLORS, strict=True)]
-    figure.legend(handles=handles, loc="upper right", fontsize=8, ncols=len(COLUMNS))
-    figure.suptitle(f"bcekit CPU benchmark ({platform.machine()}, {torch.get_num_threads()} threads)")
-    figure.tight_layout()
+        axis.grid(True, which="both", alpha=0.3)
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
+    handles = [
+        plt.Line2D([], [], color=c, marker="o", label=n) for n, c in zip(CONTENDERS, COLORS, strict=True)
+    ]
+    figure.legend(handles=handles, loc="upper right", fontsize=8, ncols=len(CONTENDERS))
+    figure.suptitle(f"bcekit CPU benchmark: time per element vs size\n{subtitle}", fontsize=10)
+    figure.tight_layout(rect=(0, 0, 1, 0.95))
     figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _subtitle(info: dict) -> str:
+    return f"{info['cpu model']} ({info['machine']}), {info['torch threads']} threads, torch {info['torch']}"
 
 
 def replot(path: Path) -> None:
     """Redraw ``cpu.png`` beside a saved ``cpu.json`` without measuring again."""
-    _plot(json.loads(path.read_text()), path.with_suffix(".png"))
+    data = json.loads(path.read_text())
+    if isinstance(data, list):  # the older format: rows only
+        _plot(data, path.with_suffix(".png"))
+    else:
+        _plot(data["rows"], path.with_suffix(".png"), _subtitle(data["machine"]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--min-log2", type=int, default=10)
-    parser.add_argument("--max-log2", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-log2", type=int, default=26)
+    parser.add_argument("--step", type=int, default=1, help="step between exponents (default 1)")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per cell, at least")
+    parser.add_argument("--min-repeats", type=int, default=3)
+    parser.add_argument("--max-repeats", type=int, default=200)
+    parser.add_argument(
+        "--memory-log2", type=int, default=24, help="size 2^k of the peak-memory measurement; 0 skips it"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     arguments = parser.parse_args()
+
+    started = time.perf_counter()
+    threads = _set_threads()
+    _configure_dynamo()
+    info = machine()
+    print("## Machine\n")
+    for key, value in info.items():
+        print(f"- {key}: {value}")
     print(
-        f"torch {torch.__version__}, numpy {np.__version__}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads; milliseconds, median of {arguments.repeats}\n"
+        f"\ntorch.set_num_threads(os.cpu_count()) = {threads} for every contender (NumPy: single-threaded). "
+        f"Milliseconds, median of runs after a warm-up: at least {arguments.min_repeats} runs and "
+        f"{arguments.budget} s per cell, at most {arguments.max_repeats} runs.",
+        flush=True,
     )
-    print(f"| loss | dtype | pass | n | {' | '.join(COLUMNS)} | bcekit / eager |")
-    print("|---" * (5 + len(COLUMNS)) + "|")
-    rows = measure(arguments.min_log2, arguments.max_log2, arguments.repeats)
+    log2s = list(range(arguments.min_log2, arguments.max_log2 + 1, arguments.step))
+    rows, panels = measure(log2s, arguments.budget, arguments.min_repeats, arguments.max_repeats)
+    overhead = _overhead_table(rows)
+    if overhead:
+        print(f"\n{overhead}")
+
+    memory = []
+    if arguments.memory_log2 > 0:
+        print(
+            f"\n### Peak extra memory of one forward+backward step, n = 2^{arguments.memory_log2} "
+            "(fresh subprocess per contender)\n\n"
+            "| loss | dtype | contender | peak extra MiB | × gradient | retained MiB |\n"
+            "|---|---|---|---:|---:|---:|",
+            flush=True,
+        )
+        memory = measure_memory(arguments.memory_log2)
+        methods = sorted({m["method"] for m in memory})
+        print(f"\nmethod: {', '.join(methods)}; gradient = n × item size")
+
+    wall = time.perf_counter() - started
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    info["load average at the end"] = load
+    print(f"\nload average at the end (1, 5, 15 min): {load}; other processes' load skews the timings")
     arguments.out.mkdir(parents=True, exist_ok=True)
-    (arguments.out / "cpu.json").write_text(json.dumps(rows, indent=1))
-    _plot(rows, arguments.out / "cpu.png")
-    print(f"\nplot: {arguments.out / 'cpu.png'}")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(arguments).items()}
+    result = {
+        "machine": info,
+        "settings": settings,
+        "wall_s": round(wall, 1),
+        "panels": panels,
+        "rows": rows,
+        "memory": memory,
+    }
+    (arguments.out / "cpu.json").write_text(json.dumps(result, indent=1))
+    _plot(rows, arguments.out / "cpu.png", _subtitle(info))
+    print(f"\nwrote {arguments.out / 'cpu.json'} and {arguments.out / 'cpu.png'}; wall time {wall:.0f} s")
 
 
 if __name__ == "__main__":

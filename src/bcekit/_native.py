@@ -146,8 +146,10 @@ def broadcast_form(weight_shape: Sequence[int], input_shape: Sequence[int]) -> t
     """How a weight of ``weight_shape``, broadcast to ``input_shape``, can be read in place by the kernels:
     ``(form, inner)`` with form SCALAR, PER_CLASS (``inner`` = the last dimension's size: ``(C,)``),
     PER_ROW (one value per run of ``inner`` consecutive elements: ``(N, 1)``, ``(N, 1, 1)``, ...) or FULL;
-    None when it is none of these (or would enlarge the input's shape)."""
+    None when it is none of these, would enlarge the input's shape, or the input is empty."""
     weight_shape, input_shape = tuple(weight_shape), tuple(input_shape)
+    if math.prod(input_shape) == 0:
+        return None  # an empty input reads no weight; the composed path handles its shapes
     if len(weight_shape) > len(input_shape):
         if any(d != 1 for d in weight_shape[: len(weight_shape) - len(input_shape)]):
             return None

@@ -112,7 +112,8 @@ inline vd log1p_reduced(vd f) {
     return (s + s) * poly;
 }
 
-// log1p(e) for e in [0, 1] (or NaN): 1 + e = 2 (1 + (e - 1) / 2) above sqrt(2) - 1.
+// log1p(e) for e in [0, 1] (or NaN): 1 + e = 2 (1 + (e - 1) / 2) above sqrt(2) - 1. (exp_neg never gives
+// a subnormal e; for one, the result is off by up to one subnormal step.)
 inline vd log1p_unit(vd e) {
     vl big = e > 0.41421356237309503;
     vd f = select(big, (e - 1.0) * 0.5, e);
@@ -132,7 +133,7 @@ inline void decompose(vd u, vd& kd, vd& f) {
     f = m - 1.0;
 }
 
-// log(u) for u in (0, 1]; u = 0 gives -inf.
+// log(u) for normal u in (0, 1] (all the kernel passes: float data are normal doubles); u = 0 gives -inf.
 inline vd log_unit(vd u) {
     vd kd, f;
     decompose(u, kd, f);

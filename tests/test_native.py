@@ -1,0 +1,397 @@
+"""bcekit._native, the bridge to the C++ kernels: broadcast forms, eligibility, threads, ``run``.
+
+The expected broadcast forms are derived from NumPy's broadcasting, not written down: for a weight of shape
+``W`` read against an input of shape ``S``, ``np.broadcast_to(np.arange(prod(W)).reshape(W), S)`` says which
+weight element every input element reads, and the form's rule (``0``, ``i % inner``, ``i // inner`` or ``i``)
+must reproduce that map exactly, with the number of weight elements the kernel expects for the form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bcekit
+import bcekit.numpy as bnp
+import bcekit.torch as bce
+from bcekit import _native
+
+FORMS = {
+    _native.SCALAR: "SCALAR",
+    _native.PER_CLASS: "PER_CLASS",
+    _native.PER_ROW: "PER_ROW",
+    _native.FULL: "FULL",
+}
+
+
+def _index_map(weight_shape: tuple[int, ...], input_shape: tuple[int, ...]) -> np.ndarray | None:
+    """Which weight element each input element reads (in C order), by NumPy's broadcasting; None when the
+    weight does not broadcast to ``input_shape`` without enlarging it. Unit dimensions in front of the
+    input's rank add no elements, so they are dropped first (``(1, 1, C)`` reads like ``(C,)``)."""
+    extra = len(weight_shape) - len(input_shape)
+    if extra > 0:
+        if any(d != 1 for d in weight_shape[:extra]):
+            return None
+        weight_shape = weight_shape[extra:]
+    try:
+        if np.broadcast_shapes(weight_shape, input_shape) != tuple(input_shape):
+            return None
+    except ValueError:
+        return None
+    indices = np.arange(math.prod(weight_shape)).reshape(weight_shape)
+    return np.broadcast_to(indices, input_shape).ravel()
+
+
+def _rule(form: int, inner: int, n: int) -> np.ndarray:
+    """The kernel's reading rule of a form (kernel_api.h): the weight index of element i."""
+    i = np.arange(n)
+    return {
+        _native.SCALAR: np.zeros(n, dtype=i.dtype),
+        _native.PER_CLASS: i % inner,
+        _native.PER_ROW: i // inner,
+        _native.FULL: i,
+    }[form]
+
+
+def _kernel_weight_size(form: int, inner: int, n: int) -> int:
+    """How many weight elements the kernel requires for a form (core.cpp's weight_size)."""
+    if form == _native.SCALAR:
+        return 1
+    if form == _native.PER_CLASS:
+        return inner
+    if form == _native.PER_ROW:
+        return -(-n // inner) if inner > 0 else 0
+    return n
+
+
+def _some_rule_matches(index_map: np.ndarray, input_shape: tuple[int, ...]) -> bool:
+    """Whether any of the four forms could read this map in place (so None would be a missed form)."""
+    n = index_map.size
+    if n == 0:
+        return True
+    candidates = [(_native.SCALAR, 1), (_native.FULL, 1)]
+    if input_shape:
+        candidates.append((_native.PER_CLASS, input_shape[-1]))
+    run = int(np.argmax(index_map != 0)) if np.any(index_map != 0) else n  # length of the first run
+    candidates.append((_native.PER_ROW, max(run, 1)))
+    return any(np.array_equal(_rule(form, inner, n), index_map) for form, inner in candidates)
+
+
+def _check_form(weight_shape: tuple[int, ...], input_shape: tuple[int, ...]) -> tuple[int, int] | None:
+    result = _native.broadcast_form(weight_shape, input_shape)
+    index_map = _index_map(weight_shape, input_shape)
+    if index_map is None:
+        assert result is None, f"{weight_shape} does not broadcast to {input_shape}, got {result}"
+        return None
+    if result is None:
+        assert not _some_rule_matches(index_map, input_shape), (
+            f"{weight_shape} against {input_shape} is readable in place, but broadcast_form gave None"
+        )
+        return None
+    form, inner = result
+    n = index_map.size
+    assert form in FORMS
+    np.testing.assert_array_equal(_rule(form, inner, n), index_map, err_msg=f"{FORMS[form]}, inner={inner}")
+    if n:
+        assert _kernel_weight_size(form, inner, n) == math.prod(weight_shape)
+    return result
+
+
+# (weight shape, input shape, the form expected by name or None); inner and the index map come from NumPy
+NAMED_CASES = [
+    ((), (5, 3), "SCALAR"),
+    ((1,), (5, 3), "SCALAR"),
+    ((1, 1), (5, 3), "SCALAR"),
+    ((1, 1, 1), (2, 5, 3), "SCALAR"),
+    ((), (), "SCALAR"),
+    ((1,), (1,), "SCALAR"),
+    ((1, 1), (1, 1), "SCALAR"),
+    ((), (7,), "SCALAR"),
+    ((5, 3), (5, 3), "FULL"),
+    ((7,), (7,), "FULL"),
+    ((2, 4, 3), (2, 4, 3), "FULL"),
+    ((3,), (5, 3), "PER_CLASS"),
+    ((1, 3), (5, 3), "PER_CLASS"),
+    ((3,), (2, 4, 3), "PER_CLASS"),
+    ((1, 3), (2, 4, 3), "PER_CLASS"),
+    ((1, 1, 3), (2, 4, 3), "PER_CLASS"),
+    ((1, 1, 3), (5, 3), "PER_CLASS"),  # a leading unit dimension beyond the input's rank adds nothing
+    ((5, 1), (5, 3), "PER_ROW"),
+    ((2, 1, 1), (2, 4, 3), "PER_ROW"),
+    ((2, 4, 1), (2, 4, 3), "PER_ROW"),
+    ((4, 1), (2, 4, 3), None),  # (1, 4, 1): a middle dimension only
+    ((3, 1), (5, 3, 4), None),  # (C, 1) against (N, C, D)
+    ((2, 1, 3), (2, 4, 3), None),
+    ((1, 4, 1), (2, 4, 3), None),
+    ((4, 3), (2, 4, 3), None),  # the trailing block repeated: not one of the four forms
+    ((2, 3), (3,), None),  # would enlarge the input
+    ((5, 3), (1, 3), None),  # would enlarge the input
+    ((4,), (5, 3), None),  # not broadcastable
+    ((5,), (5, 3), None),  # not broadcastable (NumPy aligns trailing dimensions)
+    ((2, 2, 3), (2, 4, 3), None),
+]
+
+
+@pytest.mark.parametrize(("weight_shape", "input_shape", "expected"), NAMED_CASES)
+def test_broadcast_form_named_cases(weight_shape, input_shape, expected) -> None:
+    result = _check_form(weight_shape, input_shape)
+    assert (None if result is None else FORMS[result[0]]) == expected
+
+
+@pytest.mark.parametrize(
+    ("weight_shape", "input_shape"),
+    [((5, 1), (5, 3)), ((2, 1, 1), (2, 4, 3)), ((2, 4, 1), (2, 4, 3)), ((6, 1, 1, 1), (6, 2, 3, 5))],
+)
+def test_per_row_inner_is_the_trailing_block(weight_shape, input_shape) -> None:
+    form, inner = _native.broadcast_form(weight_shape, input_shape)
+    split = max(i for i, d in enumerate(weight_shape) if d != 1) + 1
+    assert form == _native.PER_ROW and inner == math.prod(input_shape[split:])
+
+
+@st.composite
+def _shape_pairs(draw: st.DrawFn) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    input_shape = tuple(draw(st.lists(st.integers(1, 4), min_size=0, max_size=4)))
+    if draw(st.integers(0, 4)) == 0:  # anything at all: mostly not broadcastable
+        weight_shape = tuple(draw(st.lists(st.integers(1, 4), min_size=0, max_size=5)))
+    else:  # a random mix of kept and unit dimensions, possibly fewer (or more, leading unit) dimensions
+        mixed = tuple(draw(st.sampled_from([d, 1])) for d in input_shape)
+        weight_shape = mixed[draw(st.integers(0, len(mixed))) :]
+        weight_shape = (1,) * draw(st.integers(0, 1)) + weight_shape
+    return weight_shape, input_shape
+
+
+@settings(max_examples=400, deadline=None)
+@given(_shape_pairs())
+def test_broadcast_form_agrees_with_numpy_broadcasting(pair) -> None:
+    _check_form(*pair)
+
+
+def test_weights_of_an_empty_input_take_the_composed_path() -> None:
+    """An empty input reads no weight, so it has no broadcast form: a weight ``(N, 1)`` against ``(N, 0)``
+    once became PER_ROW with inner 0 and the kernel refused its N elements; torch returns an empty loss."""
+    assert _native.broadcast_form((3, 1), (3, 0)) is None
+    x = np.zeros((3, 0), dtype=np.float32)
+    weight = np.ones((3, 1), dtype=np.float32)
+    assert float(bnp.binary_cross_entropy_with_logits(x, x, weight, reduction="sum")) == 0.0
+    t = torch.zeros(3, 0)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(t, t, torch.ones(3, 1), reduction="sum")
+    assert float(bce.binary_cross_entropy_with_logits(t, t, torch.ones(3, 1), reduction="sum")) == expected
+
+
+def test_empty_inputs_with_weights_run() -> None:
+    for input_shape, weight_shape in [((0, 3), (3,)), ((0, 3), (0, 1)), ((0, 3), ()), ((2, 0), (2, 0))]:
+        x = np.zeros(input_shape, dtype=np.float32)
+        weight = np.ones(weight_shape, dtype=np.float32)
+        assert not _native.eligible("logits", ["float32"] * 3, input_shape, weight_shape)
+        loss = bnp.binary_cross_entropy_with_logits(x, x, weight, reduction="none")
+        assert loss.shape == input_shape
+        assert float(bnp.binary_cross_entropy_with_logits(x, x, weight, reduction="sum")) == 0.0
+        assert math.isnan(float(bnp.binary_cross_entropy_with_logits(x, x, weight)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# eligible
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_eligible_takes_the_kernel_losses_only() -> None:
+    assert _native.eligible("logits", ["float32", "float32"], (4, 3))
+    assert _native.eligible("bce", ["float32", "float32"], (4, 3))
+    assert not _native.eligible("focal", ["float32", "float32"], (4, 3))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_eligible_dtypes(dtype: str) -> None:
+    expected = dtype != "float64" or bool(_native._core.EXTENDED_FLOAT64)
+    assert _native.eligible("logits", [dtype] * 4, (4, 3), (3,), (4, 1)) == expected
+
+
+def test_eligible_rejects_mixed_and_unsupported_dtypes() -> None:
+    assert not _native.eligible("logits", ["float32", "float64"], (4, 3))
+    assert not _native.eligible("logits", ["float32", "float32", "float64"], (4, 3), (3,))
+    assert not _native.eligible("bce", ["int64", "int64"], (4, 3))
+    assert not _native.eligible("bce", ["complex64", "complex64"], (4, 3))
+
+
+def test_eligible_needs_every_weight_in_a_form() -> None:
+    assert _native.eligible("logits", ["float32"] * 3, (4, 3, 2), None, (4, 1, 1))
+    assert _native.eligible("logits", ["float32"] * 4, (4, 3, 2), (2,), (4, 3, 1))
+    assert not _native.eligible("logits", ["float32"] * 4, (4, 3, 2), (3, 1), (2,))
+    assert not _native.eligible("logits", ["float32"] * 4, (4, 3, 2), (2,), (3, 1))
+
+
+# --------------------------------------------------------------------------------------------------------
+# threads
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_threads():
+    before = bcekit.get_num_threads()
+    yield
+    bcekit.set_num_threads(before)
+
+
+def test_set_num_threads_round_trips(restore_threads) -> None:
+    assert bcekit.set_num_threads is _native.set_num_threads
+    assert bcekit.get_num_threads is _native.get_num_threads
+    bcekit.set_num_threads(3)
+    assert bcekit.get_num_threads() == 3
+    bcekit.set_num_threads(1)
+    assert _native.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_set_num_threads_rejects_non_positive(restore_threads, bad: int) -> None:
+    before = bcekit.get_num_threads()
+    with pytest.raises(ValueError, match="positive number of threads"):
+        bcekit.set_num_threads(bad)
+    assert bcekit.get_num_threads() == before
+
+
+def test_default_threads_follow_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("BCEKIT_NUM_THREADS", "5")
+    assert _native._default_threads() == 5
+    monkeypatch.setenv("BCEKIT_NUM_THREADS", "0")
+    assert _native._default_threads() == 1
+    monkeypatch.delenv("BCEKIT_NUM_THREADS")
+    assert _native._default_threads() >= 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# run
+# --------------------------------------------------------------------------------------------------------
+
+_RNG = np.random.default_rng(7)
+
+
+def _logits_data(shape, dtype=np.float32):
+    return _RNG.normal(0, 3, shape).astype(dtype), _RNG.random(shape).astype(dtype)
+
+
+def test_run_returns_the_reduced_value_and_the_kept_count() -> None:
+    x, y = _logits_data((6, 5))
+    loss = np.empty_like(x)
+    value, kept = _native.run("logits", x, y, input_shape=x.shape, reduction=0, loss=loss)
+    assert (value, kept) == (0.0, 30)
+    total, kept = _native.run("logits", x, y, input_shape=x.shape, reduction=2)
+    assert kept == 30
+    np.testing.assert_allclose(total, loss.astype(np.float64).sum(), rtol=1e-6)
+    mean, _ = _native.run("logits", x, y, input_shape=x.shape, reduction=1)
+    np.testing.assert_allclose(mean, total / 30, rtol=1e-15)
+    y[:, 0] = -1.0
+    mean, kept = _native.run("logits", x, y, input_shape=x.shape, reduction=1, ignore_index=-1.0)
+    assert kept == 24
+    np.testing.assert_allclose(mean, loss[:, 1:].astype(np.float64).sum() / 24, rtol=1e-6)
+
+
+def test_run_scales_gradients_by_grad_scale_and_grad_output() -> None:
+    x, y = _logits_data((3, 17), np.float64)
+    weight = _RNG.uniform(0.5, 2, (17,))
+    plain, scaled, per_element = (np.empty_like(x) for _ in range(3))
+    grad_output = _RNG.normal(size=x.shape)
+    common = {"input_shape": x.shape, "reduction": 0, "weight": weight, "weight_shape": weight.shape}
+    _native.run("logits", x, y, grad_input=plain, **common)
+    _native.run("logits", x, y, grad_input=scaled, grad_scale=0.25, **common)
+    _native.run("logits", x, y, grad_input=per_element, grad_output=grad_output, grad_scale=2.0, **common)
+    np.testing.assert_array_equal(scaled, plain * 0.25)
+    np.testing.assert_allclose(per_element, plain * grad_output * 2.0, rtol=1e-15)
+
+
+def test_run_gives_the_target_gradient() -> None:
+    x, y = _logits_data((4, 9), np.float64)
+    grad_target = np.empty_like(x)
+    _native.run("logits", x, y, input_shape=x.shape, grad_target=grad_target)
+    np.testing.assert_array_equal(grad_target, -x)  # d/dy of (1 - y) x + sp(-x) without pos_weight
+
+
+def test_run_rejects_mismatched_operands() -> None:
+    x, y = _logits_data((4, 3))
+    with pytest.raises(ValueError, match="another dtype"):
+        _native.run("logits", x, y.astype(np.float64), input_shape=x.shape)
+    with pytest.raises(ValueError, match="'weight' has 4 elements, expected 3"):  # declared (3,), holds 4
+        _native.run("logits", x, y, np.ones(4, np.float32), (3,), input_shape=x.shape)
+    with pytest.raises(ValueError, match="'loss' has"):
+        _native.run("logits", x, y, input_shape=x.shape, loss=np.empty(5, np.float32))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_run_threads_argument_gives_the_same_bits(threads: int) -> None:
+    x, y = _logits_data((40000, 3))
+    reference, _ = _native.run("logits", x, y, input_shape=x.shape, reduction=2, threads=1)
+    value, _ = _native.run("logits", x, y, input_shape=x.shape, reduction=2, threads=threads)
+    assert value == reference
+
+
+def test_run_raises_torchs_range_errors() -> None:
+    x = np.full(10, 0.5, dtype=np.float32)
+    y = x.copy()
+    bad = x.copy()
+    bad[-1] = 1.5
+    with pytest.raises(RuntimeError, match="all elements of input should be between 0 and 1"):
+        _native.run("bce", bad, y, input_shape=x.shape, reduction=2)
+    with pytest.raises(RuntimeError, match="all elements of target should be between 0 and 1"):
+        _native.run("bce", x, bad, input_shape=x.shape, reduction=2)
+    _native.run("bce", x, bad, input_shape=x.shape, reduction=2, ignore_index=1.5)  # ignored: not checked
+    _native.run("logits", bad, bad, input_shape=x.shape, reduction=2)  # the logits loss checks nothing
+
+
+# torch tensors reach the core as raw data pointers, checked in Python
+
+
+def _torch_pass(x, y, **kwargs) -> tuple[float, int]:
+    return _native.run("logits", x, y, input_shape=tuple(x.shape), reduction=2, **kwargs)
+
+
+def test_run_on_torch_tensors_equals_the_numpy_pass() -> None:
+    x, y = _logits_data((50, 7))
+    weight = _RNG.uniform(0.5, 2, 7).astype(np.float32)
+    grad, grad_t = np.empty_like(x), torch.empty(50, 7)
+    expected = _native.run("logits", x, y, weight, (7,), input_shape=x.shape, reduction=2, grad_input=grad)
+    got = _native.run(
+        "logits",
+        torch.from_numpy(x),
+        torch.from_numpy(y),
+        torch.from_numpy(weight),
+        (7,),
+        input_shape=x.shape,
+        reduction=2,
+        grad_input=grad_t,
+    )
+    assert got == expected
+    np.testing.assert_array_equal(grad_t.numpy(), grad)
+
+
+def test_run_on_torch_views_with_a_storage_offset() -> None:
+    """A contiguous view that starts inside its storage: the pointer must be the view's first element."""
+    x, y = _logits_data((40, 5))
+    big_x, big_y = torch.zeros(45, 5), torch.zeros(45, 5)
+    big_x[5:], big_y[5:] = torch.from_numpy(x), torch.from_numpy(y)
+    out = torch.full((45, 5), -1.0)
+    loss = out[5:]
+    assert loss.is_contiguous() and loss.storage_offset() == 25
+    value = _torch_pass(big_x[5:], big_y[5:], loss=loss)
+    assert value == _torch_pass(torch.from_numpy(x), torch.from_numpy(y))
+    assert bool((out[:5] == -1).all())  # nothing written before the view
+    expected = np.empty_like(x)
+    _native.run("logits", x, y, input_shape=x.shape, loss=expected)
+    np.testing.assert_array_equal(loss.numpy(), expected)
+
+
+def test_run_on_torch_tensors_checks_what_a_pointer_cannot_say() -> None:
+    x, y = (torch.from_numpy(a) for a in _logits_data((6, 4)))
+    with pytest.raises(ValueError, match="'target' must be a contiguous CPU tensor of dtype float32"):
+        _torch_pass(x, y.double())
+    with pytest.raises(ValueError, match="'target' must be a contiguous CPU tensor"):
+        _torch_pass(x, y.t().contiguous().t())
+    with pytest.raises(ValueError, match="'target' has 20 elements, expected 24"):
+        _torch_pass(x, torch.zeros(5, 4))
+    with pytest.raises(ValueError, match="'weight' has 4 elements, expected 6"):
+        _native.run("logits", x, y, torch.ones(4), (6, 1), input_shape=(6, 4))
+    with pytest.raises(ValueError, match="'grad_input' must be a contiguous CPU tensor"):
+        _torch_pass(x, y, grad_input=torch.empty(4, 6).t())
