@@ -24,6 +24,11 @@ DTYPES = {
 }
 
 
+def _per_element(grad_output, input) -> bool:
+    """A grad_output with one value per element (reduction 'none'), not a reduced loss's single one."""
+    return grad_output is not None and grad_output.shape == input.shape
+
+
 @pytest.fixture
 def passes(monkeypatch) -> list[dict]:
     """The kernel passes (``_ops._kernel_pass``) made while a test runs: which outputs each one asked for."""
@@ -35,7 +40,7 @@ def passes(monkeypatch) -> list[dict]:
             {
                 "grad_input": kwargs.get("grad_input", False),
                 "grad_target": kwargs.get("grad_target", False),
-                "per_element_grad_output": kwargs.get("grad_output") is not None,
+                "per_element_grad_output": _per_element(kwargs.get("grad_output"), args[1]),
             }
         )
         return original(*args, **kwargs)

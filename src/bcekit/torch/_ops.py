@@ -24,6 +24,7 @@ derivative formulas, which are differentiable torch operations. A fake implement
 torch releases before PEP 604 support need ``Optional[...]``.)
 """
 
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -33,6 +34,7 @@ from torch import Tensor
 from bcekit import _math, _native, _numpy_core, _semantics
 from bcekit._math import LossSpec
 from bcekit._semantics import MEAN, NONE
+from bcekit.torch import _triton
 
 __all__ = [
     "binary_cross_entropy",
@@ -193,18 +195,56 @@ def _shape(tensor: Optional[Tensor]):
 
 
 def kernel_ready(spec: LossSpec, *tensors: Optional[Tensor]) -> bool:
-    """Whether the C++ kernels serve this call: plain CPU tensors (input, target, weight, pos_weight) of
-    one dtype, target shaped like input, weights in an in-place broadcast form (:mod:`bcekit._native`)."""
+    """Whether kernels serve this call: plain tensors (input, target, weight, pos_weight) of one dtype on
+    one device, target shaped like input, weights in an in-place broadcast form (:mod:`bcekit._native`).
+    CPU tensors take the C++ kernels, CUDA tensors the Triton ones (:mod:`bcekit.torch._triton`)."""
     input, target, weight, pos_weight = tensors
-    if not _native.AVAILABLE or input.shape != target.shape:
+    if input.shape != target.shape or spec.kind not in ("bce", "logits"):
         return False
+    device = input.device
     names = []
     for t in tensors:
         if t is not None:
-            if t.device.type != "cpu" or type(t) not in (Tensor, torch.nn.Parameter):
+            if t.device != device or type(t) not in (Tensor, torch.nn.Parameter):
                 return False
             names.append(_KERNEL_DTYPES.get(t.dtype, "?"))
-    return _native.eligible(spec.kind, names, tuple(input.shape), _shape(weight), _shape(pos_weight))
+    if device.type == "cpu":
+        return _native.AVAILABLE and _native.eligible(
+            spec.kind, names, tuple(input.shape), _shape(weight), _shape(pos_weight)
+        )
+    if device.type != "cuda" or not _gpu_kernels_available():
+        return False
+    return (
+        len(set(names)) == 1
+        and names[0] != "?"
+        and all(
+            t is None or _native.broadcast_form(tuple(t.shape), tuple(input.shape)) is not None
+            for t in (weight, pos_weight)
+        )
+    )
+
+
+_warned_no_triton = False
+
+
+def _gpu_kernels_available() -> bool:
+    """Triton present; otherwise say once that CUDA tensors take the (slower) composed path."""
+    global _warned_no_triton
+    if _triton.AVAILABLE:
+        return True
+    if not _warned_no_triton:
+        _warned_no_triton = True
+        warnings.warn(
+            "bcekit: Triton is not installed, so CUDA tensors use the composed torch operations instead "
+            "of bcekit's one-pass GPU kernels; `pip install bcekit[gpu]` installs it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def _form(tensor: Optional[Tensor], input: Tensor):
+    return None if tensor is None else _native.broadcast_form(tuple(tensor.shape), tuple(input.shape))
 
 
 def _plain(tensor: Optional[Tensor]) -> Optional[Tensor]:
@@ -220,7 +260,10 @@ def _concrete(*tensors: Optional[Tensor]) -> bool:
 
 
 def _output(x: Tensor) -> Tensor:
-    """An output shaped like ``x``: from the kernels' buffer cache when large (see :mod:`bcekit._native`)."""
+    """An output shaped like ``x``: from the kernels' buffer cache when large (see :mod:`bcekit._native`);
+    CUDA tensors have torch's caching allocator already."""
+    if x.device.type != "cpu":
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
     cached = _native.empty(x.shape, _KERNEL_DTYPES[x.dtype], torch=True)
     return torch.empty_like(x) if cached is None else cached
 
@@ -247,6 +290,33 @@ def _kernel_pass(
     mean_unknown = reduction == MEAN and spec.ignore_index is not None  # count known after the pass
     if reduction == MEAN and not mean_unknown and x.numel():
         grad_scale = grad_scale / x.numel()
+    if grad_output is not None:
+        grad_output = grad_output.to(x.dtype).contiguous()
+    if x.device.type == "cuda":  # Triton: the loss and the count stay on the device
+        value, kept = _triton.run(
+            spec.kind,
+            x,
+            y,
+            w,
+            _form(w, x),
+            p,
+            _form(p, x),
+            reduction=reduction,
+            loss=per_element,
+            grad_input=gi,
+            grad_target=gt,
+            grad_output=grad_output,
+            grad_scale=grad_scale,
+            label_smoothing=spec.label_smoothing,
+            ignore_index=spec.ignore_index,
+        )
+        if mean_unknown:
+            for grad in (gi, gt):
+                if grad is not None:
+                    grad.div_(kept.clamp_min(1).to(grad.dtype))
+        return (per_element if per_element is not None else value), gi, gt
+    if grad_output is not None and grad_output.numel() == 1 and x.numel() != 1:
+        grad_scale, grad_output = grad_scale * float(grad_output), None  # a reduced loss's grad_output
     value, kept = _native.run(
         spec.kind,
         x,
@@ -260,7 +330,7 @@ def _kernel_pass(
         loss=per_element,
         grad_input=gi,
         grad_target=gt,
-        grad_output=None if grad_output is None else grad_output.to(x.dtype).contiguous(),
+        grad_output=grad_output,
         grad_scale=grad_scale,
         label_smoothing=spec.label_smoothing,
         ignore_index=spec.ignore_index,
@@ -287,8 +357,7 @@ def _kernel_gradients(spec: LossSpec, ctx, grad_output: Tensor) -> tuple[Optiona
         reduction=spec.reduction,
         grad_input=ctx.needs_input_grad[0],
         grad_target=ctx.needs_input_grad[1],
-        grad_output=grad_output.expand(input.shape) if per_element else None,
-        grad_scale=1.0 if per_element else float(grad_output),
+        grad_output=grad_output.expand(input.shape) if per_element else grad_output,
     )
     return gi, gt
 
@@ -434,8 +503,14 @@ sigmoid_focal_loss.register_autograd(_focal_backward, setup_context=_focal_setup
 # --------------------------------------------------------------------------------------------------------
 
 
-def _is_one(grad_output: Tensor) -> bool:
-    return _concrete(grad_output) and grad_output.numel() == 1 and grad_output.item() == 1.0
+def _is_one(grad_output: Tensor, size: int) -> bool:
+    """grad_output is exactly 1 (so the stored gradient is the answer). On a GPU, asking costs a host
+    synchronisation, worth it only where the multiplication it saves is large."""
+    if not _concrete(grad_output) or grad_output.numel() != 1:
+        return False
+    if grad_output.device.type != "cpu" and size < (1 << 20):
+        return False
+    return grad_output.item() == 1.0
 
 
 def _fused_setup_context(ctx, spec: LossSpec, tensors, output) -> None:
@@ -457,7 +532,7 @@ def _fused_backward(ctx, grad_output: Tensor, _grad_of_grad: Optional[Tensor]):
     if torch.is_grad_enabled() or not _concrete(grad_output, *ctx.saved_tensors[:4]):
         return _gradients(ctx.spec, ctx, grad_output)  # differentiable (double backward) and traceable
     grad_input = None
-    if need_input and _is_one(grad_output):
+    if need_input and _is_one(grad_output, grad.numel()):
         grad_input = grad
     elif need_input and grad.dtype in (torch.float32, torch.float64):
         grad_input = grad * grad_output.to(grad.dtype)
@@ -474,7 +549,7 @@ def _fused_backward(ctx, grad_output: Tensor, _grad_of_grad: Optional[Tensor]):
         reduction=ctx.spec.reduction,
         grad_input=recompute_input,
         grad_target=need_target,
-        grad_scale=float(grad_output),
+        grad_output=grad_output,
     )
     return (recomputed if recompute_input else grad_input), grad_target
 
