@@ -11,7 +11,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+import subprocess
+import sys
 
 import mpmath
 import numpy as np
@@ -878,3 +882,62 @@ def test_large_outputs_do_not_alias_live_results() -> None:
     second = bce.binary_cross_entropy_with_logits(-xt, torch.from_numpy(y), reduction="none")
     assert first.data_ptr() != second.data_ptr()
     _assert_same_bits(first.detach(), saved[0])
+
+
+# --------------------------------------------------------------------------------------------------------
+# The baseline build (what CPUs without AVX2 + FMA run), forced with BCEKIT_ISA=baseline
+# --------------------------------------------------------------------------------------------------------
+
+_BASELINE_SCRIPT = """
+import json, sys
+import numpy as np
+import torch
+import bcekit.torch as bce
+from bcekit import _native
+rng = np.random.default_rng(3)
+out = {"isa": _native.ISA}
+for dtype in ("float32", "float16", "bfloat16"):
+    for logits in (True, False):
+        x = rng.normal(0.0, 4.0, 5000) if logits else rng.random(5000)
+        y = rng.random(5000)
+        xt = torch.tensor(x, dtype=getattr(torch, dtype), requires_grad=True)
+        yt = torch.tensor(y, dtype=getattr(torch, dtype))
+        f = bce.binary_cross_entropy_with_logits if logits else bce.binary_cross_entropy
+        per_element = f(xt, yt, reduction="none")
+        mean = f(xt, yt)
+        (grad,) = torch.autograd.grad(mean, xt)
+        out[f"{dtype}-{logits}"] = [
+            per_element.detach().double().tolist(), float(mean), grad.double().tolist()
+        ]
+json.dump(out, sys.stdout)
+"""
+
+
+def _run_isa(isa: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "BCEKIT_ISA"}
+    if isa is not None:
+        env["BCEKIT_ISA"] = isa
+    result = subprocess.run(
+        [sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True, text=True, check=True
+    )
+    return json.loads(result.stdout)
+
+
+def test_baseline_build_agrees_with_the_dispatched_one() -> None:
+    """The vector kernel compiled for the architecture's baseline (no FMA: products round separately)
+    gives the dispatched build's results to within one ulp of the storage type."""
+    baseline, dispatched = _run_isa("baseline"), _run_isa(None)
+    assert baseline.pop("isa") == "baseline"
+    dispatched.pop("isa")
+    for key, (per_element, mean, grad) in dispatched.items():
+        dtype = getattr(torch, key.split("-")[0])
+        eps = torch.finfo(dtype).eps
+        other = baseline[key]
+        for mine, theirs in ((per_element, other[0]), ([mean], [other[1]]), (grad, other[2])):
+            torch.testing.assert_close(
+                torch.tensor(theirs),
+                torch.tensor(mine),
+                rtol=2 * eps,
+                atol=0.0,
+                msg=lambda m, k=key: f"{k}: {m}",
+            )

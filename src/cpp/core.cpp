@@ -29,6 +29,15 @@
 
 #include "kernel_api.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define BCEKIT_POISON(addr, size) ASAN_POISON_MEMORY_REGION(addr, size)
+#define BCEKIT_UNPOISON(addr, size) ASAN_UNPOISON_MEMORY_REGION(addr, size)
+#else
+#define BCEKIT_POISON(addr, size) ((void)(addr), (void)(size))
+#define BCEKIT_UNPOISON(addr, size) ((void)(addr), (void)(size))
+#endif
+
 namespace nb = nanobind;
 
 namespace bcekit {
@@ -37,8 +46,12 @@ namespace {
 constexpr int64_t CHUNK = 8192;               // elements per chunk (a multiple of the vector width)
 constexpr int64_t MIN_PER_THREAD = 1 << 15;   // below this many elements per thread, fewer threads
 
+// The AVX2 + FMA build where the CPU has both, unless BCEKIT_ISA=baseline asks for the baseline build
+// (so tests and sanitizer runs can exercise it on any machine).
 bool cpu_has_avx2() {
 #if defined(BCEKIT_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
+    const char* requested = std::getenv("BCEKIT_ISA");
+    if (requested && std::string(requested) == "baseline") return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
@@ -75,31 +88,42 @@ class BufferCache {
                 char* block = it->second;
                 free_.erase(it);
                 cached_ -= bytes;
+                BCEKIT_UNPOISON(block + HEADER, bytes);
                 return block + HEADER;
             }
         }
         char* block = static_cast<char*>(std::aligned_alloc(HEADER, HEADER + round_up(bytes)));
         if (!block) throw std::bad_alloc();
         std::memcpy(block, &bytes, sizeof bytes);
+        // under ASan, the header and the padding after the data are off limits: an overrun is reported
+        BCEKIT_POISON(block, HEADER);
+        BCEKIT_POISON(block + HEADER + bytes, round_up(bytes) - bytes);
         return block + HEADER;
     }
 
     void put(void* data) noexcept {
         char* block = static_cast<char*>(data) - HEADER;
         size_t bytes;
+        BCEKIT_UNPOISON(block, HEADER);
         std::memcpy(&bytes, block, sizeof bytes);
+        BCEKIT_POISON(block, HEADER);
         std::lock_guard<std::mutex> lock(mutex_);
         if (cached_ + bytes <= limit_) {
+            BCEKIT_POISON(block + HEADER, bytes);  // a cached buffer is not to be touched until handed out
             free_.emplace(bytes, block);
             cached_ += bytes;
         } else {
+            BCEKIT_UNPOISON(block, HEADER + round_up(bytes));
             std::free(block);
         }
     }
 
     void clear() noexcept {
         std::lock_guard<std::mutex> lock(mutex_);
-        for (auto& entry : free_) std::free(entry.second);
+        for (auto& entry : free_) {
+            BCEKIT_UNPOISON(entry.second, HEADER + round_up(entry.first));
+            std::free(entry.second);
+        }
         free_.clear();
         cached_ = 0;
     }
