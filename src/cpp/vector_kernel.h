@@ -58,13 +58,11 @@ constexpr double LN2_HI = 6.93147180369123816490e-01;  // 32 significant bits: k
 constexpr double LN2_LO = 1.90821492927058770002e-10;
 constexpr double INV_LN2 = 1.4426950408889634074;
 
-// exp(-a) for a >= 0, +inf or NaN (NaN propagates).
-inline vd exp_neg(vd a) {
-    vd ac = vmin(a, 708.0);  // beyond, exp(-a) < 2^-1021: flushed to 0 below
-    vd kd = (ac * INV_LN2 + SHIFTER) - SHIFTER;
-    vd r = (ac - kd * LN2_HI) - kd * LN2_LO;
-    vd q = -r;
-    vd poly = splat(1.0 / 362880.0);  // 1/9!
+// exp(-a) for finite a in [0, 708] only (the caller checked): no clamping, no NaN handling.
+inline vd exp_neg_finite(vd a) {
+    vd kd = (a * INV_LN2 + SHIFTER) - SHIFTER;
+    vd q = (kd * LN2_HI - a) + kd * LN2_LO;  // -r
+    vd poly = splat(1.0 / 362880.0);          // 1/9!
     poly = poly * q + 1.0 / 40320.0;
     poly = poly * q + 1.0 / 5040.0;
     poly = poly * q + 1.0 / 720.0;
@@ -75,28 +73,14 @@ inline vd exp_neg(vd a) {
     poly = poly * q + 1.0;
     poly = poly * q + 1.0;
     vl k = (vl)(kd + SHIFTER) - (vl)splat(SHIFTER);  // kd in [0, 1022], exactly
-    vl scale_bits = (splat_l(1023) - k) << 52;
-    vd e = poly * (vd)scale_bits;
-    e = select(a > 708.0, splat(0.0), e);
-    return select(isnan_v(a), a, e);
+    return poly * (vd)((splat_l(1023) - k) << 52);
 }
 
-// exp(-a) for finite a in [0, 708] only (the caller checked): no clamping, no NaN handling.
-inline vd exp_neg_finite(vd a) {
-    vd kd = (a * INV_LN2 + SHIFTER) - SHIFTER;
-    vd q = (kd * LN2_HI - a) + kd * LN2_LO;  // -r
-    vd poly = splat(1.0 / 362880.0);
-    poly = poly * q + 1.0 / 40320.0;
-    poly = poly * q + 1.0 / 5040.0;
-    poly = poly * q + 1.0 / 720.0;
-    poly = poly * q + 1.0 / 120.0;
-    poly = poly * q + 1.0 / 24.0;
-    poly = poly * q + 1.0 / 6.0;
-    poly = poly * q + 0.5;
-    poly = poly * q + 1.0;
-    poly = poly * q + 1.0;
-    vl k = (vl)(kd + SHIFTER) - (vl)splat(SHIFTER);
-    return poly * (vd)((splat_l(1023) - k) << 52);
+// exp(-a) for a >= 0, +inf or NaN (NaN propagates).
+inline vd exp_neg(vd a) {
+    vd e = exp_neg_finite(vmin(a, 708.0));  // beyond 708, exp(-a) < 2^-1021: flushed to 0
+    e = select(a > 708.0, splat(0.0), e);
+    return select(isnan_v(a), a, e);
 }
 
 // 2 atanh(f / (2 + f)) = log(1 + f) for f in [-0.2929, 0.4143].
