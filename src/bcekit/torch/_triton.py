@@ -110,9 +110,8 @@ if triton is not None:
         n,
         w_inner,
         p_inner,
-        grad_scale,
-        smoothing,
-        ignore_value,
+        params_ptr,  # float64 [grad_scale, label_smoothing, ignore_index]: a Python float argument would
+        # reach a compiled kernel as float32
         LOGITS: tl.constexpr,
         W_MODE: tl.constexpr,
         P_MODE: tl.constexpr,
@@ -137,20 +136,24 @@ if triton is not None:
         y = tl.load(y_ptr + offsets, mask=mask, other=0.5).to(CT)
         w = _broadcast(w_ptr, offsets, mask, w_inner, W_MODE, CT)
         p = _broadcast(p_ptr, offsets, mask, p_inner, P_MODE, CT)
+        grad_scale = tl.load(params_ptr)
+        smoothing = tl.load(params_ptr + 1)
+        ignore_value = tl.load(params_ptr + 2)
         kept = mask
         if HAS_IGNORE:
             if IGNORE_NAN:
                 kept = kept & (y == y)
-            else:
-                kept = kept & (y != ignore_value)
+            else:  # compared in float64, as the C++ kernels and the composed path do
+                kept = kept & (y.to(tl.float64) != ignore_value)
             y = tl.where(kept, y, 0.0)
         if not LOGITS:  # the [0, 1] checks (NaN fails both comparisons)
             bad_x = mask & ((x < 0.0) | (x > 1.0) | (x != x))
             bad_y = kept & ((y < 0.0) | (y > 1.0) | (y != y))
             tl.store(bad_ptr + 2 * pid, tl.max(bad_x.to(tl.int32), axis=0))
             tl.store(bad_ptr + 2 * pid + 1, tl.max(bad_y.to(tl.int32), axis=0))
+        s = smoothing.to(CT)
         if SMOOTH:
-            y = y * (1.0 - smoothing) + 0.5 * smoothing
+            y = y * (1.0 - s) + 0.5 * s
 
         if LOGITS:
             e = tl.exp(-tl.abs(x))
@@ -200,12 +203,13 @@ if triton is not None:
                 tl.store(part_ptr + pid, tl.sum(loss, axis=0))
         tl.store(kept_ptr + pid, tl.sum(kept.to(tl.int32), axis=0))
         if WRITE_GI or WRITE_GT:
+            g_scale = grad_scale.to(CT)
             if G_MODE == 0:
-                scale = tl.full(x.shape, 0.0, CT) + grad_scale
+                scale = tl.full(x.shape, 0.0, CT) + g_scale
             elif G_MODE == 1:
-                scale = tl.full(x.shape, 0.0, CT) + tl.load(g_ptr).to(CT) * grad_scale
+                scale = tl.full(x.shape, 0.0, CT) + tl.load(g_ptr).to(CT) * g_scale
             else:
-                scale = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(CT) * grad_scale
+                scale = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(CT) * g_scale
             if WRITE_GI:
                 if W_MODE != 0:
                     gi = gi * w
@@ -213,7 +217,7 @@ if triton is not None:
                 tl.store(gi_ptr + offsets, gi.to(gi_ptr.dtype.element_ty), mask=mask)
             if WRITE_GT:
                 if SMOOTH:
-                    gt = gt * (1.0 - smoothing)
+                    gt = gt * (1.0 - s)
                 if W_MODE != 0:
                     gt = gt * w
                 gt = tl.where(kept, gt, 0.0) * scale
@@ -273,9 +277,14 @@ def run(
         n,
         1 if weight_form is None else weight_form[1],
         1 if pos_weight_form is None else pos_weight_form[1],
-        float(grad_scale),
-        float(label_smoothing),
-        0.0 if ignore_index is None or ignore_index != ignore_index else float(ignore_index),
+        torch.tensor(
+            [
+                float(grad_scale),
+                float(label_smoothing),
+                0.0 if ignore_index is None or ignore_index != ignore_index else float(ignore_index),
+            ],
+            dtype=torch.float64,
+        ).to(device, non_blocking=True),
         LOGITS=kind == "logits",
         W_MODE=_MODES[None if weight is None else weight_form[0]],
         P_MODE=_MODES[None if pos_weight is None else pos_weight_form[0]],

@@ -1,0 +1,857 @@
+"""The Triton kernels (``bcekit.torch._triton``), run by Triton's interpreter on CPU tensors.
+
+``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` on machines without CUDA before anything imports Triton,
+so ``_triton.run`` executes the kernel on CPU tensors (with ``log1p`` as ``log(u) z / (u - 1)``); on a
+machine with a GPU the same tests run the compiled kernel on CUDA copies of the data. Sizes are small (the
+interpreter is slow) but never multiples of ``_triton.BLOCK``, and span several programs.
+
+* ``_triton.run`` against the C++ kernels (``bcekit._native.run``) and against ``torch.nn.functional`` in
+  float64: per-element and reduced losses, input and target gradients, every dtype, every broadcast form
+  of ``weight`` and ``pos_weight``, ``label_smoothing`` and ``ignore_index``, both ``grad_output`` shapes
+  and ``grad_scale``; float64 losses against mpmath;
+* the probability loss's [0, 1] check, including in the last (partial) program and for ignored targets;
+* determinism, the reduction, the launch grid, empty inputs and non-contiguous operands;
+* the dispatch in ``bcekit.torch._ops`` that can be reached without a GPU: ``kernel_ready`` off the CPU,
+  the one-time warning when Triton is missing (CUDA tensors themselves need a GPU).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+# NumPy's warnings inside the interpreter (log(0), inf - inf, ...): the kernel's IEEE arithmetic, as on a GPU
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+from _reference import bce_exact, logits_exact, ulp_error  # noqa: E402
+from bcekit import _native, _semantics  # noqa: E402
+from bcekit._math import LossSpec  # noqa: E402
+from bcekit._semantics import MEAN, NONE, SUM  # noqa: E402
+from bcekit.torch import _ops, _triton  # noqa: E402
+
+INTERPRETING = _triton._interpreting()
+#: Where the kernel runs: CPU tensors under the interpreter, else the GPU.
+DEVICE = "cpu" if INTERPRETING else "cuda"
+if not INTERPRETING and not torch.cuda.is_available():  # pragma: no cover - a misconfigured environment
+    pytest.skip("Triton is compiling (TRITON_INTERPRET unset) but there is no GPU", allow_module_level=True)
+
+BLOCK = _triton.BLOCK
+SHAPE = (139, 15)  # 2085 = 2 * BLOCK + 37 elements: three programs, the last one partial
+N = SHAPE[0] * SHAPE[1]
+assert N == 2 * BLOCK + 37
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+#: Weight shapes for SHAPE in each in-place broadcast form (None: absent).
+FORMS = {
+    "absent": None,
+    "scalar": (),
+    "per-class": (SHAPE[1],),
+    "per-row": (SHAPE[0], 1),
+    "full": SHAPE,
+}
+FORM_NAMES = list(FORMS)
+REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
+KINDS = pytest.mark.parametrize("kind", ["logits", "bce"])
+GRAD_SCALE = 1.0 / 3.0  # not a float32 number: its precision matters to float64 gradients
+
+
+# --------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------
+
+
+def _data(kind: str, dtype: torch.dtype, seed: int, shape=SHAPE, hard: bool = False):
+    """Inputs and targets: logits ~ N(0, 9) with some zeros and large values, or probabilities with exact
+    0 and 1; soft targets with a third of them exactly 0 or 1 (or hard targets)."""
+    rng = np.random.default_rng(seed)
+    if kind == "logits":
+        x = rng.normal(0.0, 3.0, shape)
+        x.reshape(-1)[::101] = 0.0
+        x.reshape(-1)[7::211] = 25.0
+        x.reshape(-1)[11::223] = -25.0
+    else:
+        x = rng.uniform(0.0, 1.0, shape)
+        x.reshape(-1)[::97] = 0.0
+        x.reshape(-1)[1::89] = 1.0
+    if hard:
+        y = rng.integers(0, 2, shape).astype(np.float64)
+    else:
+        y = rng.random(shape)
+        y.reshape(-1)[::3] = np.round(y.reshape(-1)[::3])
+    return torch.tensor(x).to(dtype), torch.tensor(y).to(dtype)
+
+
+def _weight(shape, dtype: torch.dtype, seed: int):
+    if shape is None:
+        return None
+    return torch.tensor(np.random.default_rng(seed).uniform(0.25, 2.0, shape)).to(dtype)
+
+
+def _grad_output(reduction: int, dtype: torch.dtype, seed: int, shape=SHAPE) -> torch.Tensor:
+    """One value per element for 'none' (no zeros: inf * 0 would be NaN), a one-element tensor else."""
+    if reduction != NONE:
+        return torch.tensor([-0.75], dtype=dtype)
+    rng = np.random.default_rng(seed)
+    values = rng.uniform(0.5, 2.0, shape) * rng.choice([-1.0, 1.0], shape)
+    return torch.tensor(values).to(dtype)
+
+
+def _on(tensor, device):
+    return None if tensor is None else tensor.to(device)
+
+
+def _triton_run(kind, x, y, w=None, p=None, reduction=NONE, *, loss=True, gi=True, gt=True, **options):
+    """``_triton.run`` with fresh (NaN-filled) outputs: ``(value, count, loss, grad_input, grad_target)``,
+    value a float or None for 'none', the tensors on the CPU (None where not asked for)."""
+    x, y, w, p = (_on(t, DEVICE) for t in (x, y, w, p))
+    if options.get("grad_output") is not None:
+        options["grad_output"] = options["grad_output"].to(DEVICE)
+    output = lambda wanted: torch.full_like(x, math.nan) if wanted else None  # noqa: E731
+    per_element = output(loss and reduction == NONE)
+    grad_input, grad_target = output(gi), output(gt)
+    value, count = _triton.run(
+        kind,
+        x,
+        y,
+        w,
+        None if w is None else _native.broadcast_form(tuple(w.shape), tuple(x.shape)),
+        p,
+        None if p is None else _native.broadcast_form(tuple(p.shape), tuple(x.shape)),
+        reduction=reduction,
+        loss=per_element,
+        grad_input=grad_input,
+        grad_target=grad_target,
+        **options,
+    )
+    assert count.dtype == torch.int64 and count.dim() == 0
+    if value is not None:
+        assert value.dtype == x.dtype and value.dim() == 0 and value.device == x.device
+        value = float(value)
+    return value, int(count), *(_on(t, "cpu") for t in (per_element, grad_input, grad_target))
+
+
+def _cpu_kernels(dtype: torch.dtype) -> bool:
+    return _native.AVAILABLE and str(dtype).rpartition(".")[2] in _native._DTYPES
+
+
+def _cpu_run(kind, x, y, w=None, p=None, reduction=NONE, *, loss=True, gi=True, gt=True, **options):
+    """The same pass through the C++ kernels (``_native.run``), the reduced value rounded to the dtype."""
+    if not _cpu_kernels(x.dtype):
+        pytest.skip(f"no C++ kernel for {x.dtype} here")
+    per_element = torch.empty_like(x) if loss and reduction == NONE else None
+    grad_input = torch.empty_like(x) if gi else None
+    grad_target = torch.empty_like(x) if gt else None
+    grad_output = options.pop("grad_output", None)
+    grad_scale = options.pop("grad_scale", 1.0)
+    if grad_output is not None and grad_output.numel() == 1 and x.numel() != 1:
+        grad_scale, grad_output = grad_scale * float(grad_output), None  # as _ops._kernel_pass does
+    value, count = _native.run(
+        kind,
+        x,
+        y,
+        w,
+        None if w is None else tuple(w.shape),
+        p,
+        None if p is None else tuple(p.shape),
+        input_shape=tuple(x.shape),
+        reduction=reduction,
+        loss=per_element,
+        grad_input=grad_input,
+        grad_target=grad_target,
+        grad_output=grad_output,
+        grad_scale=grad_scale,
+        **options,
+    )
+    if reduction == NONE:
+        value = None
+    else:
+        value = float(torch.tensor(value, dtype=torch.float64).to(x.dtype))
+    return value, count, per_element, grad_input, grad_target
+
+
+def _kept(y: torch.Tensor, ignore_index) -> torch.Tensor:
+    if ignore_index is None:
+        return torch.ones_like(y, dtype=torch.bool)
+    return ~torch.isnan(y) if math.isnan(ignore_index) else y != ignore_index
+
+
+def _torch_run(kind, x, y, w=None, p=None, reduction=NONE, *, grad_output=None, grad_scale=1.0, **options):
+    """``torch.nn.functional`` in float64 on the same (rounded) values, weights materialised: smoothing as
+    smoothed targets, ignored elements as zero weights; gradients as the kernel's (no 1/count)."""
+    smoothing = options.get("label_smoothing", 0.0)
+    kept = _kept(y, options.get("ignore_index"))
+    xd = x.double().requires_grad_(True)
+    yd = torch.where(kept, y.double(), 0.0).requires_grad_(True)
+    smoothed = yd * (1.0 - smoothing) + 0.5 * smoothing
+    wd = kept.double() if w is None else w.double().expand(x.shape) * kept
+    if kind == "logits":
+        pd = None if p is None else p.double().expand(x.shape)
+        loss = F.binary_cross_entropy_with_logits(xd, smoothed, wd, reduction="none", pos_weight=pd)
+    else:
+        loss = F.binary_cross_entropy(xd, smoothed, wd, reduction="none")
+    scale = torch.ones(x.shape, dtype=torch.float64) if grad_output is None else grad_output.double()
+    gi, gt = torch.autograd.grad(loss, (xd, yd), (scale * grad_scale).expand(x.shape))
+    gi, gt = (torch.where(kept, g, 0.0) for g in (gi, gt))  # 0 * inf is NaN in torch, 0 in the kernel
+    total, count = float(loss.detach().sum()), int(kept.sum())
+    value = {NONE: None, SUM: total, MEAN: total / count if count else math.nan}[reduction]
+    return value, count, loss.detach(), gi, gt
+
+
+def _magnitudes(kind, x, y, w, p, grad_output, grad_scale, torch_terms: bool = False, **options):
+    """Per element, the size of the terms the loss and each gradient are made of (float64): what their
+    rounding errors in the compute dtype are relative to, where the terms cancel. ``torch_terms``: those
+    of torch's formulas too, which cancel elsewhere: its logits loss adds ``(1 - y) x`` to
+    ``(1 + (p - 1) y) (log1p(e^-|x|) + max(-x, 0))``, its input gradient is
+    ``(1 + (p - 1) y) sigmoid(x) - p y`` (both ~1 where the result is e^-25), and its probability loss and
+    target gradient take ``log(1 - x)`` and ``log(x / (1 - x))`` (absolute errors ~eps)."""
+    x, y = x.double(), y.double()
+    smoothing = options.get("label_smoothing", 0.0)
+    kept = _kept(y, options.get("ignore_index"))
+    y = torch.where(kept, y, 0.0) * (1.0 - smoothing) + 0.5 * smoothing
+    w = 1.0 if w is None else w.double().expand(x.shape)
+    scale = (1.0 if grad_output is None else grad_output.double().abs()) * abs(grad_scale)
+    if kind == "logits":
+        p = 1.0 if p is None else p.double().expand(x.shape)
+        sp_pos, sp_neg = F.softplus(x), F.softplus(-x)
+        loss = w * (x.abs() + p * y * sp_neg + (1 - y) * sp_pos)
+        gi = w * ((1 - y) * torch.sigmoid(x) + p * y * torch.sigmoid(-x)) * scale
+        gt = w * (x.abs() + p * sp_neg + sp_pos) * scale
+        if torch_terms:
+            loss = loss + w * (1 + p) * (x.abs() + 1)
+            gi = gi + w * (1 + p) * scale
+    else:
+        log_x, log_1mx = torch.log(x).abs().clamp_max(100), torch.log1p(-x).abs().clamp_max(100)
+        loss = w * (log_x + log_1mx)
+        gi = w * (x + y) / torch.clamp_min(x * (1 - x), _semantics.GRAD_EPSILON) * scale
+        gt = w * (log_x + log_1mx) * scale
+        if torch_terms:
+            loss, gt = loss + w, gt + w * scale
+    return [torch.where(kept, m, 0.0) for m in (loss, gi, gt)]
+
+
+def _assert_close(got, expected, dtype, ulps, magnitude, compute_eps, what):
+    """``|got - expected| <= ulps * ulp(expected) + compute_eps * magnitude`` elementwise, ulp in ``dtype``
+    (subnormal steps included); non-finite values must be equal."""
+    got, expected = got.double(), expected.double()
+    finite = torch.isfinite(expected)
+    assert torch.equal(finite, torch.isfinite(got)), f"{what}: non-finite elements differ"
+    assert torch.equal(got[~finite].nan_to_num(), expected[~finite].nan_to_num()), what
+    info = torch.finfo(dtype)
+    size = torch.maximum(got.abs(), expected.abs())[finite]
+    ulp = torch.exp2(torch.floor(torch.log2(size.clamp_min(info.tiny)))) * info.eps
+    ulp = ulp.clamp_min(info.tiny * info.eps)
+    magnitude = magnitude.expand(finite.shape)[finite] if torch.is_tensor(magnitude) else magnitude
+    error = (got[finite] - expected[finite]).abs()
+    allowed = ulps * ulp + compute_eps * magnitude
+    worst = int(torch.argmax(error - allowed)) if error.numel() else 0
+    assert bool((error <= allowed).all()), (
+        f"{what}: {int((error > allowed).sum())} elements off, e.g. {float(got[finite][worst])!r} "
+        f"vs {float(expected[finite][worst])!r} ({float(error[worst] / ulp[worst]):.1f} ulp)"
+    )
+
+
+def _assert_value_close(got, expected, dtype, ulps, what):
+    if expected is None:
+        assert got is None, what
+        return
+    if math.isnan(expected):
+        assert math.isnan(got), what
+        return
+    _assert_close(torch.tensor([got]), torch.tensor([expected]), dtype, ulps, 0.0, 0.0, what)
+
+
+def _compute_eps(dtype: torch.dtype) -> float:
+    """The unit roundoff of the dtype the kernel computes in (float64 for float32/float64)."""
+    return 2.0**-53 if dtype in (torch.float32, torch.float64) else 2.0**-24
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    return tensor.contiguous().view(ints)
+
+
+class _Launches:
+    """Records the grid and the arguments of each launch of ``_triton._bce_kernel`` (and launches it)."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.grids: list[tuple] = []
+        self.arguments: list[dict] = []
+        self.names = list(inspect.signature(kernel.fn).parameters)
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def record(*args, **kwargs):
+            self.grids.append(tuple(grid))
+            self.arguments.append({**dict(zip(self.names, args, strict=False)), **kwargs})
+            return launch(*args, **kwargs)
+
+        return record
+
+
+@pytest.fixture
+def launches(monkeypatch) -> _Launches:
+    recorder = _Launches(_triton._bce_kernel)
+    monkeypatch.setattr(_triton, "_bce_kernel", recorder)
+    return recorder
+
+
+# --------------------------------------------------------------------------------------------------------
+# The interpreter
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_the_kernel_is_interpreted_without_a_gpu() -> None:
+    assert _triton.AVAILABLE
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+        assert INTERPRETING and _triton.describe() == {
+            "available": True,
+            "interpreting": True,
+            "block": BLOCK,
+        }
+        assert type(_triton._bce_kernel).__name__ == "InterpretedFunction"
+    assert BLOCK & (BLOCK - 1) == 0  # tl.arange needs a power of two
+
+
+# --------------------------------------------------------------------------------------------------------
+# Against the C++ kernels and torch: dtypes, broadcast forms, grad_output, grad_scale
+# --------------------------------------------------------------------------------------------------------
+
+
+def _weights(kind: str, form: str, dtype: torch.dtype):
+    """``weight`` in ``form`` and ``pos_weight`` (logits only) in the next form, so pairs of forms mix."""
+    w = _weight(FORMS[form], dtype, seed=2)
+    pos_form = FORM_NAMES[(FORM_NAMES.index(form) + 1) % len(FORM_NAMES)]
+    p = _weight(FORMS[pos_form], dtype, seed=3) if kind == "logits" else None
+    return w, p
+
+
+@KINDS
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("form", FORM_NAMES)
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
+def test_matches_the_cpu_kernels(kind: str, dtype: str, form: str, reduction: str) -> None:
+    torch_dtype, enum = DTYPES[dtype], REDUCTIONS[reduction]
+    x, y = _data(kind, torch_dtype, seed=1)
+    w, p = _weights(kind, form, torch_dtype)
+    options = {"grad_output": _grad_output(enum, torch_dtype, seed=4), "grad_scale": GRAD_SCALE}
+    got = _triton_run(kind, x, y, w, p, enum, **options)
+    expected = _cpu_run(kind, x, y, w, p, enum, **options)
+    assert got[1] == expected[1] == N
+    magnitudes = _magnitudes(kind, x, y, w, p, **options)
+    if torch_dtype == torch.float64:
+        # the kernel adds the loss's terms in double-double (a few ulp); the gradients in plain double,
+        # where the C++ kernel has long double: they differ where the terms cancel
+        ulps, eps = 4, 4 * 2.0**-53
+    else:
+        # float32: both compute in double and round once; half types: float32 against double, rounded
+        ulps, eps = 1, (0.0 if torch_dtype == torch.float32 else 4 * 2.0**-24)
+    _assert_value_close(got[0], expected[0], torch_dtype, 1 if torch_dtype != torch.float64 else 4, "value")
+    for index, name in ((2, "loss"), (3, "grad_input"), (4, "grad_target")):
+        if expected[index] is None:
+            assert got[index] is None
+            continue
+        assert got[index].dtype == torch_dtype
+        loss_eps = 0.0 if name == "loss" and torch_dtype != torch.float64 else eps
+        _assert_close(got[index], expected[index], torch_dtype, ulps, magnitudes[index - 2], loss_eps, name)
+
+
+@KINDS
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("form", FORM_NAMES)
+def test_matches_torch_in_float64(kind: str, dtype: str, form: str) -> None:
+    """torch's float64 formulas cancel (``(1 - y) x + ...`` of the logits loss, ``log(1 - x)``), so the
+    reference is trusted to ~eps64 of the terms: ample for every dtype but float64's tightest digits, which
+    the C++ kernels and mpmath check."""
+    torch_dtype = DTYPES[dtype]
+    x, y = _data(kind, torch_dtype, seed=5)
+    w, p = _weights(kind, form, torch_dtype)
+    ulps = 4 if torch_dtype == torch.float64 else 1
+    eps = 16 * 2.0**-53 if torch_dtype in (torch.float32, torch.float64) else 4 * 2.0**-24
+    for reduction, enum in REDUCTIONS.items():
+        options = {"grad_output": _grad_output(enum, torch_dtype, seed=6), "grad_scale": GRAD_SCALE}
+        got = _triton_run(kind, x, y, w, p, enum, **options)
+        value, count, loss, gi, gt = _torch_run(kind, x, y, w, p, enum, **options)
+        magnitudes = _magnitudes(kind, x, y, w, p, torch_terms=True, **options)
+        assert got[1] == count == N
+        if enum != NONE:
+            relative = 4 * torch.finfo(torch_dtype).eps
+            assert got[0] == pytest.approx(value, rel=relative, abs=0), reduction
+        else:
+            _assert_close(got[2], loss.to(torch_dtype), torch_dtype, ulps, magnitudes[0], eps, "loss")
+        _assert_close(got[3], gi.to(torch_dtype), torch_dtype, ulps, magnitudes[1], eps, "grad_input")
+        _assert_close(got[4], gt.to(torch_dtype), torch_dtype, ulps, magnitudes[2], eps, "grad_target")
+
+
+@KINDS
+def test_float64_losses_within_a_few_ulp_of_exact(kind: str) -> None:
+    """Per-element float64 losses against mpmath at 200 bits (the interpreter's log1p: a few ulp)."""
+    shape = (BLOCK + 61,)
+    x, y = _data(kind, torch.float64, seed=7, shape=shape)
+    p = _weight(shape, torch.float64, seed=8) if kind == "logits" else None
+    _, _, loss, _, _ = _triton_run(kind, x, y, None, p, NONE, gi=False, gt=False)
+    indices = range(0, shape[0], 3)  # a third of them: mpmath is slow
+    errors = []
+    for i in indices:
+        xi, yi = float(x[i]), float(y[i])
+        exact = logits_exact(xi, yi, float(p[i])) if kind == "logits" else bce_exact(xi, yi)
+        errors.append(ulp_error(float(loss[i]), exact, np.float64))
+    assert max(errors) <= 4.0, max(errors)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_non_finite_logits_match_the_cpu_kernels(dtype: str) -> None:
+    torch_dtype = DTYPES[dtype]
+    specials = [math.inf, -math.inf, math.nan, 0.0, -0.0, 40.0, -40.0, 1e-30, -1e-30]
+    targets = [0.0, 1.0, 0.25]
+    grid = [(a, b) for a in specials for b in targets]
+    x = torch.tensor([a for a, _ in grid] * 80, dtype=torch_dtype)[: BLOCK + 5]
+    y = torch.tensor([b for _, b in grid] * 80, dtype=torch_dtype)[: BLOCK + 5]
+    p = _weight((x.numel(),), torch_dtype, seed=9)
+    for pos_weight in (None, p):
+        got = _triton_run("logits", x, y, None, pos_weight, NONE)
+        expected = _cpu_run("logits", x, y, None, pos_weight, NONE)
+        for index, name in ((2, "loss"), (3, "grad_input"), (4, "grad_target")):
+            _assert_close(got[index], expected[index], torch_dtype, 4, 0.0, 0.0, name)
+
+
+@KINDS
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_one_element_grad_output_is_a_scale(kind: str, dtype: str) -> None:
+    """A reduced loss's grad_output (one element, or 0-d) scales every gradient as the same value per
+    element would, bitwise; grad_scale multiplies it; grad_scale 0 gives zeros."""
+    torch_dtype = DTYPES[dtype]
+    x, y = _data(kind, torch_dtype, seed=10)
+    w, p = _weights(kind, "per-class", torch_dtype)
+    value = torch.tensor(-1.25, dtype=torch_dtype)
+    per_element = _triton_run(kind, x, y, w, p, MEAN, grad_output=value.expand(SHAPE).contiguous())
+    for one in (value.reshape(1), value.reshape(())):
+        got = _triton_run(kind, x, y, w, p, MEAN, grad_output=one)
+        assert got[0] == per_element[0]
+        for index in (3, 4):
+            assert torch.equal(_bits(got[index]), _bits(per_element[index]))
+    scaled = _triton_run(kind, x, y, w, p, MEAN, grad_scale=-1.25)
+    for index in (3, 4):
+        assert torch.equal(_bits(scaled[index]), _bits(per_element[index]))
+    zero = _triton_run(kind, x, y, w, p, SUM, grad_scale=0.0)
+    finite = torch.isfinite(per_element[4])  # the probability loss's target gradient is infinite at 0 and 1
+    assert not zero[3].any() and not zero[4][finite].any() and zero[4][~finite].isnan().all()
+
+
+@KINDS
+def test_a_single_element(kind: str) -> None:
+    """n = 1: a one-element grad_output is read as the per-element one."""
+    x, y = _data(kind, torch.float32, seed=11, shape=(1,))
+    x[0] = 0.25
+    w = torch.tensor([1.5])
+    go = torch.tensor([0.5])
+    for reduction in REDUCTIONS.values():
+        got = _triton_run(kind, x, y, w, None, reduction, grad_output=go)
+        expected = _cpu_run(kind, x, y, w, None, reduction, grad_output=go)
+        assert got[:2] == expected[:2]
+        for index in (2, 3, 4):
+            if expected[index] is not None:
+                assert torch.equal(got[index], expected[index])
+
+
+@KINDS
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_non_contiguous_operands_are_made_contiguous(kind: str, dtype: str) -> None:
+    """``_triton.run`` reads raw pointers: ``_ops._kernel_pass`` hands it ``_ops._plain`` copies, whose
+    results equal bcekit.torch's on the non-contiguous tensors (the C++ kernels on CPU tensors)."""
+    import bcekit.torch as bce
+
+    torch_dtype = DTYPES[dtype]
+    x, y = _data(kind, torch_dtype, seed=12)
+    xt = x.t().contiguous().t()  # a transposed layout
+    wide = torch.zeros(SHAPE[0], 3 * SHAPE[1], dtype=torch_dtype)
+    wide[:, 1::3] = y
+    yt = wide[:, 1::3]  # a strided slice
+    w = _weight((2 * SHAPE[1],), torch_dtype, seed=13)[::2]  # a strided per-class weight
+    assert not (xt.is_contiguous() or yt.is_contiguous() or w.is_contiguous())
+    plain = [_ops._plain(t) for t in (xt, yt, w)]
+    assert all(t.is_contiguous() for t in plain)
+    for reduction, enum in REDUCTIONS.items():
+        # the mean's 1/count as _ops._kernel_pass gives it (applied before rounding: half gradients are tiny)
+        got = _triton_run(kind, *plain, None, enum, gt=False, grad_scale=1.0 / N if enum == MEAN else 1.0)
+        leaf = xt.detach().requires_grad_(True)
+        if kind == "logits":
+            loss = bce.binary_cross_entropy_with_logits(leaf, yt, w, reduction=reduction)
+        else:
+            loss = bce.binary_cross_entropy(leaf, yt, w, reduction=reduction)
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        if enum == NONE:
+            _assert_close(got[2], loss.detach(), torch_dtype, 1, 0.0, 0.0, reduction)
+        else:
+            _assert_value_close(got[0], float(loss.detach()), torch_dtype, 1, reduction)
+        magnitude = _magnitudes(kind, x, y, w, None, None, 1.0 / N if enum == MEAN else 1.0)[1]
+        eps = 0.0 if torch_dtype == torch.float32 else 4 * 2.0**-24
+        _assert_close(got[3], grad.to(torch_dtype), torch_dtype, 1, magnitude, eps, reduction)
+
+
+# --------------------------------------------------------------------------------------------------------
+# label_smoothing and ignore_index
+# --------------------------------------------------------------------------------------------------------
+
+OPTION_CASES = [
+    (None, 0.1),
+    (None, 1.0),
+    (-1.0, 0.0),
+    (-1.0, 0.2),
+    (math.nan, 0.0),
+    (math.nan, 0.05),
+    (0.0, 0.0),  # ignores the zeros among the targets
+]
+
+
+def _with_ignored(y: torch.Tensor, ignore_index, seed: int) -> torch.Tensor:
+    y = y.clone()
+    if ignore_index is not None and ignore_index != 0.0:
+        mask = torch.tensor(np.random.default_rng(seed).random(tuple(y.shape)) < 0.3)
+        mask.view(-1)[-1] = True  # one in the last (partial) program
+        y[mask] = ignore_index
+    return y
+
+
+@KINDS
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize(("ignore_index", "smoothing"), OPTION_CASES)
+def test_options_match_the_cpu_kernels_and_torch(kind, dtype, ignore_index, smoothing) -> None:
+    torch_dtype = DTYPES[dtype]
+    x, y0 = _data(kind, torch_dtype, seed=14)
+    y = _with_ignored(y0, ignore_index, seed=15)
+    w, p = _weights(kind, "per-row", torch_dtype)
+    kept = int(_kept(y, ignore_index).sum())
+    assert 0 < kept < N or ignore_index is None
+    ulps = 4 if torch_dtype == torch.float64 else 1
+    eps = 4 * _compute_eps(torch_dtype)
+    for enum in (NONE, MEAN):
+        options = {
+            "grad_output": _grad_output(enum, torch_dtype, seed=16),
+            "grad_scale": GRAD_SCALE,
+            "label_smoothing": smoothing,
+            "ignore_index": ignore_index,
+        }
+        got = _triton_run(kind, x, y, w, p, enum, **options)
+        # (source, result, size of its terms, its own error relative to them)
+        references = [
+            (
+                "torch",
+                _torch_run(kind, x, y, w, p, enum, **options),
+                _magnitudes(kind, x, y, w, p, torch_terms=True, **options),
+                16 * 2.0**-53,
+            )
+        ]
+        if _cpu_kernels(torch_dtype):
+            cpu = _cpu_run(kind, x, y, w, p, enum, **options)
+            references.append(("cpu", cpu, _magnitudes(kind, x, y, w, p, **options), 0.0))
+        for source, expected, magnitudes, reference_eps in references:
+            what = f"{source}, ignore_index={ignore_index}, label_smoothing={smoothing}, reduction={enum}"
+            assert got[1] == expected[1] == kept, what
+            if enum != NONE:
+                assert got[0] == pytest.approx(expected[0], rel=4 * torch.finfo(torch_dtype).eps), what
+            for index, name in ((2, "loss"), (3, "grad_input"), (4, "grad_target")):
+                if enum != NONE and index == 2:
+                    continue
+                expected_values = expected[index].to(torch_dtype)
+                tolerance = eps + reference_eps  # the kernel's rounding in its compute dtype, the reference's
+                _assert_close(
+                    got[index],
+                    expected_values,
+                    torch_dtype,
+                    ulps,
+                    magnitudes[index - 2],
+                    tolerance,
+                    f"{what}: {name}",
+                )
+            ignored = ~_kept(y, ignore_index)
+            for index in (2, 3, 4):
+                if got[index] is not None:
+                    assert not got[index][ignored].any(), f"{what}: ignored elements must give 0"
+
+
+@KINDS
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("ignore_index", [-1.0, math.nan])
+def test_all_ignored(kind: str, dtype: str, ignore_index: float) -> None:
+    torch_dtype = DTYPES[dtype]
+    x, _ = _data(kind, torch_dtype, seed=17)
+    y = torch.full(SHAPE, ignore_index, dtype=torch_dtype)
+    w = _weight((SHAPE[1],), torch_dtype, seed=18)
+    for reduction, expected in ((MEAN, math.nan), (SUM, 0.0), (NONE, None)):
+        value, count, loss, gi, gt = _triton_run(kind, x, y, w, None, reduction, ignore_index=ignore_index)
+        assert count == 0
+        if expected is None:
+            assert value is None and not loss.any()
+        elif math.isnan(expected):
+            assert math.isnan(value)
+        else:
+            assert value == 0.0
+        assert not gi.any() and not gt.any()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The probability loss's [0, 1] check
+# --------------------------------------------------------------------------------------------------------
+
+POSITIONS = (0, BLOCK - 1, BLOCK, 2 * BLOCK, N - 1)  # the last two in the last, partial program
+
+
+def _bad_values(dtype: torch.dtype) -> list[float]:
+    info = torch.finfo(dtype)
+    # just outside [0, 1] in this dtype, further outside, infinite and NaN. Triton's interpreter converts
+    # bfloat16 subnormals to float32 wrongly (-9.2e-41 becomes -0.0, 3.0e-39 becomes 3.7e-40), so there
+    # the smallest miss is the smallest normal number (a GPU converts by a shift, exactly).
+    smallest = info.tiny if dtype == torch.bfloat16 and INTERPRETING else info.tiny * info.eps
+    return [-smallest, 1.0 + info.eps, -0.5, 7.0, math.inf, -math.inf, math.nan]
+
+
+def _raises_like(error: RuntimeError, call) -> None:
+    with pytest.raises(type(error)) as raised:
+        call()
+    assert str(raised.value) == str(error)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("which", ["input", "target"])
+def test_out_of_range_values_raise_the_cpu_paths_errors(which: str, dtype: str) -> None:
+    torch_dtype = DTYPES[dtype]
+    x0, y0 = _data("bce", torch_dtype, seed=19)
+    x0, y0 = x0.view(-1), y0.view(-1)
+    error = _semantics.input_range_error() if which == "input" else _semantics.target_range_error()
+    values = _bad_values(torch_dtype)
+    # every value somewhere, and the smallest miss and NaN at every position
+    cases = [(v, POSITIONS[i % len(POSITIONS)]) for i, v in enumerate(values)]
+    cases += [(v, position) for v in (values[0], math.nan) for position in POSITIONS]
+    for value, position in cases:
+        x, y = x0.clone(), y0.clone()
+        (x if which == "input" else y)[position] = value
+        assert float((x if which == "input" else y)[position]) == value or math.isnan(value)
+        for reduction in (NONE, MEAN) if position == N - 1 else (MEAN,):
+            _raises_like(error, lambda x=x, y=y, r=reduction: _triton_run("bce", x, y, None, None, r))
+        if _cpu_kernels(torch_dtype) and position == N - 1:
+            _raises_like(error, lambda x=x, y=y: _cpu_run("bce", x, y, None, None, MEAN))
+        # the logits loss takes any input and target
+        assert _triton_run("logits", x, y, None, None, SUM, gi=False, gt=False)[1] == N
+
+
+def test_a_bad_input_is_reported_before_a_bad_target() -> None:
+    x, y = _data("bce", torch.float32, seed=20)
+    x.view(-1)[N - 1], y.view(-1)[0] = 2.0, -1.0
+    _raises_like(_semantics.input_range_error(), lambda: _triton_run("bce", x, y, None, None, MEAN))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_the_range_ends_and_negative_zero_are_accepted(dtype: str) -> None:
+    torch_dtype = DTYPES[dtype]
+    x = torch.tensor([0.0, -0.0, 1.0, 0.5] * (N // 4 + 1), dtype=torch_dtype)[:N]
+    y = torch.tensor([-0.0, 1.0, 0.0, 1.0] * (N // 4 + 1), dtype=torch_dtype)[:N]
+    got = _triton_run("bce", x, y, None, None, NONE, gi=False, gt=False)
+    expected = F.binary_cross_entropy(x.double(), y.double(), reduction="none").to(torch_dtype)
+    assert torch.equal(got[2], expected)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("ignore_index", [5.0, -1.0, math.nan])
+def test_ignored_targets_are_not_range_checked(dtype: str, ignore_index: float) -> None:
+    torch_dtype = DTYPES[dtype]
+    x, y = _data("bce", torch_dtype, seed=21)
+    x, y = x.view(-1), y.view(-1)
+    y[list(POSITIONS)] = ignore_index
+    keep = torch.ones(N, dtype=torch.bool)
+    keep[list(POSITIONS)] = False
+    value, count, _, gi, _ = _triton_run("bce", x, y, None, None, MEAN, gt=False, ignore_index=ignore_index)
+    expected, kept, _, expected_gi, _ = _triton_run("bce", x[keep], y[keep], None, None, MEAN, gt=False)
+    assert count == kept == N - len(POSITIONS)
+    assert value == pytest.approx(expected, rel=4 * torch.finfo(torch_dtype).eps)
+    assert torch.equal(gi[keep], expected_gi) and not gi[~keep].any()
+    # an input out of range is an error even where the target is ignored
+    x[N - 1] = 2.0
+    _raises_like(
+        _semantics.input_range_error(),
+        lambda: _triton_run("bce", x, y, None, None, MEAN, ignore_index=ignore_index),
+    )
+    # a target out of range that is not the ignored value is still an error
+    x[N - 1], y[N - 1] = 0.5, 3.0
+    _raises_like(
+        _semantics.target_range_error(),
+        lambda: _triton_run("bce", x, y, None, None, MEAN, ignore_index=ignore_index),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Determinism and the reduction
+# --------------------------------------------------------------------------------------------------------
+
+
+@KINDS
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_results_are_deterministic_and_the_sum_adds_the_elements(kind: str, dtype: str) -> None:
+    torch_dtype = DTYPES[dtype]
+    x, y = _data(kind, torch_dtype, seed=22)
+    w, p = _weights(kind, "full", torch_dtype)
+    runs = {
+        r: [_triton_run(kind, x, y, w, p, r, grad_scale=GRAD_SCALE) for _ in range(2)] for r in (NONE, SUM)
+    }
+    for first, second in runs.values():
+        assert first[:2] == second[:2]
+        for a, b in zip(first[2:], second[2:], strict=True):
+            assert (a is None and b is None) or torch.equal(_bits(a), _bits(b))
+    per_element = runs[NONE][0][2]
+    total = math.fsum(per_element.double().view(-1).tolist())
+    summed = runs[SUM][0][0]
+    # the kernel adds unrounded (compute dtype) values; the per-element outputs are rounded to the dtype
+    assert summed == pytest.approx(total, rel=2 * torch.finfo(torch_dtype).eps, abs=0)
+    mean = _triton_run(kind, x, y, w, p, MEAN, gi=False, gt=False)[0]
+    if torch_dtype == torch.float64:  # the mean is the float64 sum over the count, one division
+        assert mean == summed / N
+    else:
+        assert mean == pytest.approx(summed / N, rel=torch.finfo(torch_dtype).eps)
+
+
+@pytest.mark.parametrize("n", [1, 37, BLOCK - 1, BLOCK, BLOCK + 1, N])
+def test_the_grid_covers_every_element_once(launches, n: int) -> None:
+    """One program per BLOCK elements (``launch_count``), the last one partial; every output element is
+    written (outputs start as NaN); offsets are computed in int64."""
+    x, y = _data("logits", torch.float32, seed=23, shape=(n,))
+    value, count, loss, gi, gt = _triton_run("logits", x, y, None, None, NONE)
+    assert launches.grids == [(_triton.launch_count(n),)] and count == n
+    assert _triton.launch_count(n) == -(-n // BLOCK)
+    assert torch.isfinite(loss).all() and torch.isfinite(gi).all() and torch.isfinite(gt).all()
+    assert launches.arguments[0]["n"] == n
+    sum_value = _triton_run("logits", x, y, None, None, SUM, loss=False, gi=False, gt=False)[0]
+    assert sum_value == pytest.approx(math.fsum(loss.double().tolist()), rel=2**-22)
+
+
+def test_launch_count() -> None:
+    assert [_triton.launch_count(n) for n in (0, 1, BLOCK, BLOCK + 1, 2**31 + 1)] == [1, 1, 1, 2, 2**21 + 1]
+
+
+@KINDS
+def test_an_empty_input(launches, kind: str) -> None:
+    x = torch.empty(0)
+    value, count, *_ = _triton_run(kind, x, x, None, None, MEAN, loss=False)
+    assert count == 0 and math.isnan(value) and launches.grids == [(1,)]
+    assert _triton_run(kind, x, x, None, None, SUM, loss=False)[:2] == (0.0, 0)
+    value, count, loss, gi, gt = _triton_run(kind, x, x, None, None, NONE)
+    assert value is None and count == 0 and loss.numel() == gi.numel() == gt.numel() == 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dispatch in bcekit.torch._ops (CUDA tensors themselves need a GPU)
+# --------------------------------------------------------------------------------------------------------
+
+SPEC = LossSpec("logits", MEAN, 0.0, None)
+
+
+@pytest.fixture
+def no_triton(monkeypatch) -> None:
+    monkeypatch.setattr(_ops._triton, "AVAILABLE", False)
+    monkeypatch.setattr(_ops, "_warned_no_triton", False)
+
+
+def test_without_triton_the_gpu_check_warns_once(no_triton) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _ops._gpu_kernels_available() is False
+        assert _ops._gpu_kernels_available() is False
+    assert len(caught) == 1
+    assert caught[0].category is RuntimeWarning and "bcekit[gpu]" in str(caught[0].message)
+    assert _ops._warned_no_triton
+
+
+def test_with_triton_the_gpu_check_is_silent(monkeypatch) -> None:
+    monkeypatch.setattr(_ops, "_warned_no_triton", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _ops._gpu_kernels_available() is True
+    assert not _ops._warned_no_triton
+
+
+@pytest.mark.parametrize("triton_available", [True, False])
+def test_kernel_ready_off_the_cpu(monkeypatch, triton_available: bool) -> None:
+    """Tensors on a device that is neither the CPU nor CUDA (meta) take no kernel, and do not ask for
+    Triton (no warning); CPU tensors take the C++ kernels whether Triton is there or not."""
+    monkeypatch.setattr(_ops._triton, "AVAILABLE", triton_available)
+    monkeypatch.setattr(_ops, "_warned_no_triton", False)
+    meta = torch.empty(SHAPE, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _ops.kernel_ready(SPEC, meta, meta, None, None) is False
+        assert _ops.kernel_ready(SPEC, meta, meta, torch.empty(SHAPE[1], device="meta"), None) is False
+        cpu = torch.zeros(SHAPE)
+        assert _ops.kernel_ready(SPEC, cpu, cpu, None, None) is _native.AVAILABLE
+        assert _ops.kernel_ready(SPEC, cpu, meta, None, None) is False  # devices differ
+    assert not _ops._warned_no_triton
+
+
+def test_non_cpu_outputs_and_grad_outputs(monkeypatch) -> None:
+    """``_output`` of a non-CPU tensor is a contiguous empty_like (no C++ buffer cache), and ``_is_one``
+    does not synchronise for a small non-CPU grad_output."""
+    meta = torch.empty(SHAPE[1], SHAPE[0], device="meta").t()
+    out = _ops._output(meta)
+    assert out.device.type == "meta" and out.shape == meta.shape and out.is_contiguous()
+    assert _ops._is_one(torch.ones((), device="meta"), N) is False  # .item() on meta would raise
+    assert _ops._form(torch.empty(SHAPE[0], 1), torch.empty(SHAPE)) == (_native.PER_ROW, SHAPE[1])
+    assert _ops._form(None, torch.empty(SHAPE)) is None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bugs (see each docstring)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _effective_scalar_types(kernel, arguments: dict) -> dict[str, str]:
+    """The type a compiled launch gives each Python float argument: its annotation, else Triton's default
+    for a float (``mangle_type``: fp32)."""
+    from triton.runtime.jit import JITFunction, mangle_type
+
+    params = {param.name: param for param in JITFunction(kernel.fn).params}
+    return {
+        name: (params[name].annotation_type or mangle_type(value))
+        for name, value in arguments.items()
+        if isinstance(value, float) and not params[name].is_constexpr
+    }
+
+
+def test_no_float_scalar_reaches_the_kernel(launches) -> None:
+    """Triton passes a Python float argument to a compiled kernel as fp32 (the interpreter, which CI runs,
+    keeps it in double, so only the arguments show it): ``grad_scale``, ``label_smoothing`` and
+    ``ignore_index`` travel in a float64 tensor instead, else float64 gradients would carry a 2**-24 error
+    (the mean's 1/n), and a target equal to an ignore_index that is not a float32 (0.1, 2**24 + 1) would
+    not be ignored on the GPU while the C++ kernels (which compare in double) ignore it."""
+    x, y = _data("logits", torch.float64, seed=24, shape=(37,))
+    _triton_run(
+        "logits", x, y, None, None, MEAN, grad_scale=GRAD_SCALE, label_smoothing=0.1, ignore_index=0.1
+    )
+    assert _effective_scalar_types(launches.kernel, launches.arguments[0]) == {}
+    params = launches.arguments[0]["params_ptr"]
+    assert params.dtype == torch.float64
+    assert params.tolist() == [GRAD_SCALE, 0.1, 0.1]
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter keeps Python floats in double")
+def test_float64_ignore_index_and_grad_scale_on_the_gpu() -> None:  # pragma: no cover - GPU only
+    """The behaviour the annotations above protect, checked where the kernel is compiled."""
+    x, y = _data("logits", torch.float64, seed=25)
+    y.view(-1)[::5] = 0.1
+    got = _triton_run("logits", x, y, None, None, MEAN, grad_scale=GRAD_SCALE, ignore_index=0.1)
+    expected = _cpu_run("logits", x, y, None, None, MEAN, grad_scale=GRAD_SCALE, ignore_index=0.1)
+    assert got[1] == expected[1] == N - len(range(0, N, 5))
+    _assert_close(got[3], expected[3], torch.float64, 4, 0.0, 0.0, "grad_input")
