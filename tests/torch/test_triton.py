@@ -32,6 +32,7 @@ triton = pytest.importorskip("triton")
 # NumPy's warnings inside the interpreter (log(0), inf - inf, ...): the kernel's IEEE arithmetic, as on a GPU
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
+import bcekit.torch as bce  # noqa: E402
 from _reference import bce_exact, logits_exact, ulp_error  # noqa: E402
 from bcekit import _native, _semantics  # noqa: E402
 from bcekit._math import LossSpec  # noqa: E402
@@ -855,3 +856,63 @@ def test_float64_ignore_index_and_grad_scale_on_the_gpu() -> None:  # pragma: no
     expected = _cpu_run("logits", x, y, None, None, MEAN, grad_scale=GRAD_SCALE, ignore_index=0.1)
     assert got[1] == expected[1] == N - len(range(0, N, 5))
     _assert_close(got[3], expected[3], torch.float64, 4, 0.0, 0.0, "grad_input")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The device branch of the torch ops, run on CPU tensors (as CUDA tensors would take it)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _torch_path(logits, x, y, w, p, reduction, options, grad_scale):
+    """Loss, input and target gradients through bcekit.torch (eager kernel path, fused when reduced)."""
+    x, y = x.clone().requires_grad_(), y.clone().requires_grad_()
+    if logits:
+        loss = bce.binary_cross_entropy_with_logits(x, y, w, reduction=reduction, pos_weight=p, **options)
+    else:
+        loss = bce.binary_cross_entropy(x, y, w, reduction=reduction, **options)
+    grad_output = torch.full_like(loss, grad_scale)
+    gx, gy = torch.autograd.grad(loss, (x, y), grad_output)
+    return loss.detach(), gx, gy
+
+
+@pytest.mark.parametrize("logits", [True, False], ids=["logits", "bce"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(
+    "options", [{}, {"ignore_index": 0.0, "label_smoothing": 0.1}], ids=["plain", "ignore+smoothing"]
+)
+@pytest.mark.parametrize("grad_scale", [1.0, 2.5])
+def test_device_branch_of_the_ops_matches_the_cpu_kernels(
+    monkeypatch, logits, dtype, reduction, options, grad_scale
+) -> None:
+    """``_ops._TRITON_ON_CPU`` sends CPU tensors down the branch CUDA tensors take (Triton, loss and count
+    left on the device, the ignore_index mean scaled on the device, grad_output as a tensor), so the torch
+    plumbing of the GPU path is tested here against the C++ kernels' results."""
+    rng = np.random.default_rng(5)
+    shape = (2 * _triton.BLOCK // 7 + 3, 7)
+    x = rng.normal(0, 3, shape) if logits else rng.uniform(0.01, 0.99, shape)
+    y = rng.random(shape)
+    y[::3] = 0.0  # some targets equal ignore_index
+    x, y = torch.tensor(x).to(dtype), torch.tensor(y).to(dtype)
+    w = torch.tensor(rng.uniform(0.5, 2.0, shape[-1:])).to(dtype)
+    p = torch.tensor(rng.uniform(0.5, 2.0, (shape[0], 1))).to(dtype) if logits else None
+    expected = _torch_path(logits, x, y, w, p, reduction, options, grad_scale)
+    calls = []
+    original = _triton.run
+    monkeypatch.setattr(_triton, "run", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(_ops, "_TRITON_ON_CPU", True)
+    got = _torch_path(logits, x, y, w, p, reduction, options, grad_scale)
+    assert calls, "the Triton branch was not taken"
+    eps = torch.finfo(dtype).eps
+    for name, mine, theirs in zip(("loss", "grad_input", "grad_target"), got, expected, strict=True):
+        assert mine.dtype == theirs.dtype and mine.shape == theirs.shape, name
+        finite = theirs.isfinite()
+        assert torch.equal(mine.isfinite(), finite), name
+        scale = theirs.double().abs().max().item() if theirs.numel() else 0.0
+        torch.testing.assert_close(
+            mine.double()[finite],
+            theirs.double()[finite],
+            rtol=2 * eps,
+            atol=4 * torch.finfo(torch.float32).eps * scale,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )

@@ -226,6 +226,10 @@ def kernel_ready(spec: LossSpec, *tensors: Optional[Tensor]) -> bool:
 
 _warned_no_triton = False
 
+#: Tests only: send CPU tensors through the Triton branch of _kernel_pass (under TRITON_INTERPRET=1), so
+#: the code path of CUDA tensors runs on machines without a GPU.
+_TRITON_ON_CPU = False
+
 
 def _gpu_kernels_available() -> bool:
     """Triton present; otherwise say once that CUDA tensors take the (slower) composed path."""
@@ -292,7 +296,7 @@ def _kernel_pass(
         grad_scale = grad_scale / x.numel()
     if grad_output is not None:
         grad_output = grad_output.to(x.dtype).contiguous()
-    if x.device.type == "cuda":  # Triton: the loss and the count stay on the device
+    if x.device.type == "cuda" or _TRITON_ON_CPU:  # Triton: the loss and the count stay on the device
         value, kept = _triton.run(
             spec.kind,
             x,
