@@ -72,35 +72,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import bcekit._native
-import bcekit.torch as bce
+from benchmarks._common import (
+    DTYPES,
+    LOSSES,
+    PASSES,
+    compile_loss,
+    configure_dynamo,
+    functions,
+    panel_summary,
+    plot,
+)
 
 Runner = Callable[[], object]
 
 CONTENDERS = ("bcekit", "torch eager", "torch.compile", "numpy", "floor")
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red")
-LOSSES = ("logits", "probabilities")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-PASSES = ("fwd", "fwd+bwd")
 
 
 def _set_threads() -> int:
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     return threads
-
-
-def _configure_dynamo() -> None:
-    """Raise the recompile limit and make hitting it an error: torch.compile must never fall back silently."""
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # the older name is an alias in recent releases
-        if hasattr(config, name):
-            setattr(config, name, 64)
-    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
-        if hasattr(config, name):
-            setattr(config, name, True)
 
 
 def _cpu_model() -> str:
@@ -140,19 +134,6 @@ def _inputs(loss: str, dtype: torch.dtype, n: int, seed: int = 0) -> tuple[torch
     if loss == "probabilities":
         x = torch.sigmoid(x)
     return x.to(dtype), torch.rand(n, generator=generator).to(dtype)
-
-
-def _functions(loss: str) -> tuple[Callable, Callable]:
-    if loss == "logits":
-        return bce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits
-    return bce.binary_cross_entropy, F.binary_cross_entropy
-
-
-def _compiled(torch_fn: Callable) -> Callable:
-    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch_fn(x, y)
-
-    return torch.compile(loss_fn, dynamic=True, fullgraph=True)
 
 
 def _torch_runner(function: Callable, x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor | None) -> Runner:
@@ -196,7 +177,7 @@ def _floor_runner(x: torch.Tensor, y: torch.Tensor, backward: bool) -> Runner:
 def _runners(
     loss: str, dtype: torch.dtype, backward: bool, x: torch.Tensor, y: torch.Tensor, compiled: Callable
 ) -> dict[str, Runner]:
-    ours_fn, torch_fn = _functions(loss)
+    ours_fn, torch_fn = functions(loss)
     leaf = x.detach().clone().requires_grad_() if backward else None
     runners = {
         "bcekit": _torch_runner(ours_fn, x, y, leaf),
@@ -253,13 +234,13 @@ def _format_row(row: dict) -> str:
 def measure(log2s: list[int], budget: float, min_repeats: int, max_repeats: int) -> tuple[list, list]:
     rows, panels = [], []
     for loss in LOSSES:
-        _, torch_fn = _functions(loss)
+        _, torch_fn = functions(loss)
         for dtype_name, dtype in DTYPES.items():
             for pass_ in PASSES:
                 backward = pass_ == "fwd+bwd"
                 torch._dynamo.reset()  # one fresh compilation per panel, shared by all its sizes
                 graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-                compiled = _compiled(torch_fn)
+                compiled = compile_loss(torch_fn)
                 print(f"\n### {loss}, {dtype_name}, {pass_} (ms, median)\n\n{TABLE_HEAD}", flush=True)
                 panel_start, compile_warm_up = time.perf_counter(), None
                 for log2 in log2s:
@@ -273,19 +254,8 @@ def measure(log2s: list[int], budget: float, min_repeats: int, max_repeats: int)
                     print(_format_row(row), flush=True)
                     del x, y
                     gc.collect()
-                panel = {
-                    "loss": loss,
-                    "dtype": dtype_name,
-                    "pass": pass_,
-                    "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before,
-                    "compile_first_call_s": round(compile_warm_up or 0.0, 2),
-                    "wall_s": round(time.perf_counter() - panel_start, 1),
-                }
-                panels.append(panel)
-                print(
-                    f"\ntorch.compile: {panel['compiled_graphs']} graph(s) compiled, first call "
-                    f"{panel['compile_first_call_s']} s; panel wall time {panel['wall_s']} s",
-                    flush=True,
+                panels.append(
+                    panel_summary(loss, dtype_name, pass_, graphs_before, compile_warm_up, panel_start)
                 )
     return rows, panels
 
@@ -318,10 +288,10 @@ def _proc_status_kib(field: str) -> int:
 def _memory_child(loss: str, dtype_name: str, contender: str, log2: int) -> None:
     """Runs in a fresh interpreter; prints one JSON line with the steps' peak extra resident memory."""
     _set_threads()
-    _configure_dynamo()
+    configure_dynamo()
     dtype, n = DTYPES[dtype_name], 1 << log2
-    _, torch_fn = _functions(loss)
-    compiled = _compiled(torch_fn) if contender == "torch.compile" else None
+    _, torch_fn = functions(loss)
+    compiled = compile_loss(torch_fn) if contender == "torch.compile" else None
     x, y = _inputs(loss, dtype, 1 << 16)  # warm-up at a small size: imports, thread pool, compilation
     step = _runners(loss, dtype, True, x, y, compiled)[contender]
     for _ in range(2):
@@ -388,41 +358,6 @@ def measure_memory(log2: int) -> list[dict]:
 # --- plot ------------------------------------------------------------------------------------------------
 
 
-def _plot(rows: list[dict], path: Path, subtitle: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(loss, dtype, pass_) for loss in LOSSES for dtype in DTYPES for pass_ in PASSES]
-    panels = [p for p in panels if any((r["loss"], r["dtype"], r["pass"]) == p for r in rows)]
-    columns = max(1, (len(panels) + 1) // 2)
-    figure, axes = plt.subplots(2, columns, figsize=(4.2 * columns, 7.5), squeeze=False)
-    for axis, (loss, dtype, pass_) in zip(axes.flat, panels, strict=False):
-        selected = [r for r in rows if (r["loss"], r["dtype"], r["pass"]) == (loss, dtype, pass_)]
-        sizes = [r["n"] for r in selected]
-        for column, color in zip(CONTENDERS, COLORS, strict=True):
-            if column in selected[0]:
-                per_element = [r[column] * 1e6 / r["n"] for r in selected]
-                axis.plot(sizes, per_element, marker="o", markersize=3, color=color, label=column)
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_title(f"{loss}, {dtype}, {pass_}", fontsize=9)
-        axis.set_xlabel("elements")
-        axis.set_ylabel("ns per element")
-        axis.grid(True, which="both", alpha=0.3)
-    for axis in list(axes.flat)[len(panels) :]:
-        axis.set_visible(False)
-    handles = [
-        plt.Line2D([], [], color=c, marker="o", label=n) for n, c in zip(CONTENDERS, COLORS, strict=True)
-    ]
-    figure.legend(handles=handles, loc="upper right", fontsize=8, ncols=len(CONTENDERS))
-    figure.suptitle(f"bcekit CPU benchmark: time per element vs size\n{subtitle}", fontsize=10)
-    figure.tight_layout(rect=(0, 0, 1, 0.95))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 def _subtitle(info: dict) -> str:
     return f"{info['cpu model']} ({info['machine']}), {info['torch threads']} threads, torch {info['torch']}"
 
@@ -431,9 +366,16 @@ def replot(path: Path) -> None:
     """Redraw ``cpu.png`` beside a saved ``cpu.json`` without measuring again."""
     data = json.loads(path.read_text())
     if isinstance(data, list):  # the older format: rows only
-        _plot(data, path.with_suffix(".png"))
+        plot(data, path.with_suffix(".png"), CONTENDERS, COLORS, "bcekit CPU benchmark")
     else:
-        _plot(data["rows"], path.with_suffix(".png"), _subtitle(data["machine"]))
+        plot(
+            data["rows"],
+            path.with_suffix(".png"),
+            CONTENDERS,
+            COLORS,
+            "bcekit CPU benchmark",
+            _subtitle(data["machine"]),
+        )
 
 
 def main() -> None:
@@ -452,7 +394,7 @@ def main() -> None:
 
     started = time.perf_counter()
     threads = _set_threads()
-    _configure_dynamo()
+    configure_dynamo()
     info = machine()
     print("## Machine\n")
     for key, value in info.items():
@@ -497,7 +439,7 @@ def main() -> None:
         "memory": memory,
     }
     (arguments.out / "cpu.json").write_text(json.dumps(result, indent=1))
-    _plot(rows, arguments.out / "cpu.png", _subtitle(info))
+    plot(rows, arguments.out / "cpu.png", CONTENDERS, COLORS, "bcekit CPU benchmark", _subtitle(info))
     print(f"\nwrote {arguments.out / 'cpu.json'} and {arguments.out / 'cpu.png'}; wall time {wall:.0f} s")
 
 

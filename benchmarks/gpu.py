@@ -94,19 +94,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-import bcekit.torch as bce
 from bcekit.torch import _triton as bce_triton
+from benchmarks._common import (
+    DTYPES,
+    LOSSES,
+    PASSES,
+    compile_loss,
+    configure_dynamo,
+    functions,
+    panel_summary,
+    plot,
+)
 
 Runner = Callable[[], object]
 
 CONTENDERS = ("bcekit", "torch eager", "torch.compile", "copy")
 LOSS_CONTENDERS = CONTENDERS[:3]
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
-LOSSES = ("logits", "probabilities")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-PASSES = ("fwd", "fwd+bwd")
 #: A sample lasts about this long: back-to-back calls between two events (at most MAX_INNER of them).
 SAMPLE_MS = 1.0
 MAX_INNER = 100
@@ -195,17 +200,6 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError)
 
 
-def _configure_dynamo() -> None:
-    """Raise the recompile limit and make hitting it an error: torch.compile must never fall back silently."""
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # the older name is an alias in recent releases
-        if hasattr(config, name):
-            setattr(config, name, 64)
-    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
-        if hasattr(config, name):
-            setattr(config, name, True)
-
-
 def _triton_version() -> str:
     try:
         import triton
@@ -253,19 +247,6 @@ def _inputs(
     return x.to(dtype), torch.rand(n, generator=generator, device=device).to(dtype)
 
 
-def _functions(loss: str) -> tuple[Callable, Callable]:
-    if loss == "logits":
-        return bce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits
-    return bce.binary_cross_entropy, F.binary_cross_entropy
-
-
-def _compiled(torch_fn: Callable) -> Callable:
-    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch_fn(x, y)
-
-    return torch.compile(loss_fn, dynamic=True, fullgraph=True)
-
-
 def _ideal_bytes(n: int, item_size: int, backward: bool) -> int:
     """Bytes the ideal pass moves: input and target read (and the gradient written, for fwd+bwd)."""
     return (3 if backward else 2) * n * item_size
@@ -302,7 +283,7 @@ def _copy_runner(x: torch.Tensor, backward: bool) -> Runner:
 def _runner(
     name: str, loss: str, backward: bool, x: torch.Tensor, y: torch.Tensor, compiled: Callable | None
 ) -> Runner:
-    ours_fn, torch_fn = _functions(loss)
+    ours_fn, torch_fn = functions(loss)
     if name == "bcekit":
         return _loss_runner(ours_fn, x, y, backward)
     if name == "torch eager":
@@ -375,10 +356,10 @@ def measure(
     rows, panels = [], []
     for loss, dtype_name, pass_ in panels_wanted:
         dtype, backward = DTYPES[dtype_name], pass_ == "fwd+bwd"
-        _, torch_fn = _functions(loss)
+        _, torch_fn = functions(loss)
         torch._dynamo.reset()  # one fresh compilation per panel, shared by all its sizes
         graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        compiled = _compiled(torch_fn)
+        compiled = compile_loss(torch_fn)
         print(f"\n### {loss}, {dtype_name}, {pass_} (ms per step, median)\n\n{TABLE_HEAD}", flush=True)
         panel_start, compile_warm_up = time.perf_counter(), None
         for log2 in log2s:
@@ -419,20 +400,7 @@ def measure(
             print(_format_row(row), flush=True)
             del x, y
             backend.free()
-        panel = {
-            "loss": loss,
-            "dtype": dtype_name,
-            "pass": pass_,
-            "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before,
-            "compile_first_call_s": round(compile_warm_up or 0.0, 2),
-            "wall_s": round(time.perf_counter() - panel_start, 1),
-        }
-        panels.append(panel)
-        print(
-            f"\ntorch.compile: {panel['compiled_graphs']} graph(s) compiled, first call "
-            f"{panel['compile_first_call_s']} s; panel wall time {panel['wall_s']} s",
-            flush=True,
-        )
+        panels.append(panel_summary(loss, dtype_name, pass_, graphs_before, compile_warm_up, panel_start))
     return rows, panels
 
 
@@ -489,7 +457,7 @@ def measure_memory(backend: Backend, log2: int, pairs: list[tuple[str, str]]) ->
     for loss, dtype_name in pairs:
         dtype = DTYPES[dtype_name]
         gradient_bytes = n * torch.empty((), dtype=dtype).element_size()
-        _, torch_fn = _functions(loss)
+        _, torch_fn = functions(loss)
         for contender in LOSS_CONTENDERS:
             result: dict = {"loss": loss, "dtype": dtype_name, "contender": contender, "n": n}
             x = y = step = None
@@ -497,7 +465,7 @@ def measure_memory(backend: Backend, log2: int, pairs: list[tuple[str, str]]) ->
                 compiled = None
                 if contender == "torch.compile":
                     torch._dynamo.reset()
-                    compiled = _compiled(torch_fn)
+                    compiled = compile_loss(torch_fn)
                 x, y = _inputs(loss, dtype, n, backend.device)
                 step = _runner(contender, loss, True, x, y, compiled)
                 for _ in range(2):  # warm-up: compilation, Triton's JIT, the allocator's first blocks
@@ -531,41 +499,6 @@ def measure_memory(backend: Backend, log2: int, pairs: list[tuple[str, str]]) ->
 # --- plot --------------------------------------------------------------------------------------------------
 
 
-def _plot(rows: list[dict], path: Path, subtitle: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(loss, dtype, pass_) for loss in LOSSES for dtype in DTYPES for pass_ in PASSES]
-    panels = [p for p in panels if any((r["loss"], r["dtype"], r["pass"]) == p for r in rows)]
-    columns = max(1, (len(panels) + 1) // 2)
-    figure, axes = plt.subplots(2, columns, figsize=(4.2 * max(columns, 2), 7.5), squeeze=False)
-    for axis, (loss, dtype, pass_) in zip(axes.flat, panels, strict=False):
-        selected = [r for r in rows if (r["loss"], r["dtype"], r["pass"]) == (loss, dtype, pass_)]
-        for column, color in zip(CONTENDERS, COLORS, strict=True):
-            points = [(r["n"], r[column] * 1e6 / r["n"]) for r in selected if r.get(column)]
-            if points:
-                sizes, per_element = zip(*points, strict=True)
-                axis.plot(sizes, per_element, marker="o", markersize=3, color=color, label=column)
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_title(f"{loss}, {dtype}, {pass_}", fontsize=9)
-        axis.set_xlabel("elements")
-        axis.set_ylabel("ns per element")
-        axis.grid(True, which="both", alpha=0.3)
-    for axis in list(axes.flat)[len(panels) :]:
-        axis.set_visible(False)
-    handles = [
-        plt.Line2D([], [], color=c, marker="o", label=n) for n, c in zip(CONTENDERS, COLORS, strict=True)
-    ]
-    figure.legend(handles=handles, loc="upper right", fontsize=8, ncols=len(CONTENDERS))
-    figure.suptitle(f"bcekit GPU benchmark: time per element vs size\n{subtitle}", fontsize=10)
-    figure.tight_layout(rect=(0, 0, 1, 0.93))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 def _subtitle(info: dict) -> str:
     return f"{info['device']}, torch {info['torch']}, CUDA {info['torch CUDA']}, Triton {info['triton']}"
 
@@ -573,7 +506,14 @@ def _subtitle(info: dict) -> str:
 def replot(path: Path) -> None:
     """Redraw ``gpu.png`` beside a saved ``gpu.json`` without measuring again."""
     data = json.loads(path.read_text())
-    _plot(data["rows"], path.with_suffix(".png"), _subtitle(data["machine"]))
+    plot(
+        data["rows"],
+        path.with_suffix(".png"),
+        CONTENDERS,
+        COLORS,
+        "bcekit GPU benchmark",
+        _subtitle(data["machine"]),
+    )
 
 
 # --- command line -------------------------------------------------------------------------------------------
@@ -626,7 +566,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     backend = Backend(arguments.dry_run)
-    _configure_dynamo()
+    configure_dynamo()
     info = machine(backend)
     print("## Machine\n")
     for key, value in info.items():
@@ -689,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
         "memory": memory,
     }
     (arguments.out / "gpu.json").write_text(json.dumps(result, indent=1))
-    _plot(rows, arguments.out / "gpu.png", _subtitle(info))
+    plot(rows, arguments.out / "gpu.png", CONTENDERS, COLORS, "bcekit GPU benchmark", _subtitle(info))
     print(f"\nwrote {arguments.out / 'gpu.json'} and {arguments.out / 'gpu.png'}; wall time {wall:.0f} s")
 
 
