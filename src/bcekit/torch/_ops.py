@@ -314,38 +314,35 @@ def _kernel_pass(
             label_smoothing=spec.label_smoothing,
             ignore_index=spec.ignore_index,
         )
-        if mean_unknown:
-            for grad in (gi, gt):
-                if grad is not None:
-                    grad.div_(kept.clamp_min(1).to(grad.dtype))
-        return (per_element if per_element is not None else value), gi, gt
-    if grad_output is not None and grad_output.numel() == 1 and x.numel() != 1:
-        grad_scale, grad_output = grad_scale * float(grad_output), None  # a reduced loss's grad_output
-    value, kept = _native.run(
-        spec.kind,
-        x,
-        y,
-        w,
-        _shape(w),
-        p,
-        _shape(p),
-        input_shape=tuple(x.shape),
-        reduction=reduction,
-        loss=per_element,
-        grad_input=gi,
-        grad_target=gt,
-        grad_output=grad_output,
-        grad_scale=grad_scale,
-        label_smoothing=spec.label_smoothing,
-        ignore_index=spec.ignore_index,
-        threads=torch.get_num_threads(),
-    )
-    if mean_unknown and kept:
+        count = kept.clamp_min(1)
+    else:
+        if grad_output is not None and grad_output.numel() == 1 and x.numel() != 1:
+            grad_scale, grad_output = grad_scale * float(grad_output), None  # a reduced loss's grad_output
+        value, kept = _native.run(
+            spec.kind,
+            x,
+            y,
+            w,
+            _shape(w),
+            p,
+            _shape(p),
+            input_shape=tuple(x.shape),
+            reduction=reduction,
+            loss=per_element,
+            grad_input=gi,
+            grad_target=gt,
+            grad_output=grad_output,
+            grad_scale=grad_scale,
+            label_smoothing=spec.label_smoothing,
+            ignore_index=spec.ignore_index,
+            threads=torch.get_num_threads(),
+        )
+        value, count = torch.scalar_tensor(value, dtype=x.dtype), max(kept, 1)
+    if mean_unknown:  # the mean's denominator, known only after the pass (all ignored: grads are 0)
         for grad in (gi, gt):
             if grad is not None:
-                grad.div_(kept)
-    loss = per_element if per_element is not None else torch.scalar_tensor(value, dtype=x.dtype)
-    return loss, gi, gt
+                grad.div_(count)
+    return (per_element if per_element is not None else value), gi, gt
 
 
 def _kernel_gradients(spec: LossSpec, ctx, grad_output: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
