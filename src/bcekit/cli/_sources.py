@@ -1,0 +1,516 @@
+"""Prediction files for ``bcekit score``: what they hold, and their rows in bounded batches.
+
+A *table* is one file: CSV (optionally compressed, read with pyarrow), Parquet (pyarrow), NPY (a structured
+array whose fields are the columns, or a 1-D / 2-D array whose columns are named ``0``, ``1``, ...) or NPZ
+(each 1-D member is a column). Only the columns a job names are read, a batch at a time, so memory is
+bounded by the batch size whatever the file's size.
+
+Several files form one data set in one of two layouts, chosen by where the named columns are:
+
+* **stacked**: every file holds every column; the files' rows are read one file after another;
+* **side by side**: each column is in exactly one file (targets in one, predictions in another, say); the
+  files are read in lockstep, row *i* of each belonging together, so they must have the same row count.
+
+A data set is cut into *partitions* (one per Parquet row group, one per other file in the stacked layout),
+the unit of work of the Dask engine; the local engine reads the same partitions in order.
+
+Every value is checked on the way in: a missing or non-numeric value raises :class:`DataError` naming the
+file, the column and the first offending row (1-based, not counting a CSV header).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["DataError", "Table", "Piece", "Partition", "open_table", "plan", "read_partition"]
+
+_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".npy": "npy", ".npz": "npz"}
+_COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
+
+
+class DataError(Exception):
+    """Bad input data; ``bcekit score`` prints it as one line and exits with status 2."""
+
+    def __init__(self, path: str, message: str, column: str | None = None, row: int | None = None) -> None:
+        super().__init__(path, message, column, row)
+        self.path, self.message, self.column, self.row = path, message, column, row
+
+    def __str__(self) -> str:
+        where = [self.path]
+        if self.column is not None:
+            where.append(f"column {self.column!r}")
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        return ": ".join([*where, self.message])
+
+    def __reduce__(self):  # picklable with its fields, for Dask workers
+        return (DataError, (self.path, self.message, self.column, self.row))
+
+
+def _missing_dependency(what: str) -> DataError:
+    return DataError(what, "reading it needs pyarrow: pip install 'bcekit[cli]'")
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.compute  # noqa: F401
+    except ImportError:
+        return None
+    return pyarrow
+
+
+def file_format(path: str) -> str:
+    name = os.path.basename(path).lower()
+    for suffix in _COMPRESSED:
+        if name.endswith(suffix) and name[: -len(suffix)].endswith(".csv"):
+            return "csv"
+    fmt = _FORMATS.get(os.path.splitext(name)[1])
+    if fmt is None:
+        raise DataError(path, "unknown file type: expected .csv (or .csv.gz etc.), .parquet, .npy or .npz")
+    return fmt
+
+
+@dataclass(frozen=True)
+class Table:
+    """One file's metadata: its columns and, where the format records it, its rows and row groups."""
+
+    path: str
+    format: str
+    columns: tuple[str, ...]
+    num_rows: int | None  # None for CSV: known only after reading it
+    row_groups: tuple[int, ...] | None = None  # Parquet row-group sizes
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[start, stop)`` of some columns of one file (``stop=None``: to the end)."""
+
+    path: str
+    format: str
+    columns: tuple[str, ...]
+    start: int = 0
+    stop: int | None = None
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Rows read together: one piece (stacked layout) or one piece per file, in lockstep (side by side)."""
+
+    index: int
+    pieces: tuple[Piece, ...]
+
+
+def open_table(path: str) -> Table:
+    """Read a file's metadata (not its data). Raises :class:`DataError` when it cannot be read."""
+    fmt = file_format(path)
+    if not os.path.isfile(path):
+        raise DataError(path, "no such file")
+    try:
+        return _OPENERS[fmt](path)
+    except DataError:
+        raise
+    except Exception as error:  # pyarrow's and numpy's exceptions for unreadable files
+        raise DataError(path, f"cannot read it as {fmt.upper()}: {error}") from None
+
+
+def _open_csv(path: str) -> Table:
+    pa = _pyarrow()
+    if pa is None:
+        raise _missing_dependency(path)
+    if os.path.getsize(path) == 0:
+        raise DataError(path, "the file is empty")
+    import pyarrow.csv as pcsv
+
+    with pa.input_stream(path, compression="detect") as stream:
+        reader = pcsv.open_csv(stream, read_options=pcsv.ReadOptions(block_size=1 << 16))
+        names = tuple(reader.schema.names)
+    return Table(path, "csv", names, None)
+
+
+def _open_parquet(path: str) -> Table:
+    if _pyarrow() is None:
+        raise _missing_dependency(path)
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(path).metadata
+    names = tuple(metadata.schema.to_arrow_schema().names)
+    groups = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+    return Table(path, "parquet", names, metadata.num_rows, groups)
+
+
+def _npy_columns(array: np.ndarray) -> tuple[str, ...]:
+    if array.dtype.names:
+        return tuple(array.dtype.names)
+    if array.ndim == 1:
+        return ("0",)
+    if array.ndim == 2:
+        return tuple(str(i) for i in range(array.shape[1]))
+    raise ValueError(f"expected a structured, 1-D or 2-D array, got shape {array.shape}")
+
+
+def _open_npy(path: str) -> Table:
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    return Table(path, "npy", _npy_columns(array), array.shape[0])
+
+
+def _npz_header(archive: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype, object]:
+    """The member's shape and dtype, and a stream positioned at its first element."""
+    stream = archive.open(member)
+    version = np.lib.format.read_magic(stream)
+    read_header = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }.get(version)
+    if read_header is None:
+        raise ValueError(f"member {member!r}: unsupported .npy format version {version}")
+    shape, _, dtype = read_header(stream)
+    return shape, dtype, stream
+
+
+def _open_npz(path: str) -> Table:
+    names, rows = [], None
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            if not member.endswith(".npy"):
+                continue
+            shape, dtype, stream = _npz_header(archive, member)
+            stream.close()
+            name = member[: -len(".npy")]
+            if len(shape) != 1:
+                raise DataError(path, f"member has shape {shape}; columns must be 1-D arrays", name)
+            if dtype.hasobject:
+                raise DataError(path, "member holds Python objects, not numbers", name)
+            if rows is not None and shape[0] != rows:
+                raise DataError(path, f"member has {shape[0]} rows, earlier members {rows}", name)
+            names.append(name)
+            rows = shape[0]
+    return Table(path, "npz", tuple(names), 0 if rows is None else rows)
+
+
+_OPENERS = {"csv": _open_csv, "parquet": _open_parquet, "npy": _open_npy, "npz": _open_npz}
+
+
+# -- layout and partitions ----------------------------------------------------------------------------------
+
+
+def plan(tables: Sequence[Table], columns: Sequence[str]) -> tuple[str, list[Partition]]:
+    """The layout (``'stacked'`` or ``'side by side'``) of ``tables`` and their partitions.
+
+    Raises :class:`DataError` for a column no file holds, a layout that is neither, a file with no rows, or
+    side-by-side files whose recorded row counts differ.
+    """
+    needed = tuple(dict.fromkeys(columns))
+    holders = {column: [t for t in tables if column in t.columns] for column in needed}
+    for column, found in holders.items():
+        if not found:
+            listing = "; ".join(f"{t.path} has {', '.join(t.columns) or 'no columns'}" for t in tables)
+            raise DataError(tables[0].path if len(tables) == 1 else "input", f"not found ({listing})", column)
+    for table in tables:
+        if table.num_rows == 0:
+            raise DataError(table.path, "the file has no rows")
+    if all(len(found) == len(tables) for found in holders.values()):
+        return "stacked", _stacked(tables, needed)
+    for column, found in holders.items():
+        if len(found) > 1:
+            others = ", ".join(t.path for t in tables if t not in found)
+            raise DataError(
+                found[1].path,
+                f"also in {found[0].path} but not in {others}: give files that each hold every column "
+                "(read one after another) or files that each hold different columns (read side by side)",
+                column,
+            )
+    unused = [t.path for t in tables if not any(t in found for found in holders.values())]
+    if unused:
+        raise DataError(unused[0], "holds none of the named columns")
+    return "side by side", _side_by_side(tables, holders)
+
+
+def _stacked(tables: Sequence[Table], columns: tuple[str, ...]) -> list[Partition]:
+    partitions: list[Partition] = []
+    for table in tables:
+        if table.row_groups:
+            start = 0
+            for size in table.row_groups:
+                piece = Piece(table.path, table.format, columns, start, start + size)
+                partitions.append(Partition(len(partitions), (piece,)))
+                start += size
+        else:
+            partitions.append(Partition(len(partitions), (Piece(table.path, table.format, columns),)))
+    return partitions
+
+
+def _side_by_side(tables: Sequence[Table], holders: dict[str, list[Table]]) -> list[Partition]:
+    known = [t for t in tables if t.num_rows is not None]
+    for table in known[1:]:
+        if table.num_rows != known[0].num_rows:
+            short, long = sorted((table, known[0]), key=lambda t: t.num_rows)
+            raise _row_count_error(short, long.path, short.num_rows)
+    owned = [(t, tuple(c for c, found in holders.items() if found[0] is t)) for t in tables]
+    # Row ranges follow the first Parquet file's row groups (cheap to read there), else one partition.
+    grouped = next((t for t in tables if t.row_groups), None)
+    bounds: list[tuple[int, int | None]] = [(0, None)]
+    if grouped is not None and len(grouped.row_groups) > 1:
+        edges = np.cumsum((0, *grouped.row_groups)).tolist()
+        bounds = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        bounds[-1] = (bounds[-1][0], None)  # the last partition also checks that every file ends there
+    return [
+        Partition(i, tuple(Piece(t.path, t.format, cols, start, stop) for t, cols in owned))
+        for i, (start, stop) in enumerate(bounds)
+    ]
+
+
+def _row_count_error(short: Table | Piece, other: str, rows: int) -> DataError:
+    column = short.columns[0] if short.columns else None
+    return DataError(short.path, f"missing: the file has {rows} rows, {other} has more", column, rows + 1)
+
+
+# -- reading ------------------------------------------------------------------------------------------------
+
+
+def _iter_csv(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
+    pa = _pyarrow()
+    import pyarrow.csv as pcsv
+
+    convert = pcsv.ConvertOptions(
+        include_columns=list(piece.columns),
+        # read as text and convert here, so a bad value is reported with its row
+        column_types={c: pa.string() for c in piece.columns},
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=True,
+        null_values=[""],
+    )
+    block = max(1 << 16, min(1 << 24, batch_rows * 16 * len(piece.columns)))
+    with pa.input_stream(piece.path, compression="detect") as stream:
+        reader = pcsv.open_csv(
+            stream, read_options=pcsv.ReadOptions(block_size=block), convert_options=convert
+        )
+        for batch in reader:
+            yield {c: batch.column(c) for c in piece.columns}
+
+
+def _iter_parquet(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(piece.path)
+    sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+    edges = np.cumsum((0, *sizes)).tolist()
+    stop = edges[-1] if piece.stop is None else piece.stop
+    groups = [i for i in range(len(sizes)) if edges[i] < stop and edges[i + 1] > piece.start]
+    if not groups:
+        return
+    skip = piece.start - edges[groups[0]]  # rows before the range in its first row group
+    for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=list(piece.columns)):
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        if skip:
+            batch, skip = batch.slice(skip), 0
+        yield {c: batch.column(c) for c in piece.columns}
+
+
+def _iter_npy(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
+    array = np.load(piece.path, mmap_mode="r", allow_pickle=False)
+    names = _npy_columns(array)
+    stop = array.shape[0] if piece.stop is None else min(piece.stop, array.shape[0])
+    for start in range(piece.start, stop, batch_rows):
+        block = array[start : min(start + batch_rows, stop)]
+        if array.dtype.names:
+            yield {c: np.array(block[c]) for c in piece.columns}
+        elif array.ndim == 1:
+            yield {c: np.array(block) for c in piece.columns}
+        else:
+            yield {c: np.array(block[:, names.index(c)]) for c in piece.columns}
+
+
+def _iter_npz(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
+    with zipfile.ZipFile(piece.path) as archive:
+        streams = {}
+        try:
+            for column in piece.columns:
+                shape, dtype, stream = _npz_header(archive, column + ".npy")
+                streams[column] = (dtype, stream)
+            rows = shape[0]
+            position = 0
+            stop = rows if piece.stop is None else min(piece.stop, rows)
+            while position < stop:
+                count = min(batch_rows, stop - position)
+                batch = {}
+                for column, (dtype, stream) in streams.items():
+                    data = stream.read(count * dtype.itemsize)
+                    batch[column] = np.frombuffer(data, dtype=dtype, count=count)
+                if position + count > piece.start:
+                    cut = max(0, piece.start - position)
+                    yield {c: a[cut:] for c, a in batch.items()}
+                position += count
+        finally:
+            for _, stream in streams.values():
+                stream.close()
+
+
+_READERS = {"csv": _iter_csv, "parquet": _iter_parquet, "npy": _iter_npy, "npz": _iter_npz}
+
+
+def _length(array: object) -> int:
+    return len(array)  # type: ignore[arg-type]
+
+
+def _slice(array: object, start: int, stop: int) -> object:
+    if isinstance(array, np.ndarray):
+        return array[start:stop]
+    return array.slice(start, stop - start)  # type: ignore[attr-defined]
+
+
+def _concat(parts: list[object]) -> object:
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)  # type: ignore[arg-type]
+    import pyarrow as pa
+
+    chunks = [c for p in parts for c in (p.chunks if isinstance(p, pa.ChunkedArray) else [p])]
+    return pa.chunked_array(chunks)
+
+
+def _rows(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
+    """The piece's rows ``[start, stop)`` in batches of exactly ``batch_rows`` (the last one shorter)."""
+    reader = _READERS[piece.format](piece, batch_rows)
+    position, buffered, pending = piece.start, 0, []
+    if piece.format == "csv" and piece.start:  # CSV cannot seek: skip rows before the range
+        position = 0
+    for batch in reader:
+        size = _length(next(iter(batch.values())))
+        if piece.format == "csv" and position < piece.start:
+            if position + size <= piece.start:
+                position += size
+                continue
+            cut = piece.start - position
+            batch = {c: _slice(a, cut, size) for c, a in batch.items()}
+            position, size = piece.start, size - cut
+        if piece.stop is not None and position + size > piece.stop:
+            size = piece.stop - position
+            batch = {c: _slice(a, 0, size) for c, a in batch.items()}
+        if size <= 0:
+            break
+        pending.append(batch)
+        buffered += size
+        position += size
+        while buffered >= batch_rows:
+            merged = {c: _concat([b[c] for b in pending]) for c in piece.columns}
+            yield {c: _slice(a, 0, batch_rows) for c, a in merged.items()}
+            buffered -= batch_rows
+            pending = [{c: _slice(a, batch_rows, batch_rows + buffered) for c, a in merged.items()}]
+            if not buffered:
+                pending = []
+        if piece.stop is not None and position >= piece.stop:
+            break
+    if buffered:
+        yield {c: _concat([b[c] for b in pending]) for c in piece.columns}
+
+
+def read_partition(partition: Partition, batch_rows: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """``(first row, {column: float64 values})`` batches of the partition, every value checked numeric.
+
+    Rows are counted from 0 within each file (reported 1-based). Raises :class:`DataError` on a missing or
+    non-numeric value, and when side-by-side files end at different rows.
+    """
+    streams = [(piece, _rows(piece, batch_rows)) for piece in partition.pieces]
+    position = partition.pieces[0].start
+    reading = True
+    while reading:
+        merged: dict[str, np.ndarray] = {}
+        sizes = []
+        for piece, stream in streams:
+            batch = _next(piece, stream)
+            if batch is None:
+                sizes.append(0)
+                continue
+            for column, raw in batch.items():
+                merged[column] = to_float64(raw, piece.path, column, position)
+            sizes.append(_length(next(iter(batch.values()))))
+        if not any(sizes):
+            break
+        if len(set(sizes)) > 1:
+            shortest = min(range(len(sizes)), key=sizes.__getitem__)
+            longest = max(range(len(sizes)), key=sizes.__getitem__)
+            short = partition.pieces[shortest]
+            raise _row_count_error(short, partition.pieces[longest].path, position + sizes[shortest])
+        yield position, merged
+        position += sizes[0]
+        reading = sizes[0] == batch_rows
+    stop = partition.pieces[0].stop
+    if stop is not None and position < stop and len(partition.pieces) > 1:
+        raise DataError(partition.pieces[0].path, f"the file ends at row {position}, before row {stop}")
+    if stop is None and len(partition.pieces) > 1:
+        # every file must end here: a longer one has a row more
+        for piece, stream in streams:
+            if _next(piece, stream) is not None:
+                short = next(p for p, s in streams if p is not piece)
+                raise _row_count_error(short, piece.path, position)
+
+
+def _next(piece: Piece, stream: Iterator[dict[str, object]]) -> dict[str, object] | None:
+    try:
+        return next(stream)
+    except StopIteration:
+        return None
+    except DataError:
+        raise
+    except Exception as error:  # a corrupt or truncated file, as pyarrow / zipfile report it
+        raise DataError(piece.path, f"cannot read it: {error}") from None
+
+
+_NUMERIC_KINDS = "biuf"
+
+
+def to_float64(raw: object, path: str, column: str, first_row: int) -> np.ndarray:
+    """The values as float64, or :class:`DataError` at the first missing or non-numeric one."""
+    if isinstance(raw, np.ndarray):
+        if raw.dtype.kind not in _NUMERIC_KINDS:
+            raise DataError(path, f"values of type {raw.dtype} are not numbers", column, first_row + 1)
+        return raw.astype(np.float64)
+    pa = _pyarrow()
+    import pyarrow.compute as pc
+
+    array = raw.combine_chunks() if isinstance(raw, pa.ChunkedArray) else raw
+    if array.null_count:
+        row = int(np.flatnonzero(np.asarray(array.is_null()))[0])
+        raise DataError(path, "missing value", column, first_row + row + 1)
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        array = array.dictionary_decode()
+        kind = array.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        try:
+            array = pc.cast(array, pa.float64())
+        except pa.ArrowInvalid:
+            row, text = _first_non_number(array)
+            raise DataError(path, f"{text!r} is not a number", column, first_row + row + 1) from None
+    elif not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+        raise DataError(path, f"values of type {kind} are not numbers", column, first_row + 1)
+    return np.asarray(array.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _first_non_number(array: object) -> tuple[int, str]:
+    """The first value pyarrow cannot read as a number: bisection (the error names none)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def parses(start: int, stop: int) -> bool:
+        try:
+            pc.cast(array.slice(start, stop - start), pa.float64())  # type: ignore[attr-defined]
+        except pa.ArrowInvalid:
+            return False
+        return True
+
+    low, high = 0, len(array)  # type: ignore[arg-type]
+    while high - low > 1:  # invariant: [0, low) parses, [0, high) does not
+        middle = (low + high) // 2
+        if parses(0, middle):
+            low = middle
+        else:
+            high = middle
+    return low, array[low].as_py()  # type: ignore[index]
