@@ -64,8 +64,9 @@ def train(
     epochs: int,
     batch_size: int = 32,
     lr: float = 1e-2,
+    verbose: bool = True,
 ) -> list[float]:
-    """Mini-batch Adam; prints and returns the mean training loss of each epoch."""
+    """Mini-batch Adam; returns (and, when ``verbose``, prints) the mean training loss of each epoch."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     history: list[float] = []
     for epoch in range(1, epochs + 1):
@@ -80,7 +81,8 @@ def train(
             optimizer.step()
             total += loss.item() * len(batch)
         history.append(total / len(x))
-        print(f"epoch {epoch:3d}  train loss {history[-1]:.6f}")
+        if verbose:
+            print(f"epoch {epoch:3d}  train loss {history[-1]:.6f}")
     return history
 
 

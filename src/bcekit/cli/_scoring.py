@@ -26,10 +26,10 @@ from bcekit.cli._sources import DataError, Partition, read_partition
 
 __all__ = ["Job", "Partial", "Result", "LabelResult", "score_partition", "combine", "CALIBRATION_BINS"]
 
-CALIBRATION_BINS = 20
-# Per-element loss histogram edges: 1e-8 .. 1e3, 4 bins per decade; the first and last bins are open-ended
+CALIBRATION_BINS = 10
+# Per-element loss histogram edges: 1e-12 .. 1e3, 4 bins per decade; the first and last bins are open-ended
 # (the first also holds exact zeros).
-LOSS_EDGES = np.logspace(-8, 3, 45)
+LOSS_EDGES = np.logspace(-12, 3, 61)
 _SUMS_KEPT = 4096  # batch sums held per column before they are folded into one (still correctly rounded)
 
 
