@@ -132,8 +132,12 @@ def _score(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
     if missing:
         extra = "dask" if {"dask", "distributed"} & set(missing) else "cli"
         return _fail(stderr, f"needs {', '.join(missing)}: pip install 'bcekit[{extra}]'")
+    given: dict[str, str] = {}
     try:
-        tables = [open_table(os.path.abspath(path) if args.engine == "dask" else path) for path in args.files]
+        # Dask workers may run elsewhere in the file system: they get absolute paths
+        paths = [os.path.abspath(path) if args.engine == "dask" else path for path in args.files]
+        given = dict(zip(paths, args.files, strict=True))
+        tables = [open_table(path) for path in paths]
         layout, partitions = plan(tables, job.columns)
         known = [t.num_rows for t in tables if t.num_rows is not None]
         if layout == "stacked":
@@ -153,6 +157,7 @@ def _score(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
                         break
         result = combine(job, partials)
     except DataError as error:
+        error.path = given.get(error.path, error.path)  # as the user wrote it, whatever the engine
         return _fail(stderr, str(error))
     if args.format == "json":
         from bcekit.cli._report import as_json
