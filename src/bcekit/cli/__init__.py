@@ -18,9 +18,11 @@ the Dask engine needs ``'bcekit[dask]'``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import IO
 
 __all__ = ["main"]
@@ -94,8 +96,9 @@ def main(
     stderr = sys.stderr if stderr is None else stderr
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # argparse has printed its message already
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(argv)  # --help, --version and usage errors print to the given streams
+    except SystemExit as exit_:
         return int(exit_.code or 0)
     return _score(args, stdout, stderr)
 
@@ -132,12 +135,8 @@ def _score(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
     if missing:
         extra = "dask" if {"dask", "distributed"} & set(missing) else "cli"
         return _fail(stderr, f"needs {', '.join(missing)}: pip install 'bcekit[{extra}]'")
-    given: dict[str, str] = {}
     try:
-        # Dask workers may run elsewhere in the file system: they get absolute paths
-        paths = [os.path.abspath(path) if args.engine == "dask" else path for path in args.files]
-        given = dict(zip(paths, args.files, strict=True))
-        tables = [open_table(path) for path in paths]
+        tables = [open_table(path) for path in args.files]
         layout, partitions = plan(tables, job.columns)
         known = [t.num_rows for t in tables if t.num_rows is not None]
         if layout == "stacked":
@@ -148,7 +147,13 @@ def _score(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
             if args.engine == "dask":
                 from bcekit.cli import _dask
 
-                partials = _dask.run(job, partitions, args.scheduler, advance)
+                # workers may run in another directory: they open relative paths in this one
+                here = os.getcwd()
+                located = [
+                    replace(p, pieces=tuple(replace(piece, directory=here) for piece in p.pieces))
+                    for p in partitions
+                ]
+                partials = _dask.run(job, located, args.scheduler, advance)
             else:
                 partials = []
                 for partition in partitions:
@@ -157,7 +162,6 @@ def _score(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
                         break
         result = combine(job, partials)
     except DataError as error:
-        error.path = given.get(error.path, error.path)  # as the user wrote it, whatever the engine
         return _fail(stderr, str(error))
     if args.format == "json":
         from bcekit.cli._report import as_json

@@ -4,7 +4,8 @@ Workers run the same :func:`~bcekit.cli._scoring.score_partition` as the local e
 partials (batch sums, counts, plot statistics, or the partition's first data error); the client combines
 them in partition order, so the result equals the local engine's to within the rounding of batch sums and
 a bad value is reported exactly as the local engine reports it. Workers must see the files at the same
-paths (a shared file system), and must have bcekit installed.
+paths (a shared file system; relative paths are taken in the client's working directory), and must have
+bcekit installed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def run(
 
     cluster = None
     if scheduler is None:
-        cluster = LocalCluster(host="127.0.0.1", dashboard_address=None, threads_per_worker=1, processes=True)
+        cluster = LocalCluster(host="127.0.0.1", dashboard_address=":0", threads_per_worker=1, processes=True)
         client = Client(cluster)
     else:
         client = Client(scheduler)

@@ -16,13 +16,14 @@ reliability diagram) and per-element losses in logarithmic bins; these counts ad
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 
 import bcekit.numpy as bce
-from bcekit.cli._sources import DataError, Partition, read_partition
+from bcekit.cli._sources import DataError, Partition, read_partition, to_float64
 
 __all__ = ["Job", "Partial", "Result", "LabelResult", "score_partition", "combine", "CALIBRATION_BINS"]
 
@@ -84,7 +85,7 @@ class Partial:
 
     index: int
     rows: int = 0
-    sums: list[list[float]] = field(default_factory=list)
+    sums: list[list[float | Fraction]] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)
     calibration: np.ndarray | None = None  # (labels, 3, bins): count, sum of probabilities, sum of targets
     loss_histogram: np.ndarray | None = None  # (labels, len(LOSS_EDGES) + 1)
@@ -109,6 +110,31 @@ class Result:
     logits: bool
     calibration: np.ndarray | None
     loss_histogram: np.ndarray | None
+
+
+def _fsum(values: Iterable[float | Fraction]) -> float | Fraction:
+    """The sum, correctly rounded to a float; exact (a Fraction) where the float sum would overflow.
+
+    An overflowing sum is kept exact so that a mean can still come back into range, as bcekit.numpy's
+    does (it sums in extended precision). Infinities and NaN follow IEEE: inf - inf is NaN.
+    """
+    values = list(values)
+    special = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+    if special:
+        return math.nan if any(math.isnan(v) for v in special) or len(set(special)) > 1 else special[0]
+    if all(isinstance(v, float) for v in values):
+        try:
+            return math.fsum(values)
+        except OverflowError:  # finite terms whose sum exceeds the largest float: sum them exactly
+            pass
+    return sum((Fraction(v) for v in values), Fraction(0))
+
+
+def _float(value: float | Fraction) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _first(bad: np.ndarray) -> int | None:
@@ -147,16 +173,24 @@ def _ignored(values: np.ndarray, ignore_index: float) -> np.ndarray:
     return np.isnan(values) if math.isnan(ignore_index) else values == ignore_index
 
 
-def check_batch(job: Job, first_row: int, values: dict[str, np.ndarray], paths: dict[str, str]) -> None:
-    """Raise :class:`DataError` for the batch's first bad value (earliest row, then column order)."""
-    found = []
+def check_batch(
+    job: Job, first_row: int, raw: dict[str, object], paths: dict[str, str]
+) -> dict[str, np.ndarray]:
+    """The batch's columns as float64; :class:`DataError` for its first bad value, the earliest row first
+    (then the column order of :attr:`Job.columns`), whether it is not a number or out of range."""
+    values, found = {}, []
     for order, column in enumerate(job.columns):
+        values[column], problem = to_float64(raw[column])
+        if problem is not None:
+            found.append((problem[0], order, column, problem[1]))
+        # the values before a conversion problem are checked too: one of them may come first
         problem = _column_problem(job, column, values[column])
         if problem is not None:
             found.append((problem[0], order, column, problem[1]))
     if found:
         row, _, column, message = min(found)
         raise DataError(paths[column], message, column, first_row + row + 1)
+    return values
 
 
 def _probabilities(x: np.ndarray, logits: bool) -> np.ndarray:
@@ -186,8 +220,8 @@ def score_partition(job: Job, partition: Partition, progress: Callable[[int], No
         partial.loss_histogram = np.zeros((labels, len(LOSS_EDGES) + 1), dtype=np.int64)
     paths = {c: piece.path for piece in partition.pieces for c in piece.columns}
     try:
-        for first_row, values in read_partition(partition, job.batch_rows):
-            check_batch(job, first_row, values, paths)
+        for first_row, raw in read_partition(partition, job.batch_rows):
+            values = check_batch(job, first_row, raw, paths)
             _accumulate(job, partial, values)
             if progress is not None:
                 progress(len(values[job.predictions[0]]))
@@ -205,9 +239,9 @@ def _accumulate(job: Job, partial: Partial, values: dict[str, np.ndarray]) -> No
     partial.rows += x.shape[0]
     for label in range(x.shape[1]):
         column_sums = partial.sums[label]
-        column_sums.append(math.fsum(losses[:, label].tolist()))
+        column_sums.append(_fsum(losses[:, label].tolist()))
         if len(column_sums) > _SUMS_KEPT:
-            column_sums[:] = [math.fsum(column_sums)]
+            column_sums[:] = [_fsum(column_sums)]
         partial.kept[label] += int(np.count_nonzero(kept[:, label]))
     if partial.calibration is not None:
         _plot_statistics(job, partial, x, y, losses, kept)
@@ -243,11 +277,11 @@ def combine(job: Job, partials: Sequence[Partial]) -> Result:
     sums = [[s for p in ordered for s in p.sums[label]] for label in range(labels)]
     kept = [sum(p.kept[label] for p in ordered) for label in range(labels)]
     per_label = tuple(
-        LabelResult(prediction, target, _reduce(job.reduction, math.fsum(sums[i]), kept[i]), kept[i])
+        LabelResult(prediction, target, _reduce(job.reduction, _fsum(sums[i]), kept[i]), kept[i])
         for i, (prediction, target) in enumerate(zip(job.predictions, job.targets, strict=True))
     )
     elements = sum(kept)
-    total = math.fsum(s for column in sums for s in column)
+    total = _fsum(s for column in sums for s in column)
     calibration = histogram = None
     if job.collect_plot:
         calibration = sum(p.calibration for p in ordered)
@@ -264,7 +298,9 @@ def combine(job: Job, partials: Sequence[Partial]) -> Result:
     )
 
 
-def _reduce(reduction: str, total: float, count: int) -> float:
+def _reduce(reduction: str, total: float | Fraction, count: int) -> float:
     if reduction == "sum":
-        return total
-    return total / count if count else math.nan
+        return _float(total)
+    if not count:
+        return math.nan
+    return _float(total / count)

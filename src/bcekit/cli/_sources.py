@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DataError", "Table", "Piece", "Partition", "open_table", "plan", "read_partition"]
+__all__ = ["DataError", "Table", "Piece", "Partition", "open_table", "plan", "read_partition", "to_float64"]
 
 _FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".npy": "npy", ".npz": "npz"}
 _COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
@@ -89,13 +89,22 @@ class Table:
 
 @dataclass(frozen=True)
 class Piece:
-    """Rows ``[start, stop)`` of some columns of one file (``stop=None``: to the end)."""
+    """Rows ``[start, stop)`` of some columns of one file (``stop=None``: to the end).
+
+    ``path`` is the file as the user named it (messages use it); a relative one is opened in
+    ``directory`` when that is set, which is how Dask workers with another working directory find it.
+    """
 
     path: str
     format: str
     columns: tuple[str, ...]
     start: int = 0
     stop: int | None = None
+    directory: str = ""
+
+    @property
+    def location(self) -> str:
+        return os.path.join(self.directory, self.path)
 
 
 @dataclass(frozen=True)
@@ -128,7 +137,9 @@ def _open_csv(path: str) -> Table:
     import pyarrow.csv as pcsv
 
     with pa.input_stream(path, compression="detect") as stream:
-        reader = pcsv.open_csv(stream, read_options=pcsv.ReadOptions(block_size=1 << 16))
+        reader = pcsv.open_csv(
+            stream, read_options=pcsv.ReadOptions(block_size=1 << 16), parse_options=_csv_parse()
+        )
         names = tuple(reader.schema.names)
     return Table(path, "csv", names, None)
 
@@ -216,15 +227,16 @@ def plan(tables: Sequence[Table], columns: Sequence[str]) -> tuple[str, list[Par
             raise DataError(table.path, "the file has no rows")
     if all(len(found) == len(tables) for found in holders.values()):
         return "stacked", _stacked(tables, needed)
-    for column, found in holders.items():
-        if len(found) > 1:
-            others = ", ".join(t.path for t in tables if t not in found)
-            raise DataError(
-                found[1].path,
-                f"also in {found[0].path} but not in {others}: give files that each hold every column "
-                "(read one after another) or files that each hold different columns (read side by side)",
-                column,
-            )
+    if any(len(found) > 1 for found in holders.values()):
+        # some column is in several files: these are parts of one table, so each must hold every column
+        table, column = next((t, c) for t in tables for c in needed if t not in holders[c])
+        holder = holders[column][0].path
+        raise DataError(
+            table.path,
+            f"not found, though {holder} has it: files read one after another must each hold every "
+            "column (files read side by side must each hold different columns)",
+            column,
+        )
     unused = [t.path for t in tables if not any(t in found for found in holders.values())]
     if unused:
         raise DataError(unused[0], "holds none of the named columns")
@@ -246,11 +258,8 @@ def _stacked(tables: Sequence[Table], columns: tuple[str, ...]) -> list[Partitio
 
 
 def _side_by_side(tables: Sequence[Table], holders: dict[str, list[Table]]) -> list[Partition]:
-    known = [t for t in tables if t.num_rows is not None]
-    for table in known[1:]:
-        if table.num_rows != known[0].num_rows:
-            short, long = sorted((table, known[0]), key=lambda t: t.num_rows)
-            raise _row_count_error(short, long.path, short.num_rows)
+    # Row counts are compared while reading (not from metadata), so that a bad value in an earlier row
+    # is reported first, as it would be in any other layout.
     owned = [(t, tuple(c for c, found in holders.items() if found[0] is t)) for t in tables]
     # Row ranges follow the first Parquet file's row groups (cheap to read there), else one partition.
     grouped = next((t for t in tables if t.row_groups), None)
@@ -265,12 +274,21 @@ def _side_by_side(tables: Sequence[Table], holders: dict[str, list[Table]]) -> l
     ]
 
 
-def _row_count_error(short: Table | Piece, other: str, rows: int) -> DataError:
-    column = short.columns[0] if short.columns else None
-    return DataError(short.path, f"missing: the file has {rows} rows, {other} has more", column, rows + 1)
+def _row_count_error(short: Piece, other: str, rows: int) -> DataError:
+    return DataError(
+        short.path, f"missing: the file ends after row {rows}, {other} goes on", short.columns[0], rows + 1
+    )
 
 
 # -- reading ------------------------------------------------------------------------------------------------
+
+
+def _csv_parse() -> object:
+    import pyarrow.csv as pcsv
+
+    # A blank line is a row of empty cells (an error), not nothing: skipping it would shift the rows of a
+    # one-column file against the file read beside it.
+    return pcsv.ParseOptions(ignore_empty_lines=False)
 
 
 def _iter_csv(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
@@ -286,9 +304,12 @@ def _iter_csv(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
         null_values=[""],
     )
     # 1 MiB blocks: pyarrow parses several ahead on its threads, so memory grows with the block size
-    with pa.input_stream(piece.path, compression="detect") as stream:
+    with pa.input_stream(piece.location, compression="detect") as stream:
         reader = pcsv.open_csv(
-            stream, read_options=pcsv.ReadOptions(block_size=1 << 20), convert_options=convert
+            stream,
+            read_options=pcsv.ReadOptions(block_size=1 << 20),
+            parse_options=_csv_parse(),
+            convert_options=convert,
         )
         for batch in reader:
             yield {c: batch.column(c) for c in piece.columns}
@@ -299,7 +320,7 @@ def _iter_parquet(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
 
     # Without pre-buffering pyarrow streams each column chunk through a small buffer; with it, it would hold
     # whole row groups (64 MiB for 2^20 rows of 8 float64 columns).
-    parquet = pq.ParquetFile(piece.path, pre_buffer=False, buffer_size=1 << 20)
+    parquet = pq.ParquetFile(piece.location, pre_buffer=False, buffer_size=1 << 20)
     sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
     edges = np.cumsum((0, *sizes)).tolist()
     stop = edges[-1] if piece.stop is None else piece.stop
@@ -317,7 +338,7 @@ def _iter_parquet(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
 
 
 def _iter_npy(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
-    array = np.load(piece.path, mmap_mode="r", allow_pickle=False)
+    array = np.load(piece.location, mmap_mode="r", allow_pickle=False)
     names = _npy_columns(array)
     stop = array.shape[0] if piece.stop is None else min(piece.stop, array.shape[0])
     for start in range(piece.start, stop, batch_rows):
@@ -331,7 +352,7 @@ def _iter_npy(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
 
 
 def _iter_npz(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
-    with zipfile.ZipFile(piece.path) as archive:
+    with zipfile.ZipFile(piece.location) as archive:
         streams = {}
         try:
             for column in piece.columns:
@@ -413,44 +434,38 @@ def _rows(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
         yield {c: _concat([b[c] for b in pending]) for c in piece.columns}
 
 
-def read_partition(partition: Partition, batch_rows: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """``(first row, {column: float64 values})`` batches of the partition, every value checked numeric.
+def read_partition(partition: Partition, batch_rows: int) -> Iterator[tuple[int, dict[str, object]]]:
+    """``(first row, {column: raw values})`` batches of the partition, ``batch_rows`` rows each.
 
-    Rows are counted from 0 within each file (reported 1-based). Raises :class:`DataError` on a missing or
-    non-numeric value, and when side-by-side files end at different rows.
+    Rows are counted from 0 within each file (reported 1-based); raw values are NumPy or pyarrow arrays, for
+    :func:`to_float64`. Raises :class:`DataError` for a file with no rows and, once the rows they share
+    have been yielded, for side-by-side files that end at different rows.
     """
     streams = [(piece, _rows(piece, batch_rows)) for piece in partition.pieces]
     position = partition.pieces[0].start
-    reading = True
-    while reading:
-        merged: dict[str, np.ndarray] = {}
-        sizes = []
-        for piece, stream in streams:
-            batch = _next(piece, stream)
-            if batch is None:
-                sizes.append(0)
-                continue
-            for column, raw in batch.items():
-                merged[column] = to_float64(raw, piece.path, column, position)
-            sizes.append(_length(next(iter(batch.values()))))
-        if not any(sizes):
-            break
+    while True:
+        batches = [_next(piece, stream) for piece, stream in streams]
+        sizes = [0 if batch is None else _length(next(iter(batch.values()))) for batch in batches]
+        common = min(sizes)
+        if common:
+            merged = {}
+            for batch in batches:
+                assert batch is not None
+                merged.update({c: a if len(sizes) == 1 else _slice(a, 0, common) for c, a in batch.items()})
+            yield position, merged
         if len(set(sizes)) > 1:
-            shortest = min(range(len(sizes)), key=sizes.__getitem__)
-            longest = max(range(len(sizes)), key=sizes.__getitem__)
-            short = partition.pieces[shortest]
-            raise _row_count_error(short, partition.pieces[longest].path, position + sizes[shortest])
-        yield position, merged
-        position += sizes[0]
-        reading = sizes[0] == batch_rows
-    stop = partition.pieces[0].stop
-    if stop is not None and position < stop and len(partition.pieces) > 1:
-        raise DataError(partition.pieces[0].path, f"the file ends at row {position}, before row {stop}")
-    if stop is None and len(partition.pieces) > 1:
-        # every file must end here: a longer one has a row more
+            short = partition.pieces[sizes.index(common)]
+            raise _row_count_error(short, partition.pieces[sizes.index(max(sizes))].path, position + common)
+        position += common
+        if common < batch_rows:
+            break
+    if position == 0 and partition.pieces[0].start == 0:
+        raise DataError(partition.pieces[0].path, "the file has no rows")
+    if partition.pieces[0].stop is None and len(streams) > 1:
+        # every file ended at a batch boundary; a longer one would have a row more
         for piece, stream in streams:
             if _next(piece, stream) is not None:
-                short = next(p for p, s in streams if p is not piece)
+                short = next(p for p, _ in streams if p is not piece)
                 raise _row_count_error(short, piece.path, position)
 
 
@@ -468,32 +483,39 @@ def _next(piece: Piece, stream: Iterator[dict[str, object]]) -> dict[str, object
 _NUMERIC_KINDS = "biuf"
 
 
-def to_float64(raw: object, path: str, column: str, first_row: int) -> np.ndarray:
-    """The values as float64, or :class:`DataError` at the first missing or non-numeric one."""
+def to_float64(raw: object) -> tuple[np.ndarray, tuple[int, str] | None]:
+    """The values as float64, up to the first missing or non-numeric one.
+
+    Returns ``(values, None)``, or ``(values before the problem, (its index, message))``: the caller checks
+    the values before it too, so that the earliest bad row of all wins.
+    """
     if isinstance(raw, np.ndarray):
         if raw.dtype.kind not in _NUMERIC_KINDS:
-            raise DataError(path, f"values of type {raw.dtype} are not numbers", column, first_row + 1)
-        return raw.astype(np.float64)
+            return np.empty(0), (0, f"values of type {raw.dtype} are not numbers")
+        return raw.astype(np.float64), None
     pa = _pyarrow()
     import pyarrow.compute as pc
 
     array = raw.combine_chunks() if isinstance(raw, pa.ChunkedArray) else raw
-    if array.null_count:
-        row = int(np.flatnonzero(np.asarray(array.is_null()))[0])
-        raise DataError(path, "missing value", column, first_row + row + 1)
-    kind = array.type
-    if pa.types.is_dictionary(kind):
+    if pa.types.is_dictionary(array.type):
         array = array.dictionary_decode()
-        kind = array.type
+    kind = array.type
+    problems = []
+    if array.null_count:
+        problems.append((int(np.flatnonzero(np.asarray(array.is_null()))[0]), "missing value"))
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         try:
-            array = pc.cast(array, pa.float64())
+            pc.cast(array, pa.float64())
         except pa.ArrowInvalid:
             row, text = _first_non_number(array)
-            raise DataError(path, f"{text!r} is not a number", column, first_row + row + 1) from None
+            problems.append((row, f"{text!r} is not a number"))
     elif not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
-        raise DataError(path, f"values of type {kind} are not numbers", column, first_row + 1)
-    return np.asarray(array.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+        return np.empty(0), (0, f"values of type {kind} are not numbers")
+    problem = min(problems) if problems else None
+    if problem is not None:
+        array = array.slice(0, problem[0])
+    values = np.asarray(pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+    return values, problem
 
 
 def _first_non_number(array: object) -> tuple[int, str]:
