@@ -130,6 +130,17 @@ def _fsum(values: Iterable[float | Fraction]) -> float | Fraction:
     return sum((Fraction(v) for v in values), Fraction(0))
 
 
+def _array_sum(values: np.ndarray) -> float | Fraction:
+    """:func:`_fsum` of a batch's losses, with the special values found by NumPy rather than per element."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        return _fsum(values[~finite].tolist())  # the infinities or NaN decide the sum
+    try:
+        return math.fsum(values.tolist())
+    except OverflowError:
+        return _fsum(values.tolist())
+
+
 def _float(value: float | Fraction) -> float:
     try:
         return float(value)
@@ -239,7 +250,7 @@ def _accumulate(job: Job, partial: Partial, values: dict[str, np.ndarray]) -> No
     partial.rows += x.shape[0]
     for label in range(x.shape[1]):
         column_sums = partial.sums[label]
-        column_sums.append(_fsum(losses[:, label].tolist()))
+        column_sums.append(_array_sum(losses[:, label]))
         if len(column_sums) > _SUMS_KEPT:
             column_sums[:] = [_fsum(column_sums)]
         partial.kept[label] += int(np.count_nonzero(kept[:, label]))
