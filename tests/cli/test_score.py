@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -359,6 +360,41 @@ def test_stacked_layout(tmp_path, write, score, files, options):
     ]
     doc = score(*score_argv(paths, 2, options))
     check(doc, options.reference(x, y, w), options)
+
+
+def test_folder_is_its_data_files(tmp_path, write, score):
+    """A folder (a partitioned data set) stands for the data files under it, sorted by path; other files
+    (``_SUCCESS``, hidden ones, unknown types) and ``_``/``.`` folders are skipped."""
+    options = FORMAT_OPTIONS[next(iter(FORMAT_OPTIONS))]
+    x, y, w = make_data(9, 50, 2, logits=options.logits, ignore=options.ignore_index)
+    dataset = tmp_path / "dataset"
+    (dataset / "year=2025").mkdir(parents=True)
+    (dataset / "year=2026").mkdir()
+    (dataset / "_temporary").mkdir()
+    parts = [
+        ("year=2025/part-0.parquet", 0, 12),
+        ("year=2025/part-1.csv", 12, 30),
+        ("year=2026/a.npz", 30, 50),
+    ]
+    for name, a, b in parts:
+        write(dataset, name, columns(x[a:b], y[a:b], w[a:b]), row_group_size=5 if "parquet" in name else None)
+    (dataset / "_SUCCESS").write_text("")
+    (dataset / ".part-0.parquet.crc").write_text("junk")
+    (dataset / "README.txt").write_text("not data")
+    write(dataset / "_temporary", "leftover.csv", columns(x[:3], 2 + y[:3], w[:3]))  # would be bad data
+    doc = score(*score_argv([dataset], 2, options))
+    check(doc, options.reference(x, y, w), options)
+    # the same files named one by one (in another order) give the same loss
+    doc_files = score(*score_argv([dataset / name for name, _, _ in reversed(parts)], 2, options))
+    assert doc_files["loss"] == pytest.approx(doc["loss"], rel=1e-12)
+
+
+def test_folder_without_data_files(tmp_path, run):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "_SUCCESS").write_text("")
+    code, stdout, stderr = run("score", tmp_path / "empty", "--target", "y", "--pred", "p")
+    assert (code, stdout) == (2, "")
+    assert "empty" in stderr and "no .csv, .parquet, .npy or .npz file" in stderr
 
 
 @pytest.mark.parametrize("options", FORMAT_OPTIONS.values(), ids=FORMAT_OPTIONS.keys())
@@ -740,3 +776,14 @@ def test_installed_command(tmp_path, write, how):
         timeout=120,
     )
     assert bad.returncode == 2 and bad.stdout == "" and "batch_rows" in bad.stderr
+
+
+def test_folder_files_are_read_in_sorted_path_order(tmp_path, write, run):
+    """With a bad value in every file of a folder, the error names the first file in sorted path order."""
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    for name in ("part-2.csv", "part-10.csv", "part-1.csv"):  # sorted: part-1, part-10, part-2
+        write(dataset, name, {"y": np.array([0.0, 2.0]), "p": np.array([0.5, 0.5])})
+    code, stdout, stderr = run("score", dataset, "--target", "y", "--pred", "p")
+    assert (code, stdout) == (2, "")
+    assert os.path.join("dataset", "part-1.csv: column 'y': row 2") in stderr

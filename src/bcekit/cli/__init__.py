@@ -48,7 +48,12 @@ def _parser() -> argparse.ArgumentParser:
             "row. Bad data exits with status 2 and names the file, the column and the first bad row."
         ),
     )
-    score.add_argument("files", nargs="+", metavar="FILE", help=".csv (.csv.gz, ...), .parquet, .npy or .npz")
+    score.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help=".csv (.csv.gz, ...), .parquet, .npy or .npz, or a folder of them (a partitioned data set)",
+    )
     score.add_argument("--target", nargs="+", required=True, metavar="COL", help="target columns, in [0, 1]")
     score.add_argument("--pred", nargs="+", required=True, metavar="COL", help="prediction columns")
     score.add_argument("--logits", action="store_true", help="predictions are logits (else probabilities)")
@@ -111,7 +116,7 @@ def _fail(stderr: IO[str], message: str) -> int:
 def _score(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
     from bcekit import _semantics
     from bcekit.cli._scoring import Job, combine, score_partition
-    from bcekit.cli._sources import DataError, open_table, plan
+    from bcekit.cli._sources import DataError, expand, open_table, plan
 
     if args.scheduler is not None and args.engine != "dask":
         return _fail(stderr, "--scheduler needs --engine dask")
@@ -136,7 +141,7 @@ def _score(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
         extra = "dask" if {"dask", "distributed"} & set(missing) else "cli"
         return _fail(stderr, f"needs {', '.join(missing)}: pip install 'bcekit[{extra}]'")
     try:
-        tables = [open_table(path) for path in args.files]
+        tables = [open_table(path) for path in expand(args.files)]
         layout, partitions = plan(tables, job.columns)
         known = [t.num_rows for t in tables if t.num_rows is not None]
         if layout == "stacked":

@@ -27,7 +27,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DataError", "Table", "Piece", "Partition", "open_table", "plan", "read_partition", "to_float64"]
+__all__ = [
+    "DataError",
+    "Table",
+    "Piece",
+    "Partition",
+    "expand",
+    "open_table",
+    "plan",
+    "read_partition",
+    "to_float64",
+]
 
 _FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".npy": "npy", ".npz": "npz"}
 _COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
@@ -113,6 +123,32 @@ class Partition:
 
     index: int
     pieces: tuple[Piece, ...]
+
+
+def expand(paths: Sequence[str]) -> list[str]:
+    """The files named, with each folder replaced by the data files under it (a partitioned data set, as
+    Spark, Dask or pyarrow write them), in sorted path order; other files there (``_SUCCESS``, ``.crc``,
+    hidden ones) are skipped. Raises :class:`DataError` for a folder with no data file."""
+    files: list[str] = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = []
+        for folder, subfolders, names in os.walk(path):
+            subfolders[:] = [name for name in subfolders if not name.startswith((".", "_"))]
+            for name in names:
+                if name.startswith((".", "_")):
+                    continue
+                try:
+                    file_format(name)
+                except DataError:
+                    continue
+                found.append(os.path.join(folder, name))
+        if not found:
+            raise DataError(path, "a folder with no .csv, .parquet, .npy or .npz file under it")
+        files.extend(sorted(found))
+    return files
 
 
 def open_table(path: str) -> Table:
