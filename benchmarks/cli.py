@@ -90,9 +90,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--labels", type=int, default=4)
     parser.add_argument("--batch-rows", type=int, nargs="+", default=[1 << 16])
-    parser.add_argument(
-        "--dir", type=Path, default=None, help="data folder (default: a temp dir)"
-    )
+    parser.add_argument("--dir", type=Path, default=None, help="data folder (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
@@ -146,9 +144,7 @@ def main() -> None:
     mib = 2**20
     print(f"{args.rows:,} rows x {args.labels} labels; in memory as float64: {in_memory / mib:,.0f} MiB; ")
     print(f"`bcekit score` on a 10-row file (imports only): peak RSS {baseline / mib:.0f} MiB\n")
-    print(
-        "| file | size on disk | batch rows | time (s) | rows/s | peak RSS | peak RSS / in-memory | rel. diff |"
-    )
+    print("| file | on disk | batch rows | time (s) | rows/s | peak RSS | peak RSS / in-memory | rel. diff |")
     print("|---|---|---|---|---|---|---|---|")
     for run in runs:
         print(

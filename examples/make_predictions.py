@@ -32,9 +32,9 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
-from train_breast_cancer import make_model, train
 
 from bcekit.torch import BCEWithLogitsLoss
+from train_breast_cancer import make_model, train
 
 OUTPUT = Path(__file__).resolve().parent / "breast_cancer_predictions.parquet"
 
