@@ -31,6 +31,8 @@ __all__ = [
     "compute_precision",
     "check_label_smoothing",
     "check_focal_parameters",
+    "check_linear_binary_cross_entropy",
+    "linear_chunk_size",
 ]
 
 NONE, MEAN, SUM = 0, 1, 2
@@ -289,3 +291,68 @@ def check_focal_parameters(alpha: float, gamma: float) -> None:
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     if not alpha <= 1.0:
         raise ValueError(f"alpha must be <= 1 (or negative to disable class weighting), got {alpha!r}")
+
+
+# -- fused linear + BCE -------------------------------------------------------------------------------------
+
+LINEAR_FUNCTION = "linear_binary_cross_entropy_with_logits"
+
+
+def check_linear_binary_cross_entropy(
+    input_shape: tuple[int, ...],
+    weight_shape: tuple[int, ...],
+    target_shape: tuple[int, ...],
+    bias_shape: tuple[int, ...] | None,
+    pos_weight_shape: tuple[int, ...] | None,
+    reduction: int,
+    sparse_target: bool,
+) -> tuple[int, int, int]:
+    """The rules of ``linear_binary_cross_entropy_with_logits``; returns ``(rows N, features D, labels C)``.
+
+    ``input`` is ``(*, D)`` (its leading dimensions are the N rows), ``weight`` ``(C, D)``, ``bias`` ``(C,)``,
+    ``target`` ``(*, C)`` (a sparse target: exactly ``(N, C)``), ``pos_weight`` broadcastable to ``(C,)``.
+    ``'none'`` is refused: its ``(N, C)`` result is the matrix the fused op exists not to build.
+    """
+    if reduction == NONE:
+        raise ValueError(
+            f"{LINEAR_FUNCTION}: reduction='none' would return the (N, C) loss matrix that this function "
+            "exists to avoid building; use 'mean' or 'sum', or, for per-element losses of some labels, "
+            "binary_cross_entropy_with_logits(F.linear(input, weight[labels], bias[labels]), "
+            "target[:, labels], reduction='none')"
+        )
+    if len(input_shape) < 1 or len(weight_shape) != 2:
+        raise ValueError(
+            f"{LINEAR_FUNCTION}: expected input of shape (*, D) and weight of shape (C, D), got input "
+            f"{tuple(input_shape)} and weight {tuple(weight_shape)}"
+        )
+    labels, features = weight_shape
+    if input_shape[-1] != features:
+        raise ValueError(
+            f"{LINEAR_FUNCTION}: input has {input_shape[-1]} features (last dimension) but weight "
+            f"{tuple(weight_shape)} expects {features}"
+        )
+    rows = 1
+    for size in input_shape[:-1]:
+        rows *= size
+    expected = (rows, labels) if sparse_target else (*input_shape[:-1], labels)
+    if tuple(target_shape) != expected:
+        what = "sparse target" if sparse_target else "target"
+        raise ValueError(
+            f"{LINEAR_FUNCTION}: {what} of shape {tuple(target_shape)} does not match the logits' shape "
+            f"{expected} (input {tuple(input_shape)}, weight {tuple(weight_shape)})"
+        )
+    if bias_shape is not None and tuple(bias_shape) != (labels,):
+        raise ValueError(f"{LINEAR_FUNCTION}: bias must have shape ({labels},), got {tuple(bias_shape)}")
+    if pos_weight_shape is not None and tuple(pos_weight_shape) not in ((), (1,), (labels,)):
+        raise ValueError(
+            f"{LINEAR_FUNCTION}: pos_weight must have shape ({labels},), (1,) or (), got "
+            f"{tuple(pos_weight_shape)}"
+        )
+    return rows, features, labels
+
+
+def linear_chunk_size(rows: int, labels: int, itemsize: int, budget_bytes: int) -> int:
+    """Labels per chunk: as many as keep one ``(rows, chunk)`` buffer within ``budget_bytes``, a multiple of
+    64 (matmul-friendly), at least 64 and at most ``labels``."""
+    chunk = budget_bytes // max(1, rows * itemsize)
+    return max(1, min(labels, max(64, chunk // 64 * 64)))

@@ -9,9 +9,11 @@ tensor(0.6931)
 from bcekit.torch.functional import (
     binary_cross_entropy,
     binary_cross_entropy_with_logits,
+    linear_binary_cross_entropy_with_logits,
+    linear_topk,
     sigmoid_focal_loss,
 )
-from bcekit.torch.modules import BCELoss, BCEWithLogitsLoss, SigmoidFocalLoss
+from bcekit.torch.modules import BCELoss, BCEWithLogitsLoss, LinearBCEWithLogitsLoss, SigmoidFocalLoss
 
 __all__ = [
     "binary_cross_entropy",
@@ -20,4 +22,7 @@ __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
     "SigmoidFocalLoss",
+    "linear_binary_cross_entropy_with_logits",
+    "linear_topk",
+    "LinearBCEWithLogitsLoss",
 ]

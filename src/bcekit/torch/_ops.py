@@ -284,9 +284,11 @@ def _kernel_pass(
     grad_target: bool = False,
     grad_output: Optional[Tensor] = None,
     grad_scale: float = 1.0,
+    loss_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """One kernel pass: ``(loss, grad_input, grad_target)``, each None unless asked for. The loss is 0-d
-    unless ``reduction`` is NONE. Gradients of a mean include the 1/count factor."""
+    unless ``reduction`` is NONE; a reduced one is returned in ``loss_dtype`` (default: the input's).
+    Gradients of a mean include the 1/count factor."""
     x, y, w, p = (_plain(t) for t in (input, target, weight, pos_weight))
     per_element = _output(x) if reduction == NONE else None
     gi = _output(x) if grad_input else None
@@ -313,6 +315,7 @@ def _kernel_pass(
             grad_scale=grad_scale,
             label_smoothing=spec.label_smoothing,
             ignore_index=spec.ignore_index,
+            loss_dtype=loss_dtype,
         )
         count = kept.clamp_min(1)
     else:
@@ -337,7 +340,7 @@ def _kernel_pass(
             ignore_index=spec.ignore_index,
             threads=torch.get_num_threads(),
         )
-        value, count = torch.scalar_tensor(value, dtype=x.dtype), max(kept, 1)
+        value, count = torch.scalar_tensor(value, dtype=loss_dtype or x.dtype), max(kept, 1)
     if mean_unknown:  # the mean's denominator, known only after the pass (all ignored: grads are 0)
         for grad in (gi, gt):
             if grad is not None:

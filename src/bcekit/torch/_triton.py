@@ -244,13 +244,15 @@ def run(
     grad_scale: float = 1.0,
     label_smoothing: float = 0.0,
     ignore_index: float | None = None,
+    loss_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor | None, Tensor]:
     """One kernel pass over contiguous tensors of one dtype (outputs preallocated by the caller).
 
     ``grad_output`` is a 0-d/one-element tensor (reduced losses) or one per element; gradients are
-    multiplied by it and by ``grad_scale``. Returns ``(reduced loss as a 0-d tensor of the input's dtype,
-    or None for 'none'; number of kept elements as a 0-d int64 tensor)``, both on the device: no host
-    synchronisation, except the probability loss's range check, which must raise.
+    multiplied by it and by ``grad_scale``. Returns the reduced loss as a 0-d tensor of ``loss_dtype``
+    (default: the input's dtype), or None for 'none', and the number of kept elements as a 0-d int64
+    tensor, both on the device: no host synchronisation, except the probability loss's range check, which
+    must raise.
     """
     assert triton is not None
     n = input.numel()
@@ -313,7 +315,7 @@ def run(
     total = partials.sum(dtype=torch.float64)
     if reduction == MEAN:
         total = total / count  # 0/0 = NaN: the mean of nothing
-    return total.to(input.dtype), count
+    return total.to(loss_dtype or input.dtype), count
 
 
 def launch_count(n: int) -> int:

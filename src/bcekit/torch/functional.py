@@ -23,8 +23,15 @@ from bcekit import _semantics
 from bcekit._math import LossSpec
 from bcekit._semantics import ArraySpec
 from bcekit.torch import _ops, _transforms
+from bcekit.torch._linear import linear_binary_cross_entropy_with_logits, linear_topk
 
-__all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "sigmoid_focal_loss"]
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "sigmoid_focal_loss",
+    "linear_binary_cross_entropy_with_logits",
+    "linear_topk",
+]
 
 _DTYPES: dict[torch.dtype, tuple[str, str]] = {
     torch.float16: ("f", "Half"),

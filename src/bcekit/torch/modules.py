@@ -7,12 +7,15 @@ As in torch, ``weight`` and ``pos_weight`` are registered buffers (same ``state_
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor, nn
 
 from bcekit import _semantics
 from bcekit.torch import functional
 
-__all__ = ["BCELoss", "BCEWithLogitsLoss", "SigmoidFocalLoss"]
+__all__ = ["BCELoss", "BCEWithLogitsLoss", "SigmoidFocalLoss", "LinearBCEWithLogitsLoss"]
 
 
 class _Loss(nn.Module):
@@ -162,3 +165,86 @@ class SigmoidFocalLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
+
+
+class LinearBCEWithLogitsLoss(nn.Module):
+    r"""``nn.Linear(in_features, out_features)`` followed by ``BCEWithLogitsLoss``, fused: the
+    ``(N, out_features)`` logits are never built. See
+    :func:`bcekit.torch.linear_binary_cross_entropy_with_logits`.
+
+    The module owns the classifier's ``weight`` ``(out_features, in_features)`` and ``bias``
+    ``(out_features,)``, initialised as ``nn.Linear`` initialises them (the same values for the same random
+    state); ``pos_weight`` is a buffer. ``forward(input, target)`` returns the loss; :meth:`topk` gives the
+    best-scoring labels for inference over label spaces too large for a full logits matrix.
+
+    >>> import torch
+    >>> from bcekit.torch import LinearBCEWithLogitsLoss
+    >>> head = LinearBCEWithLogitsLoss(64, 100_000)
+    >>> hidden = torch.randn(32, 64, requires_grad=True)
+    >>> where = torch.tensor([[0, 1, 31], [5, 99_999, 7]])  # (row, label) of each positive
+    >>> labels = torch.sparse_coo_tensor(where, torch.ones(3), (32, 100_000))
+    >>> head(hidden, labels).backward()  # gradients for hidden, head.weight and head.bias
+    >>> scores, indices = head.topk(hidden.detach(), k=5)  # (32, 5) each
+    """
+
+    pos_weight: Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        pos_weight: Tensor | None = None,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.reduction, self.chunk_size = reduction, chunk_size
+        _semantics.check_linear_binary_cross_entropy(
+            (1, in_features),
+            (out_features, in_features),
+            (1, out_features),
+            None,
+            None if pos_weight is None else tuple(pos_weight.shape),
+            _semantics.reduction_enum(reduction),
+            False,
+        )
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.register_parameter("bias", self.bias)
+        self.register_buffer("pos_weight", pos_weight)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialisation: Kaiming-uniform weight, bias uniform in +-1/sqrt(in_features)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return functional.linear_binary_cross_entropy_with_logits(
+            input,
+            self.weight,
+            target,
+            self.bias,
+            pos_weight=self.pos_weight,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
+        )
+
+    def topk(self, input: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` highest logits per row and their labels, ``(values, indices)``, as ``torch.topk`` of the
+        full logits gives them, computed chunk by chunk."""
+        return functional.linear_topk(input, self.weight, k, self.bias, chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, reduction={self.reduction!r}"
+        )
