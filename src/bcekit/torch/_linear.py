@@ -104,8 +104,10 @@ def _chunk_pass(
             loss_dtype=torch.float64,
         )
         return loss, grad
-    # composed fallback (e.g. CUDA without Triton): the same formulas in the accumulation dtype
-    z, yy = logits.to(_accumulation_dtype(logits.dtype)), y.to(_accumulation_dtype(logits.dtype))
+    # composed fallback (e.g. CUDA without Triton): the same formulas, float32 computed in float64 (as the
+    # kernels do: a sparse target's corrections cancel the base term, which must keep every digit)
+    compute = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else torch.float64
+    z, yy = logits.to(compute), y.to(compute)
     pw = 1.0 if p is None else p.to(z.dtype)
     loss = (pw * yy * F.softplus(-z) + (1 - yy) * F.softplus(z)).sum(dtype=torch.float64)
     grad = None
@@ -209,32 +211,42 @@ def _fused_pass(
 
 
 class _LinearBCE(torch.autograd.Function):
-    """The fused pass as an autograd node: gradients computed in the forward, scaled in the backward."""
+    """The fused pass as an autograd node: gradients computed in the forward, scaled in the backward.
+
+    The first backward takes ownership of the stored gradients: it returns them (scaled in place unless
+    ``grad_output`` is 1), so autograd can make them the leaves' ``.grad`` without a copy. A later backward
+    through a retained graph recomputes them from the saved inputs, so that in-place updates of ``.grad``
+    (accumulation, ``zero_()``) never reach a stored gradient.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, pos_weight, reduction, chunk, process_group):
-        needs = (
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-            bias is not None and ctx.needs_input_grad[2],
-        )
+        wants = ctx.needs_input_grad
+        needs = (wants[0], wants[1], bias is not None and wants[2])
         with torch.no_grad():
-            loss, gi, gw, gb = _fused_pass(
+            loss, *grads = _fused_pass(
                 x, weight, bias, target, pos_weight, reduction, chunk, process_group, needs
             )
-        ctx.save_for_backward(gi, gw, gb)
+        ctx.grads = grads
+        ctx.options = (reduction, chunk, process_group, needs)
+        ctx.save_for_backward(x, weight, bias, target, pos_weight)  # only for a second backward
         ctx.set_materialize_grads(False)
         return loss.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grads = ctx.saved_tensors
         if grad_output is None:
             return (None,) * 8
-        one = _ops._is_one(grad_output, max((g.numel() for g in grads if g is not None), default=0))
-        scaled = [None if g is None else (g if one else g * grad_output.to(g.dtype)) for g in grads]
-        return (*scaled, None, None, None, None, None)
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:  # a retained graph, backpropagated again
+            reduction, chunk, process_group, needs = ctx.options
+            with torch.no_grad():
+                _, *grads = _fused_pass(*ctx.saved_tensors, reduction, chunk, process_group, needs)
+        size = max((g.numel() for g in grads if g is not None), default=0)
+        if not _ops._is_one(grad_output, size):
+            grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
+        return (*grads, None, None, None, None, None)
 
 
 def linear_binary_cross_entropy_with_logits(
@@ -291,13 +303,30 @@ def linear_binary_cross_entropy_with_logits(
     >>> bool(torch.isclose(fused, unfused, rtol=1e-12, atol=0))
     True
     """
-    for name, value in (("input", input), ("weight", weight), ("target", target)):
-        if not isinstance(value, Tensor):
+    arguments = (
+        ("input", input),
+        ("weight", weight),
+        ("target", target),
+        ("bias", bias),
+        ("pos_weight", pos_weight),
+    )
+    for name, value in arguments:
+        if (
+            value is not None
+            and not isinstance(value, Tensor)
+            or value is None
+            and name in ("input", "weight", "target")
+        ):
             raise TypeError(f"{NAME}: {name} must be a Tensor, got {type(value).__name__}")
     enum = _semantics.reduction_enum(reduction)
     sparse = target.layout != torch.strided
     if sparse and target.layout not in (torch.sparse_coo, torch.sparse_csr):
         raise ValueError(f"{NAME}: sparse targets must be COO or CSR, got {target.layout}")
+    if sparse and target.dense_dim() != 0:
+        raise ValueError(
+            f"{NAME}: a sparse target must store single values (dense_dim() == 0), got dense_dim() "
+            f"{target.dense_dim()}; use target.to_sparse() on the (N, C) tensor"
+        )
     rows, _, labels = _semantics.check_linear_binary_cross_entropy(
         tuple(input.shape),
         tuple(weight.shape),
@@ -323,16 +352,21 @@ def linear_binary_cross_entropy_with_logits(
             )
         if pos_weight is not None and pos_weight.requires_grad:
             raise _semantics.weight_requires_grad_error(NAME, "pos_weight")
-    if chunk_size is None:
-        chunk = default_chunk_size(rows, labels, input.dtype, input.device)
-    elif int(chunk_size) < 1:
-        raise ValueError(f"{NAME}: chunk_size must be a positive integer, got {chunk_size}")
-    else:
-        chunk = int(chunk_size)
+    chunk = _chunk(chunk_size, rows, labels, input)
     x = input.reshape(rows, input.shape[-1])
     y = target if sparse else target.reshape(rows, labels)
-    loss = _LinearBCE.apply(x, weight, bias, y, pos_weight, enum, chunk, process_group)
-    return loss
+    if not torch.is_grad_enabled():  # evaluation: no gradient work at all
+        loss, *_ = _fused_pass(x, weight, bias, y, pos_weight, enum, chunk, process_group, (False,) * 3)
+        return loss.to(x.dtype)
+    return _LinearBCE.apply(x, weight, bias, y, pos_weight, enum, chunk, process_group)
+
+
+def _chunk(chunk_size: int | None, rows: int, labels: int, input: Tensor) -> int:
+    if chunk_size is None:
+        return default_chunk_size(rows, labels, input.dtype, input.device)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{NAME}: chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return chunk_size
 
 
 def linear_topk(
@@ -351,7 +385,7 @@ def linear_topk(
     if not 1 <= k <= labels:
         raise ValueError(f"k must be in [1, {labels}] (the number of labels), got {k}")
     rows = input[..., 0].numel()
-    chunk = default_chunk_size(rows, labels, input.dtype, input.device) if chunk_size is None else chunk_size
+    chunk = _chunk(chunk_size, rows, labels, input)
     x = input.reshape(rows, input.shape[-1])
     best_values = best_indices = None
     with torch.no_grad():

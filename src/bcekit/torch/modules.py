@@ -215,8 +215,10 @@ class LinearBCEWithLogitsLoss(nn.Module):
         )
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.register_parameter("bias", self.bias)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
         self.register_buffer("pos_weight", pos_weight)
         self.reset_parameters()
 
