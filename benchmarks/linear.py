@@ -57,7 +57,7 @@ the logit gradient (and the densified target); the fused path adds chunk-sized b
 accumulator of ``x.grad`` for half-precision inputs. The retained memory (after the steps minus the
 baseline, with the gradients set to None) is shown too. On the CPU only pages actually touched count, as in
 any RSS measurement; (N, C) tensors are far above glibc's mmap threshold, so their pages come and go with
-each allocation, while smaller ones, such as the fused path's chunk buffers (16 MiB by default on the CPU),
+each allocation, while smaller ones, such as the fused path's chunk buffers (8 MiB by default on the CPU),
 may stay in malloc's heap (glibc raises its mmap threshold up to 32 MiB once a block that size is freed):
 they show as retained, and heap fragmentation adds to the peak. Without a working
 ``clear_refs`` the high-water mark is the process's lifetime peak: the child then reports ``hwm_slack_mib``

@@ -576,19 +576,21 @@ def test_the_allocation_detector_sees_full_logits_and_densified_targets(monkeypa
 
 
 def test_default_chunk_size_keeps_one_buffer_within_budget() -> None:
-    """16 MiB per (rows, chunk) buffer of the accumulation dtype on the CPU, 256 MiB on a GPU; chunks are
-    multiples of 64 labels, at least 64 (or all labels when fewer), at most all labels."""
+    """One (rows, chunk) buffer of the accumulation dtype within the device's budget (``_CHUNK_BYTES``);
+    chunks are multiples of 64 labels, at least 64 (or all labels when fewer), at most all labels."""
+    cpu, cuda = _linear._CHUNK_BYTES["cpu"], _linear._CHUNK_BYTES["cuda"]
+    assert cpu <= cuda
     cases = [
-        (4096, 10**6, torch.float32, "cpu", 4, 1 << 24),
-        (4096, 10**6, torch.float64, "cpu", 8, 1 << 24),
-        (4096, 10**6, torch.bfloat16, "cpu", 4, 1 << 24),
-        (4096, 10**6, torch.float32, "cuda", 4, 1 << 28),
-        (300, 10**7, torch.float16, "cuda", 4, 1 << 28),
-        (10**6, 10**5, torch.float32, "cpu", 4, 1 << 24),
-        (8, 100, torch.float32, "cpu", 4, 1 << 24),
-        (8, 10, torch.float32, "cpu", 4, 1 << 24),
-        (0, 5, torch.float64, "cpu", 8, 1 << 24),
-        (5, 0, torch.float64, "cpu", 8, 1 << 24),
+        (4096, 10**6, torch.float32, "cpu", 4, cpu),
+        (4096, 10**6, torch.float64, "cpu", 8, cpu),
+        (4096, 10**6, torch.bfloat16, "cpu", 4, cpu),
+        (4096, 10**6, torch.float32, "cuda", 4, cuda),
+        (300, 10**7, torch.float16, "cuda", 4, cuda),
+        (10**6, 10**5, torch.float32, "cpu", 4, cpu),
+        (8, 100, torch.float32, "cpu", 4, cpu),
+        (8, 10, torch.float32, "cpu", 4, cpu),
+        (0, 5, torch.float64, "cpu", 8, cpu),
+        (5, 0, torch.float64, "cpu", 8, cpu),
     ]
     for rows, labels, dtype, device, itemsize, budget in cases:
         chunk = _linear.default_chunk_size(rows, labels, dtype, torch.device(device))
