@@ -3,9 +3,13 @@ summary and the time-per-element plot."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from argparse import Namespace
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -104,3 +108,18 @@ def plot(
     figure.tight_layout(rect=(0, 0, 1, 0.93))
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def write_results(arguments: Namespace, info: dict, started: float, name: str, **sections: Any) -> float:
+    """Record the load average at the end (printed: other processes' load skews timings) and write
+    ``OUT/<name>.json`` with the machine, the settings, the wall time and ``sections``; returns the wall time
+    in seconds."""
+    wall = time.perf_counter() - started
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    info["load average at the end"] = load
+    print(f"\nload average at the end (1, 5, 15 min): {load}; other processes' load skews the timings")
+    arguments.out.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(arguments).items()}
+    result = {"machine": info, "settings": settings, "wall_s": round(wall, 1), **sections}
+    (arguments.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    return wall

@@ -83,6 +83,7 @@ from benchmarks._common import (
     functions,
     panel_summary,
     plot,
+    write_results,
 )
 
 Runner = Callable[[], object]
@@ -424,21 +425,7 @@ def main() -> None:
         methods = sorted({m["method"] for m in memory})
         print(f"\nmethod: {', '.join(methods)}; gradient = n × item size")
 
-    wall = time.perf_counter() - started
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    info["load average at the end"] = load
-    print(f"\nload average at the end (1, 5, 15 min): {load}; other processes' load skews the timings")
-    arguments.out.mkdir(parents=True, exist_ok=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(arguments).items()}
-    result = {
-        "machine": info,
-        "settings": settings,
-        "wall_s": round(wall, 1),
-        "panels": panels,
-        "rows": rows,
-        "memory": memory,
-    }
-    (arguments.out / "cpu.json").write_text(json.dumps(result, indent=1))
+    wall = write_results(arguments, info, started, "cpu", panels=panels, rows=rows, memory=memory)
     plot(rows, arguments.out / "cpu.png", CONTENDERS, COLORS, "bcekit CPU benchmark", _subtitle(info))
     print(f"\nwrote {arguments.out / 'cpu.json'} and {arguments.out / 'cpu.png'}; wall time {wall:.0f} s")
 

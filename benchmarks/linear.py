@@ -94,6 +94,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks._common import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {
     "float32": torch.float32,
@@ -516,20 +518,7 @@ def main() -> None:
         time_ratio, memory_ratio = _fmt(t["time_ratio"]), _fmt(t["memory_ratio"], 3)
         print(f"| {t['kind']} | {t['contender']} | {time_ratio} | {memory_ratio} | {t['verdict']} |")
 
-    wall = time.perf_counter() - started
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    info["load average at the end"] = load
-    print(f"\nload average at the end (1, 5, 15 min): {load}; other processes' load skews the timings")
-    arguments.out.mkdir(parents=True, exist_ok=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(arguments).items()}
-    result = {
-        "machine": info,
-        "settings": settings,
-        "wall_s": round(wall, 1),
-        "cells": cells,
-        "targets": targets,
-    }
-    (arguments.out / "linear.json").write_text(json.dumps(result, indent=1))
+    wall = write_results(arguments, info, started, "linear", cells=cells, targets=targets)
     plot(cells, arguments.out / "linear.png", f"fused linear + BCE vs unfused, one training step: {size}")
     print(
         f"\nwrote {arguments.out / 'linear.json'} and {arguments.out / 'linear.png'}; wall time {wall:.0f} s"
