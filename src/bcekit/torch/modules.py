@@ -182,7 +182,7 @@ class LinearBCEWithLogitsLoss(nn.Module):
     >>> head = LinearBCEWithLogitsLoss(64, 100_000)
     >>> hidden = torch.randn(32, 64, requires_grad=True)
     >>> where = torch.tensor([[0, 1, 31], [5, 99_999, 7]])  # (row, label) of each positive
-    >>> labels = torch.sparse_coo_tensor(where, torch.ones(3), (32, 100_000))
+    >>> labels = torch.sparse_coo_tensor(where, torch.ones(3), (32, 100_000), check_invariants=True)
     >>> head(hidden, labels).backward()  # gradients for hidden, head.weight and head.bias
     >>> scores, indices = head.topk(hidden.detach(), k=5)  # (32, 5) each
     """
