@@ -15,9 +15,9 @@ forward computes and the backward scales by ``grad_output`` (as Liger-Kernel's f
 
 Sparse targets. :math:`\ell` is affine in ``y``: :math:`\ell(z, y) = \ell(z, 0) + y\,(p\,\log(1 + e^{-z}) -
 \log(1 + e^{z}))`. So a chunk is first scored against ``y = 0`` (a reused chunk-sized buffer of zeros), and
-the stored entries ``(n, c, y)`` of the target (sorted by label once) then add their correction, computed in
-float64 from the ``Z_c`` entries they pick, and overwrite their ``G_c`` entries with ``g`` computed in
-float64. The target is never densified.
+the stored entries ``(n, c, y)`` of the target (sorted by label once) then add their correction
+``\ell(z, y) - \ell(z, 0)`` and overwrite their ``G_c`` entries with ``g``, both from the library's composed
+formulas in float64 on the ``Z_c`` entries they pick. The target is never densified.
 
 Label sharding. With a ``process_group``, ``W``, ``b``, ``pos_weight`` and the target's columns are this
 rank's contiguous shard of the labels; the label count, the loss and ``\nabla_X`` are all-reduced (sums), so
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from bcekit import _semantics
 from bcekit._math import LossSpec
-from bcekit._semantics import MEAN, SUM
+from bcekit._semantics import MEAN, NONE, SUM
 from bcekit.torch import _ops
 
 __all__ = ["linear_binary_cross_entropy_with_logits", "linear_topk", "default_chunk_size"]
@@ -44,6 +44,7 @@ __all__ = ["linear_binary_cross_entropy_with_logits", "linear_topk", "default_ch
 # and the step's memory at a few percent of the unfused path's.
 _CHUNK_BYTES = {"cpu": 1 << 23, "cuda": 1 << 28}
 _SUM_SPEC = LossSpec("logits", SUM, 0.0, None)
+_NONE_SPEC = LossSpec("logits", NONE, 0.0, None)
 NAME = _semantics.LINEAR_FUNCTION
 
 
@@ -78,11 +79,6 @@ class _SparseTarget:
         return self.rows[start:stop], self.labels[start:stop], self.values[start:stop]
 
 
-def _softplus64(z: Tensor) -> Tensor:
-    """log(1 + e^z) in float64 without overflow or cancellation."""
-    return torch.clamp_min(z, 0) + torch.log1p(torch.exp(-z.abs()))
-
-
 def _chunk_pass(
     logits: Tensor,
     target: Tensor | None,
@@ -106,15 +102,13 @@ def _chunk_pass(
             loss_dtype=torch.float64,
         )
         return loss, grad
-    # composed fallback (e.g. CUDA without Triton): the same formulas, float32 computed in float64 (as the
-    # kernels do: a sparse target's corrections cancel the base term, which must keep every digit)
-    compute = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else torch.float64
-    z, yy = logits.to(compute), y.to(compute)
-    pw = 1.0 if p is None else p.to(z.dtype)
-    loss = (pw * yy * F.softplus(-z) + (1 - yy) * F.softplus(z)).sum(dtype=torch.float64)
+    # composed fallback (e.g. CUDA without Triton): the library's formulas, in its compute dtype (float32
+    # in float64, as the kernels do: a sparse target's corrections cancel the base term to the last digit)
+    loss = _ops.composed_loss(_SUM_SPEC, logits, y, None, p, torch.float64)
     grad = None
     if want_grad:
-        grad = ((1 - yy) * torch.sigmoid(z) - pw * yy * torch.sigmoid(-z)).mul_(scale).to(logits.dtype)
+        grad_logits, _, _ = _ops.elementwise_gradients(_SUM_SPEC, logits, y, None, p, True, False)
+        grad = (grad_logits * scale).to(logits.dtype)
     return loss, grad
 
 
@@ -131,15 +125,14 @@ def _sparse_correction(
     ``grad`` (already holding ``scale * sigma(z)`` there)."""
     if rows.numel() == 0:
         return torch.zeros((), dtype=torch.float64, device=logits.device)
-    z = logits[rows, labels].double()
-    y = values.double()
-    p = 1.0 if pos_weight is None else pos_weight.double()[labels]
-    softplus_neg, softplus_pos = _softplus64(-z), _softplus64(z)
-    correction = (y * (p * softplus_neg - softplus_pos)).sum()
+    z, y = logits[rows, labels].double(), values.double()
+    p = None if pos_weight is None else pos_weight.double()[labels]
+    with_target = _ops.composed_loss(_NONE_SPEC, z, y, None, p, torch.float64)
+    base = _ops.composed_loss(_NONE_SPEC, z, torch.zeros_like(y), None, p, torch.float64)
     if grad is not None:
-        exact = (1 - y) * torch.sigmoid(z) - p * y * torch.sigmoid(-z)
+        exact, _, _ = _ops.elementwise_gradients(_NONE_SPEC, z, y, None, p, True, False)
         grad[rows, labels] = (exact * scale).to(grad.dtype)
-    return correction
+    return (with_target - base).sum()
 
 
 def _fused_pass(
@@ -204,9 +197,8 @@ def _fused_pass(
         dist.all_reduce(total, group=process_group)
         if grad_input is not None:
             dist.all_reduce(grad_input, group=process_group)
-    total = total * scale if reduction == MEAN and rows * total_labels else total
-    if reduction == MEAN and rows * total_labels == 0:
-        total = torch.full((), float("nan"), dtype=torch.float64, device=x.device)
+    if reduction == MEAN:  # the mean of nothing is NaN
+        total = total * scale if rows * total_labels else torch.full_like(total, float("nan"))
     if grad_input is not None:
         grad_input = grad_input.to(x.dtype)
     return total, grad_input, grad_weight, grad_bias
