@@ -114,14 +114,12 @@ def _fail(stderr: IO[str], message: str) -> int:
 
 
 def _score(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
-    from bcekit import _semantics
     from bcekit.cli._scoring import Job, combine, score_partition
     from bcekit.cli._sources import DataError, expand, open_table, plan
 
     if args.scheduler is not None and args.engine != "dask":
         return _fail(stderr, "--scheduler needs --engine dask")
     try:
-        _semantics.check_label_smoothing(args.label_smoothing)
         job = Job(
             targets=tuple(args.target),
             predictions=tuple(args.pred),

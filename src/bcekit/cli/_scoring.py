@@ -23,6 +23,7 @@ from fractions import Fraction
 import numpy as np
 
 import bcekit.numpy as bce
+from bcekit import _semantics
 from bcekit.cli._sources import DataError, Partition, read_partition, to_float64
 
 __all__ = ["Job", "Partial", "Result", "LabelResult", "score_partition", "combine", "CALIBRATION_BINS"]
@@ -71,6 +72,7 @@ class Job:
                 )
         if self.batch_rows < 1:
             raise ValueError(f"batch_rows must be at least 1, got {self.batch_rows}")
+        _semantics.check_label_smoothing(self.label_smoothing)
 
     @property
     def columns(self) -> tuple[str, ...]:

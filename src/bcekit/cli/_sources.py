@@ -62,19 +62,6 @@ class DataError(Exception):
         return (DataError, (self.path, self.message, self.column, self.row))
 
 
-def _missing_dependency(what: str) -> DataError:
-    return DataError(what, "reading it needs pyarrow: pip install 'bcekit[cli]'")
-
-
-def _pyarrow():
-    try:
-        import pyarrow
-        import pyarrow.compute  # noqa: F401
-    except ImportError:
-        return None
-    return pyarrow
-
-
 def file_format(path: str) -> str:
     name = os.path.basename(path).lower()
     for suffix in _COMPRESSED:
@@ -165,11 +152,9 @@ def open_table(path: str) -> Table:
 
 
 def _open_csv(path: str) -> Table:
-    pa = _pyarrow()
-    if pa is None:
-        raise _missing_dependency(path)
     if os.path.getsize(path) == 0:
         raise DataError(path, "the file is empty")
+    import pyarrow as pa
     import pyarrow.csv as pcsv
 
     with pa.input_stream(path, compression="detect") as stream:
@@ -181,8 +166,6 @@ def _open_csv(path: str) -> Table:
 
 
 def _open_parquet(path: str) -> Table:
-    if _pyarrow() is None:
-        raise _missing_dependency(path)
     import pyarrow.parquet as pq
 
     metadata = pq.ParquetFile(path).metadata
@@ -327,8 +310,13 @@ def _csv_parse() -> object:
     return pcsv.ParseOptions(ignore_empty_lines=False)
 
 
-def _iter_csv(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
-    pa = _pyarrow()
+# A reader returns ``(origin, batches)``: its batches hold consecutive rows from row ``origin`` (at most
+# ``piece.start``) on; :func:`_rows` skips what comes before ``piece.start`` and cuts at ``piece.stop``.
+Reader = tuple[int, Iterator[dict[str, object]]]
+
+
+def _iter_csv(piece: Piece, batch_rows: int) -> Reader:
+    import pyarrow as pa
     import pyarrow.csv as pcsv
 
     convert = pcsv.ConvertOptions(
@@ -339,19 +327,23 @@ def _iter_csv(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
         quoted_strings_can_be_null=True,
         null_values=[""],
     )
-    # 1 MiB blocks: pyarrow parses several ahead on its threads, so memory grows with the block size
-    with pa.input_stream(piece.location, compression="detect") as stream:
-        reader = pcsv.open_csv(
-            stream,
-            read_options=pcsv.ReadOptions(block_size=1 << 20),
-            parse_options=_csv_parse(),
-            convert_options=convert,
-        )
-        for batch in reader:
-            yield {c: batch.column(c) for c in piece.columns}
+
+    def batches() -> Iterator[dict[str, object]]:
+        # 1 MiB blocks: pyarrow parses several ahead on its threads, so memory grows with the block size
+        with pa.input_stream(piece.location, compression="detect") as stream:
+            reader = pcsv.open_csv(
+                stream,
+                read_options=pcsv.ReadOptions(block_size=1 << 20),
+                parse_options=_csv_parse(),
+                convert_options=convert,
+            )
+            for batch in reader:
+                yield {c: batch.column(c) for c in piece.columns}
+
+    return 0, batches()  # CSV cannot seek
 
 
-def _iter_parquet(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
+def _iter_parquet(piece: Piece, batch_rows: int) -> Reader:
     import pyarrow.parquet as pq
 
     # Without pre-buffering pyarrow streams each column chunk through a small buffer; with it, it would hold
@@ -362,54 +354,52 @@ def _iter_parquet(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
     stop = edges[-1] if piece.stop is None else piece.stop
     groups = [i for i in range(len(sizes)) if edges[i] < stop and edges[i + 1] > piece.start]
     if not groups:
-        return
-    skip = piece.start - edges[groups[0]]  # rows before the range in its first row group
-    for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=list(piece.columns)):
-        if skip >= batch.num_rows:
-            skip -= batch.num_rows
-            continue
-        if skip:
-            batch, skip = batch.slice(skip), 0
-        yield {c: batch.column(c) for c in piece.columns}
+        return piece.start, iter(())
+    batches = parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=list(piece.columns))
+    return edges[groups[0]], ({c: batch.column(c) for c in piece.columns} for batch in batches)
 
 
-def _iter_npy(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
+def _iter_npy(piece: Piece, batch_rows: int) -> Reader:
     array = np.load(piece.location, mmap_mode="r", allow_pickle=False)
     names = _npy_columns(array)
     stop = array.shape[0] if piece.stop is None else min(piece.stop, array.shape[0])
-    for start in range(piece.start, stop, batch_rows):
-        block = array[start : min(start + batch_rows, stop)]
-        if array.dtype.names:
-            yield {c: np.array(block[c]) for c in piece.columns}
-        elif array.ndim == 1:
-            yield {c: np.array(block) for c in piece.columns}
-        else:
-            yield {c: np.array(block[:, names.index(c)]) for c in piece.columns}
+
+    def batches() -> Iterator[dict[str, object]]:
+        for start in range(piece.start, stop, batch_rows):
+            block = array[start : min(start + batch_rows, stop)]
+            if array.dtype.names:
+                yield {c: np.array(block[c]) for c in piece.columns}
+            elif array.ndim == 1:
+                yield {c: np.array(block) for c in piece.columns}
+            else:
+                yield {c: np.array(block[:, names.index(c)]) for c in piece.columns}
+
+    return piece.start, batches()
 
 
-def _iter_npz(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
-    with zipfile.ZipFile(piece.location) as archive:
-        streams = {}
-        try:
-            for column in piece.columns:
-                shape, dtype, stream = _npz_header(archive, column + ".npy")
-                streams[column] = (dtype, stream)
-            rows = shape[0]
-            position = 0
-            stop = rows if piece.stop is None else min(piece.stop, rows)
-            while position < stop:
-                count = min(batch_rows, stop - position)
-                batch = {}
-                for column, (dtype, stream) in streams.items():
-                    data = stream.read(count * dtype.itemsize)
-                    batch[column] = np.frombuffer(data, dtype=dtype, count=count)
-                if position + count > piece.start:
-                    cut = max(0, piece.start - position)
-                    yield {c: a[cut:] for c, a in batch.items()}
-                position += count
-        finally:
-            for _, stream in streams.values():
-                stream.close()
+def _iter_npz(piece: Piece, batch_rows: int) -> Reader:
+    def batches() -> Iterator[dict[str, object]]:
+        with zipfile.ZipFile(piece.location) as archive:
+            streams = {}
+            try:
+                for column in piece.columns:
+                    shape, dtype, stream = _npz_header(archive, column + ".npy")
+                    streams[column] = (dtype, stream)
+                position = 0
+                stop = shape[0] if piece.stop is None else min(piece.stop, shape[0])
+                while position < stop:
+                    count = min(batch_rows, stop - position)
+                    batch = {}
+                    for column, (dtype, stream) in streams.items():
+                        data = stream.read(count * dtype.itemsize)
+                        batch[column] = np.frombuffer(data, dtype=dtype, count=count)
+                    yield batch
+                    position += count
+            finally:
+                for _, stream in streams.values():
+                    stream.close()
+
+    return 0, batches()  # a zip member is a stream: read from its first row
 
 
 _READERS = {"csv": _iter_csv, "parquet": _iter_parquet, "npy": _iter_npy, "npz": _iter_npz}
@@ -436,13 +426,11 @@ def _concat(parts: list[object]) -> object:
 
 def _rows(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
     """The piece's rows ``[start, stop)`` in batches of exactly ``batch_rows`` (the last one shorter)."""
-    reader = _READERS[piece.format](piece, batch_rows)
-    position, buffered, pending = piece.start, 0, []
-    if piece.format == "csv" and piece.start:  # CSV cannot seek: skip rows before the range
-        position = 0
+    position, reader = _READERS[piece.format](piece, batch_rows)
+    buffered, pending = 0, []
     for batch in reader:
         size = _length(next(iter(batch.values())))
-        if piece.format == "csv" and position < piece.start:
+        if position < piece.start:  # rows before the range: skipped
             if position + size <= piece.start:
                 position += size
                 continue
@@ -529,7 +517,7 @@ def to_float64(raw: object) -> tuple[np.ndarray, tuple[int, str] | None]:
         if raw.dtype.kind not in _NUMERIC_KINDS:
             return np.empty(0), (0, f"values of type {raw.dtype} are not numbers")
         return raw.astype(np.float64), None
-    pa = _pyarrow()
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     array = raw.combine_chunks() if isinstance(raw, pa.ChunkedArray) else raw
