@@ -7,6 +7,7 @@ reference of the semantics.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,16 @@ REDUCTIONS = ("none", "mean", "sum")
 #: contiguous; the transpose of a contiguous buffer; every other element of a wider buffer (last dim);
 #: a stride-0 view repeating the first row (the case's rows are then drawn equal)
 LAYOUTS = ("contiguous", "transposed", "strided", "broadcast")
+#: (ignore_index, label_smoothing) pairs the kernel tests run against the composed path
+OPTION_CASES = [
+    (None, 0.1),
+    (None, 1.0),
+    (-1.0, 0.0),
+    (-1.0, 0.2),
+    (math.nan, 0.0),
+    (math.nan, 0.05),
+    (0.0, 0.0),  # ignores the zeros among the targets (the negatives of hard targets)
+]
 
 
 @dataclass

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import bcekit
 import bcekit.numpy as bnp
 import bcekit.torch as bce
+from _cases import OPTION_CASES
 from _reference import bce_exact, logits_exact, ulp_error
 from bcekit import _native
 
@@ -727,16 +728,6 @@ def test_ignored_targets_are_not_range_checked(monkeypatch, dtype: str, ignore_i
 # --------------------------------------------------------------------------------------------------------
 # ignore_index and label_smoothing: the kernel against the composed path
 # --------------------------------------------------------------------------------------------------------
-
-OPTION_CASES = [
-    (None, 0.1),
-    (None, 1.0),
-    (-1.0, 0.0),
-    (-1.0, 0.2),
-    (math.nan, 0.0),
-    (math.nan, 0.05),
-    (0.0, 0.0),  # ignore the negatives of hard targets
-]
 
 
 def _with_ignored(y: np.ndarray, ignore_index: float | None, seed: int) -> np.ndarray:

@@ -33,6 +33,7 @@ triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
 import bcekit.torch as bce  # noqa: E402
+from _cases import OPTION_CASES  # noqa: E402
 from _reference import bce_exact, logits_exact, ulp_error  # noqa: E402
 from bcekit import _native, _semantics  # noqa: E402
 from bcekit._math import LossSpec  # noqa: E402
@@ -509,16 +510,6 @@ def test_non_contiguous_operands_are_made_contiguous(kind: str, dtype: str) -> N
 # --------------------------------------------------------------------------------------------------------
 # label_smoothing and ignore_index
 # --------------------------------------------------------------------------------------------------------
-
-OPTION_CASES = [
-    (None, 0.1),
-    (None, 1.0),
-    (-1.0, 0.0),
-    (-1.0, 0.2),
-    (math.nan, 0.0),
-    (math.nan, 0.05),
-    (0.0, 0.0),  # ignores the zeros among the targets
-]
 
 
 def _with_ignored(y: torch.Tensor, ignore_index, seed: int) -> torch.Tensor:
