@@ -45,6 +45,10 @@ namespace {
 
 constexpr int64_t CHUNK = 8192;               // elements per chunk (a multiple of the vector width)
 constexpr int64_t MIN_PER_THREAD = 1 << 15;   // below this many elements per thread, fewer threads
+// float32 gradients of at least this many bytes are written with streaming stores (see kernel_api.h):
+// bigger than the last-level caches of the machines we run on, so the lines would be evicted unread
+// anyway, while reading them in before overwriting them costs a quarter of a fused step's traffic.
+constexpr int64_t STREAM_MIN_BYTES = int64_t(16) << 20;
 
 // The AVX2 + FMA build where the CPU has both, unless BCEKIT_ISA=baseline asks for the baseline build
 // (so tests and sanitizer runs can exercise it on any machine).
@@ -166,8 +170,10 @@ struct RunResult {
 };
 
 // Runs the pass; returns the kept elements' loss sum (if asked), their count and the range flags.
-RunResult run(const Args& args, int threads) {
+RunResult run(Args args, int threads) {
     const ChunkFn fn = select_kernel(args.dtype);
+    args.stream_outputs = args.dtype == F32 && args.grad_input && args.n * 4 >= STREAM_MIN_BYTES &&
+                          reinterpret_cast<uintptr_t>(args.grad_input) % 16 == 0;
     if (!fn) throw std::invalid_argument("bcekit._core: unsupported dtype");
     const int64_t n = args.n;
     if (n == 0) return {};

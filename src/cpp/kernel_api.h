@@ -36,6 +36,9 @@ struct Args {
     double label_smoothing = 0.0;
     bool has_ignore = false;
     double ignore_index = 0.0;    // NaN matches NaN targets
+    // Write grad_input with streaming (non-temporal) stores: set by the runner for float32 gradients
+    // larger than the last-level cache, 16-byte aligned. Kernels may ignore it.
+    bool stream_outputs = false;
 };
 
 // One chunk [begin, end): adds the chunk's loss sum and kept count.

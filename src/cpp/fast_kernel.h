@@ -1,0 +1,589 @@
+// The fast path of the vector kernel: reduced losses and input gradients of float, float16 and bfloat16
+// data in one pass, for the cases a training step takes (the exact path of vector_kernel.h serves the
+// rest: per-element losses, target gradients, and blocks holding non-finite or out-of-range values).
+//
+// Included by vector_kernel.h inside namespace BCEKIT_ISA, after the exact path it falls back to.
+//
+// What is computed, per element (y smoothed, ignored elements masked, w = weight, p = pos_weight):
+//   logits         e = exp(-|x|), s(x) = 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0
+//                  grad  = w ((1 - y) s(x) - p y s(-x))                       (double lanes, rounded once)
+//                  loss  = w (c |x| + (p y + 1 - y) log1p(e)),  c = 1 - y (x >= 0) or p y (x < 0)
+//   probabilities  grad  = w (x - y) / max(x (1 - x), 1e-12)                  (double lanes, rounded once)
+//                  loss  = -w (y max(log x, -100) + (1 - y) max(log(1 - x), -100))
+// Precision: the gradient is formed in double from a double exp(-|x|) (2^-38), exactly as the exact path
+// forms it, so it keeps the exact path's guarantee (the cancellation near s(x) = y is that of a double
+// evaluation). The loss only feeds the sum here, and its logarithms run in float lanes, twice as wide:
+// log1p(e) and log(x), log(1 - x) are float polynomials (about one ulp), combined with the rest of the
+// loss in double, so each element's loss is within 2 ulp of float32 before it is added (in double).
+// tests/test_kernels.py measures that bound against mpmath, element by element.
+//
+// Speed. A block of B elements goes through the stages below, software-pipelined: iteration k runs
+// stage 1 on group k, stage 2 on group k - SKEW and stage 3 on group k - 2 SKEW (a group is 8 elements).
+// Each stage's dependency chain is short, and three independent chains per iteration keep the FMA,
+// add/convert and divide units busy together: one long chain per element (exp, then a division, then
+// a logarithm) would stall on latency, and separate loops per stage would leave all but one unit idle.
+//   1. exp(-|x|) in double (logits); float logarithms of x and 1 - x (probabilities)
+//   2. 1 / (1 + e) in double and log1p(e) in float (logits); (probabilities: nothing)
+//   3. loss and gradient in double, gradient stored, loss summed
+// Blocks are checked as they stream (logits: |x| <= 700 and not NaN; probabilities: x and the kept y in
+// [0, 1], x zero or normal): a block that fails is recomputed whole by the exact path, which also reports
+// range errors.
+//
+// Gradients larger than the last-level cache are written with streaming (non-temporal) stores when the
+// caller asks (Args::stream_outputs): they skip the read-for-ownership of lines that are overwritten
+// whole, a quarter of a fused step's memory traffic.
+
+// ---------------------------------------------------------------------------------------------------
+// Lanes: 8 floats, or two halves of 4 doubles
+// ---------------------------------------------------------------------------------------------------
+
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef uint32_t vu8 __attribute__((vector_size(32)));
+typedef uint64_t vq __attribute__((vector_size(32)));
+
+inline vf8 splat8(float v) { return vf8{} + v; }
+inline vd abs4(vd a) { return (vd)((vq)a & 0x7fffffffffffffffULL); }
+inline vf8 abs8(vf8 a) { return (vf8)((vu8)a & 0x7fffffffu); }
+
+#if defined(__AVX2__)
+inline vd lo4(vf8 v) { return (vd)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)v)); }
+inline vd hi4(vf8 v) { return (vd)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)v, 1)); }
+inline vf8 join8(vd lo, vd hi) {
+    return (vf8)_mm256_set_m128(_mm256_cvtpd_ps((__m256d)hi), _mm256_cvtpd_ps((__m256d)lo));
+}
+// Lanes of `neg` where the sign bit of m is set, else `pos` (one blend; no comparison needed).
+inline vd pick_neg(vd m, vd neg, vd pos) {
+    return (vd)__builtin_ia32_blendvpd256((__v4df)pos, (__v4df)neg, (__v4df)m);
+}
+inline vf8 pick_neg8(vf8 m, vf8 neg, vf8 pos) {
+    return (vf8)__builtin_ia32_blendvps256((__v8sf)pos, (__v8sf)neg, (__v8sf)m);
+}
+inline int count_set(vf8 mask) { return __builtin_popcount(unsigned(_mm256_movemask_ps((__m256)mask))); }
+#else
+inline vd lo4(vf8 v) { return vd{v[0], v[1], v[2], v[3]}; }
+inline vd hi4(vf8 v) { return vd{v[4], v[5], v[6], v[7]}; }
+inline vf8 join8(vd lo, vd hi) {
+    return vf8{float(lo[0]), float(lo[1]), float(lo[2]), float(lo[3]),
+               float(hi[0]), float(hi[1]), float(hi[2]), float(hi[3])};
+}
+inline vd pick_neg(vd m, vd neg, vd pos) { return (vl)m < 0 ? neg : pos; }
+inline vf8 pick_neg8(vf8 m, vf8 neg, vf8 pos) { return (vi8)m < 0 ? neg : pos; }
+inline int count_set(vf8 mask) {
+    int n = 0;
+    const vi8 bits = (vi8)mask;
+    for (int j = 0; j < 8; ++j) n += bits[j] < 0;
+    return n;
+}
+#endif
+
+// Storage of 8 elements as floats (half types widened exactly), and of 4 doubles rounded to storage.
+template <class T> struct Lanes;
+template <> struct Lanes<float> {
+    static vf8 load(const float* p) { vf8 v; std::memcpy(&v, p, sizeof v); return v; }
+    static void store(float* p, vd v, bool stream) {
+#if defined(__AVX2__)
+        const __m128 f = _mm256_cvtpd_ps((__m256d)v);
+        if (stream) _mm_stream_ps(p, f);  // the caller checked the 16-byte alignment
+        else _mm_storeu_ps(p, f);
+#else
+        (void)stream;
+        Storage<float>::storew(p, v);
+#endif
+    }
+};
+template <> struct Lanes<half_t> {
+    static vf8 load(const half_t* p) {
+#if defined(__AVX2__)
+        return (vf8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+        vf8 v;
+        for (int j = 0; j < 8; ++j) v[j] = half_to_float(p[j].bits);
+        return v;
+#endif
+    }
+    static void store(half_t* p, vd v, bool) { Storage<half_t>::storew(p, v); }
+};
+template <> struct Lanes<bf16_t> {
+    static vf8 load(const bf16_t* p) {
+#if defined(__AVX2__)
+        const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        return (vf8)_mm256_slli_epi32(wide, 16);
+#else
+        vf8 v;
+        for (int j = 0; j < 8; ++j) v[j] = bf16_to_float(p[j].bits);
+        return v;
+#endif
+    }
+    static void store(bf16_t* p, vd v, bool) { Storage<bf16_t>::storew(p, v); }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Float logarithms for the summed loss
+// ---------------------------------------------------------------------------------------------------
+
+// log1p(f) = f + f^2 R(f) for f in [-0.2929, 0.5]: R a degree-9 Chebyshev fit in float (relative error
+// of log1p 2^-28 before rounding), in Estrin's scheme for a short dependency chain. Only R is rounded to
+// float: its error reaches log1p(f) scaled by f^2 R / log1p(f) <= 0.2.
+inline vf8 log1p_tail_f(vf8 f) {
+    const vf8 f2 = f * f, f4 = f2 * f2, f8 = f4 * f4;
+    const vf8 r01 = f * 0.33333322405815125f - 0.5f;
+    const vf8 r23 = f * 0.20001578330993652f - 0.250002384185791f;
+    const vf8 r45 = f * 0.14221224188804626f - 0.1665576547384262f;
+    const vf8 r67 = f * 0.12082738429307938f - 0.12619036436080933f;
+    const vf8 r89 = f * 0.04905814304947853f - 0.10493273288011551f;
+    return r89 * f8 + ((r67 * f2 + r45) * f4 + (r23 * f2 + r01));
+}
+
+// For log1p(e), e = exp(-|x|) in [0, 1]: 1 + e = 2 (1 + (e - 1) / 2) above 1/2, where (e - 1) / 2 in
+// [-1/4, 0] is exact; below, f = e. The reduced argument stays in double (a float would lose e's digits,
+// and e below 2^-126 altogether); only R(f) runs in float lanes. log1p(e) = [e > 1/2] ln2 + f + f^2 R(f).
+inline vd log1p_unit_argument(vd e) { return e > 0.5 ? e * 0.5 - 0.5 : e; }
+
+constexpr float LN2_F = 0.693147182464599609375f;  // float(ln 2): 0.03 ulp from ln 2
+
+// log1p(f) for f in [-0.2929, 0.4142] in float: f + f^2 R8(f), R8 a degree-8 Chebyshev fit (relative
+// error 2^-26 before rounding), rounded once by the last FMA: under an ulp.
+inline vf8 log1p_narrow_f(vf8 f) {
+    const vf8 f2 = f * f, f4 = f2 * f2, f8 = f4 * f4;
+    const vf8 r01 = f * 0.3333333134651184f - 0.4999999701976776f;
+    const vf8 r23 = f * 0.20001234114170074f - 0.2500078082084656f;
+    const vf8 r45 = f * 0.14204855263233185f - 0.16626645624637604f;
+    const vf8 r67 = f * 0.12722672522068024f - 0.13127554953098297f;
+    const vf8 r = -0.07673641294240952f * f8 + ((r67 * f2 + r45) * f4 + (r23 * f2 + r01));
+    return f2 * r + f;
+}
+
+// 1 / u to 12 bits or better (enough for a correction term)
+inline vf8 reciprocal_approx(vf8 u) {
+#if defined(__AVX2__)
+    return (vf8)_mm256_rcp_ps((__m256)u);
+#else
+    return 1.0f / u;
+#endif
+}
+
+// u = 2^k (1 + f) for normal positive floats u, 1 + f in [sqrt(1/2), sqrt(2)): integer arithmetic on
+// the bits (subtracting sqrt(1/2)'s bits moves the binade boundary there); f = m - 1 is exact.
+inline void decompose_f(vf8 u, vf8& k, vf8& f) {
+    const vi8 shifted = (vi8)u - 0x3f3504f3;  // bits of sqrt(1/2)
+    k = __builtin_convertvector(shifted >> 23, vf8);
+    f = (vf8)((shifted & 0x007fffff) + 0x3f3504f3) - 1.0f;
+}
+
+// max(log x, -100) and max(log(1 - x), -100) for x in {0} U [2^-126, 1] (the block check): the clamp
+// only ever acts at x = 0 and x = 1, since the smallest normal float's log is -87.3 and 1 - x >= 2^-24.
+// Below 0.2929, log(1 - x) is log1p(-x) evaluated on -x itself (1 - x would round away its low digits;
+// those lanes decompose 1 instead, k = 0); above, 1 - x is exact (a multiple of x's ulp below 1).
+inline void log_pair_f(vf8 x, vf8& log_x, vf8& log_1mx) {
+    const vf8 floor = splat8(-100.0f);
+    vf8 kx, fx, k1, f1;
+    decompose_f(x, kx, fx);
+    const vi8 small = x < 0.29289322f;
+    const vf8 u = small ? splat8(1.0f) : 1.0f - x;
+    // 1 - x rounds for x in [0.2929, 1/2): its rounding error (exact, by Sterbenz) enters as lo / u
+    const vf8 lo = (1.0f - u) - x;
+    decompose_f(u, k1, f1);
+    f1 = small ? -x : f1;
+    log_x = x == 0.0f ? floor : kx * LN2_F + log1p_narrow_f(fx);
+    const vf8 l1 = k1 * LN2_F + log1p_narrow_f(f1);
+    log_1mx = x == 1.0f ? floor : (small ? l1 : lo * reciprocal_approx(u) + l1);
+}
+
+// Input and target PREFETCH_BYTES ahead of stage 1: the stages' dependency chains leave the out-of-order
+// window too little room to hide a load that misses the caches, and the hardware prefetchers alone fell
+// behind (a 2^20-element pass ran 1.5x slower than the same pass on data in L1).
+constexpr int PREFETCH_BYTES = 2048;
+template <class T>
+inline void prefetch(const T* x, const T* y) {
+    __builtin_prefetch(reinterpret_cast<const char*>(x) + PREFETCH_BYTES, 0, 3);
+    __builtin_prefetch(reinterpret_cast<const char*>(y) + PREFETCH_BYTES, 0, 3);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Blocks
+// ---------------------------------------------------------------------------------------------------
+
+constexpr int FAST_BLOCK = 512;  // elements per block: a multiple of 8, stage buffers ~14 KiB in L1
+constexpr int GROUPS = FAST_BLOCK / 8;
+constexpr int SKEW = 2;          // groups between consecutive stages
+constexpr double GRAD_EPSILON = 9.999999960041972e-13;  // float32(1e-12): torch's clamp of x (1 - x)
+
+struct Scratch {
+    vd X[2 * GROUPS], E[2 * GROUPS], R[2 * GROUPS];  // x, exp(-|x|), 1 / (1 + exp(-|x|)) (logits)
+    vd F[2 * GROUPS];                 // the reduced argument of log1p(e) (logits)
+    vf8 L1[GROUPS], L2[GROUPS];       // R(f) of log1p(e) (logits); log x, log(1 - x) (probabilities)
+    float w[FAST_BLOCK], p[FAST_BLOCK];
+};
+
+// The weight values of elements [begin, begin + len) as floats, for the broadcast forms other than
+// SCALAR (which the kernel splats) and ABSENT.
+template <class T>
+void fill_weights(const void* data, int mode, int64_t inner, int64_t begin, int len, float* out) {
+    const T* w = static_cast<const T*>(data);
+    inner = inner > 0 ? inner : 1;
+    if (mode == FULL) {
+        for (int j = 0; j < len; ++j) out[j] = float(Storage<T>::get(w + begin + j));
+        return;
+    }
+    int64_t col = begin % inner, row = begin / inner;
+    for (int j = 0; j < len;) {
+        const int run = int(std::min<int64_t>(inner - col, len - j));  // elements until the row ends
+        if (mode == PER_CLASS) {
+            for (int r = 0; r < run; ++r) out[j + r] = float(Storage<T>::get(w + col + r));
+        } else {
+            const float v = float(Storage<T>::get(w + row));
+            for (int r = 0; r < run; ++r) out[j + r] = v;
+        }
+        j += run;
+        col = 0;
+        ++row;
+    }
+}
+
+// The options of one pass, read once per chunk.
+struct FastOptions {
+    bool sum, grad, stream, smooth, ignore, nan_ignore, grad_output;
+    int w_mode, p_mode;
+    float w_scalar, p_scalar;
+    double s, ignore_index, scale;
+    template <class T>
+    FastOptions(const Args& a, const T*)
+        : sum(a.want_sum), grad(a.grad_input != nullptr), stream(a.stream_outputs),
+          smooth(a.label_smoothing != 0.0), ignore(a.has_ignore),
+          nan_ignore(a.has_ignore && std::isnan(a.ignore_index)), grad_output(a.grad_output != nullptr),
+          w_mode(a.w ? a.w_mode : ABSENT), p_mode(a.p ? a.p_mode : ABSENT),
+          w_scalar(w_mode == SCALAR ? float(Storage<T>::get(static_cast<const T*>(a.w))) : 1.0f),
+          p_scalar(p_mode == SCALAR ? float(Storage<T>::get(static_cast<const T*>(a.p))) : 1.0f),
+          s(a.label_smoothing), ignore_index(a.ignore_index), scale(a.grad_scale) {
+        // a finite ignore_index that no float equals ignores nothing (the exact path compares in double)
+        if (ignore && !nan_ignore && double(float(ignore_index)) != ignore_index) ignore = false;
+    }
+    bool plain() const { return !smooth && !ignore && !grad_output && w_mode == ABSENT && p_mode == ABSENT; }
+};
+
+// What stage 3 needs of an element half-group beyond x and y: the kept mask, smoothed y, the weights.
+struct Targets {
+    vd y, w, p;
+    vf8 kept;  // the group's kept mask (all lanes set where every element is kept)
+};
+
+// Targets of group k, half h: ignore mask from the raw target, then label smoothing (as the exact path).
+inline vd half_target(const FastOptions& o, vf8 y8, vf8 kept8, int h, vd& kept_mask) {
+    vd y = h ? hi4(y8) : lo4(y8);
+    if (o.ignore) {
+        const vd kept = h ? hi4(kept8) : lo4(kept8);  // -1.0f or 0.0f, widened: sign bit set where kept
+        kept_mask = kept;
+        y = pick_neg(kept, y, splat(0.0));
+    }
+    if (o.smooth) y = y * (1.0 - o.s) + 0.5 * o.s;
+    return y;
+}
+
+inline vf8 kept_lanes(const FastOptions& o, vf8 y8) {
+    if (!o.ignore) return splat8(-1.0f);
+    const vf8 kept = o.nan_ignore ? (vf8)(y8 == y8) : (vf8)(y8 != float(o.ignore_index));
+    return (vf8)((vi8)kept & (vi8)splat8(-1.0f));  // -1.0f (sign set) where kept, +0.0f elsewhere
+}
+
+// A weight's values for half h of group k (double lanes).
+inline vd half_weight(int mode, float scalar, const float* buffer, int k, int h) {
+    if (mode == ABSENT) return splat(1.0);
+    if (mode == SCALAR) return splat(double(scalar));
+    vf8 v;
+    std::memcpy(&v, buffer + 8 * k, sizeof v);
+    return h ? hi4(v) : lo4(v);
+}
+
+// log1p(e) for half h of group k from stage 2's f and R(f): [e > 1/2] ln2 + f + f^2 R(f), in double.
+inline vd log1p_unit(const Scratch& s, int k, int h, vd e, vd ln2) {
+    const vd f = s.F[2 * k + h], r = h ? hi4(s.L1[k]) : lo4(s.L1[k]);
+    return (f * f) * r + f + (vd)((vq)(e > 0.5) & (vq)ln2);
+}
+
+// Sum of log1p(e) over the elements of a block without weights, as -log of a product: log1p(e) =
+// -log r with r = 1 / (1 + e), which the gradient needs anyway, so a multiplication per element replaces
+// a logarithm, and one logarithm per lane and chunk is taken at the end (LogProduct). r rounds 1 + e, an
+// absolute error of 2^-53 in -log r: below e = 2^-20 the element adds e - e^2/2 instead (relative error
+// e^2/3), so every element's log1p(e) is exact to 2^-32 relative.
+struct LogProduct {
+    vd mantissa = splat(1.0);  // in [1, 2) after each fold
+    vl exponent{};
+    // multiply in a block's product (>= 2^-128: at most 64 factors of at least 1/2 per lane)
+    void fold(vd product) {
+        typedef uint64_t vq_ __attribute__((vector_size(8 * W)));
+        const vq_ bits = (vq_)(mantissa * product);
+        exponent += (vl)(bits >> 52) - 1023;
+        mantissa = (vd)((bits & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL);
+    }
+    // sum over the lanes of log(mantissa * 2^exponent)
+    long double log() const {
+        long double total = 0.0L;
+        for (int j = 0; j < W; ++j) total += std::log((long double)mantissa[j]) + exponent[j] * LN2_L;
+        return total;
+    }
+    static constexpr long double LN2_L = 0.693147180559945309417232121458176568L;
+};
+
+// One block of the logits loss. Returns false (outputs garbage) when a logit is NaN or |x| > 700.
+// MODE: 0 plain; 1 unweighted (label smoothing, ignore_index, grad_output as the options say); 2 with
+// weight or pos_weight. Modes 0 and 1 sum log1p(e) as a product (LogProduct); mode 2 weighs each
+// element's log1p(e) = [e > 1/2] ln2 + f + f^2 R(f), R in float lanes, the rest in double.
+template <class T, int MODE, bool SUM, bool GRAD>
+bool logits_block(const Args& a, const FastOptions& o, int64_t b, int groups, Scratch& s, double& sum,
+                  vd& product, int64_t& kept_count) {
+    constexpr bool PLAIN = MODE == 0, WEIGHTED = MODE == 2;
+    const T* x = static_cast<const T*>(a.x) + b;
+    const T* y = static_cast<const T*>(a.y) + b;
+    const T* go = static_cast<const T*>(a.grad_output) + (a.grad_output ? b : 0);
+    T* gi = GRAD ? static_cast<T*>(a.grad_input) + b : nullptr;
+    const vd ln2 = splat(LN2);
+    // locals, not o.*: the stores through gi could alias the options as far as the compiler knows
+    const double scale0 = o.scale;
+    const bool stream = o.stream;
+    vu8 bad{};
+    vd acc0{}, acc1{}, prod0 = splat(1.0), prod1 = splat(1.0);
+    int64_t kept = 0;
+
+    auto stage1 = [&](int k) {
+        prefetch(x + 8 * k, y + 8 * k);
+        const vf8 x8 = Lanes<T>::load(x + 8 * k);
+        bad |= (vu8)(((vu8)x8 & 0x7fffffffu) > 0x442f0000u);  // |x| > 700.0f, or NaN
+        const vd x0 = lo4(x8), x1 = hi4(x8);
+        s.X[2 * k] = x0;
+        s.X[2 * k + 1] = x1;
+        s.E[2 * k] = exp_neg_finite(abs4(x0));
+        s.E[2 * k + 1] = exp_neg_finite(abs4(x1));
+    };
+    auto stage2 = [&](int k) {
+        const vd e0 = s.E[2 * k], e1 = s.E[2 * k + 1];
+        s.R[2 * k] = 1.0 / (1.0 + e0);
+        s.R[2 * k + 1] = 1.0 / (1.0 + e1);
+        if constexpr (SUM && WEIGHTED) {
+            const vd f0 = log1p_unit_argument(e0), f1 = log1p_unit_argument(e1);
+            s.F[2 * k] = f0;
+            s.F[2 * k + 1] = f1;
+            s.L1[k] = log1p_tail_f(join8(f0, f1));
+        }
+    };
+    auto stage3 = [&](int k) {
+        const vf8 y8 = Lanes<T>::load(y + 8 * k);
+        const vf8 kept8 = PLAIN ? splat8(-1.0f) : kept_lanes(o, y8);
+        if (!PLAIN && o.ignore) kept += count_set(kept8);
+        for (int h = 0; h < 2; ++h) {
+            const vd xv = s.X[2 * k + h], e = s.E[2 * k + h], r = s.R[2 * k + h];
+            const vd large = r, small = e * r;  // s(|x|), s(-|x|)
+            vd keep = splat(-1.0);
+            const vd yv = PLAIN ? (h ? hi4(y8) : lo4(y8)) : half_target(o, y8, kept8, h, keep);
+            if constexpr (!WEIGHTED) {
+                if constexpr (SUM) {
+                    // c |x| with c = 1 - y (x >= 0) or y (x < 0), plus log1p(e) as below
+                    const vd c = pick_neg(xv, yv, 1.0 - yv);
+                    const vl tiny = e < 0x1p-27;
+                    const vd direct = (vd)((vl)e & tiny);  // log1p(e) = e to 2^-28
+                    const vd factor = tiny ? splat(1.0) : r;
+                    vd& acc = h ? acc1 : acc0;
+                    vd& prod = h ? prod1 : prod0;
+                    if (PLAIN) {
+                        acc = c * abs4(xv) + (acc + direct);
+                        prod *= factor;
+                    } else {
+                        acc += pick_neg(keep, c * abs4(xv) + direct, splat(0.0));
+                        prod *= pick_neg(keep, factor, splat(1.0));
+                    }
+                }
+                if constexpr (GRAD) {
+                    const vd g = pick_neg(xv, small, large) - yv;
+                    if (PLAIN) {
+                        Lanes<T>::store(gi + 8 * k + 4 * h, g * scale0, stream);
+                    } else {
+                        vd scale = splat(scale0);
+                        if (o.grad_output) {
+                            const vf8 g8 = Lanes<T>::load(go + 8 * k);
+                            scale = (h ? hi4(g8) : lo4(g8)) * scale0;
+                        }
+                        Lanes<T>::store(gi + 8 * k + 4 * h, pick_neg(keep, g, splat(0.0)) * scale, stream);
+                    }
+                }
+                continue;
+            }
+            const vd w = half_weight(o.w_mode, o.w_scalar, s.w, k, h);
+            const vd p = half_weight(o.p_mode, o.p_scalar, s.p, k, h);
+            const vd positive = p * yv, one_minus_y = 1.0 - yv;
+            if constexpr (SUM) {
+                const vd tail = log1p_unit(s, k, h, e, ln2);
+                const vd c = pick_neg(xv, positive, one_minus_y);
+                const vd loss = (c * abs4(xv) + (positive + one_minus_y) * tail) * w;
+                (h ? acc1 : acc0) += pick_neg(keep, loss, splat(0.0));
+            }
+            if constexpr (GRAD) {
+                vd g = (one_minus_y * pick_neg(xv, small, large) - positive * pick_neg(xv, large, small)) * w;
+                vd scale = splat(scale0);
+                if (o.grad_output) {
+                    const vf8 g8 = Lanes<T>::load(go + 8 * k);
+                    scale = (h ? hi4(g8) : lo4(g8)) * scale0;
+                }
+                Lanes<T>::store(gi + 8 * k + 4 * h, pick_neg(keep, g, splat(0.0)) * scale, stream);
+            }
+        }
+    };
+    int k = 0;
+    for (; k < SKEW && k < groups; ++k) stage1(k);
+    for (; k < 2 * SKEW && k < groups; ++k) { stage1(k); stage2(k - SKEW); }
+    for (; k < groups; ++k) { stage1(k); stage2(k - SKEW); stage3(k - 2 * SKEW); }
+    for (int j = std::max(0, groups - SKEW); j < groups; ++j) stage2(j);  // drain: stage 2, then stage 3
+    for (int j = std::max(0, groups - 2 * SKEW); j < groups; ++j) stage3(j);
+    unsigned any = 0;
+    for (int j = 0; j < 8; ++j) any |= bad[j];
+    if (any) return false;
+    const vd acc = acc0 + acc1;
+    double total = 0.0;
+    for (int j = 0; j < W; ++j) total += acc[j];
+    sum = total;
+    product = prod0 * prod1;
+    kept_count = (PLAIN || !o.ignore) ? int64_t(groups) * 8 : kept;
+    return true;
+}
+
+// One block of the probability loss. Returns false when an input is outside [0, 1], NaN or subnormal, or
+// a kept target is outside [0, 1] or NaN: the exact path redoes the block and reports range errors.
+template <class T, int MODE, bool SUM, bool GRAD>
+bool probabilities_block(const Args& a, const FastOptions& o, int64_t b, int groups, Scratch& s,
+                         double& sum, int64_t& kept_count) {
+    constexpr bool PLAIN = MODE == 0;
+    const T* x = static_cast<const T*>(a.x) + b;
+    const T* y = static_cast<const T*>(a.y) + b;
+    const T* go = static_cast<const T*>(a.grad_output) + (a.grad_output ? b : 0);
+    T* gi = GRAD ? static_cast<T*>(a.grad_input) + b : nullptr;
+    const double scale0 = o.scale;
+    const bool stream = o.stream;
+    vu8 bad{};
+    vd acc0{}, acc1{};
+    int64_t kept = 0;
+
+    auto stage1 = [&](int k) {
+        prefetch(x + 8 * k, y + 8 * k);
+        const vf8 x8 = Lanes<T>::load(x + 8 * k), y8 = Lanes<T>::load(y + 8 * k);
+        const vu8 xb = (vu8)x8, yb = (vu8)y8;
+        // x in {+0} U [2^-126, 1]: sign clear, at most 1.0f, zero or normal
+        bad |= (vu8)(xb > 0x3f800000u) | ((vu8)(xb < 0x00800000u) & (vu8)(xb != 0u));
+        vu8 bad_y = (vu8)(yb > 0x3f800000u);  // outside [+0, 1] or NaN (-0.0 too: the exact path takes it)
+        if (!PLAIN && o.ignore) bad_y &= (vu8)((vi8)kept_lanes(o, y8) < 0);  // ignored targets: any value
+        bad |= bad_y;
+        if constexpr (SUM) log_pair_f(x8, s.L1[k], s.L2[k]);
+    };
+    auto stage3 = [&](int k) {
+        const vf8 x8 = Lanes<T>::load(x + 8 * k), y8 = Lanes<T>::load(y + 8 * k);
+        const vf8 kept8 = PLAIN ? splat8(-1.0f) : kept_lanes(o, y8);
+        if (!PLAIN && o.ignore) kept += count_set(kept8);
+        for (int h = 0; h < 2; ++h) {
+            const vd xv = h ? hi4(x8) : lo4(x8);
+            vd keep = splat(-1.0);
+            const vd yv = PLAIN ? (h ? hi4(y8) : lo4(y8)) : half_target(o, y8, kept8, h, keep);
+            const vd w = PLAIN ? splat(1.0) : half_weight(o.w_mode, o.w_scalar, s.w, k, h);
+            if constexpr (SUM) {
+                const vd log_x = h ? hi4(s.L1[k]) : lo4(s.L1[k]), log_1mx = h ? hi4(s.L2[k]) : lo4(s.L2[k]);
+                const vd loss = -(yv * log_x + (1.0 - yv) * log_1mx);
+                (h ? acc1 : acc0) += PLAIN ? loss : pick_neg(keep, loss * w, splat(0.0));
+            }
+            if constexpr (GRAD) {
+                vd denom = xv * (1.0 - xv);
+                denom = denom > GRAD_EPSILON ? denom : splat(GRAD_EPSILON);
+                vd g = (xv - yv) / denom;
+                if (PLAIN) {
+                    Lanes<T>::store(gi + 8 * k + 4 * h, g * scale0, stream);
+                    continue;
+                }
+                vd scale = splat(scale0);
+                if (o.grad_output) {
+                    const vf8 g8 = Lanes<T>::load(go + 8 * k);
+                    scale = (h ? hi4(g8) : lo4(g8)) * scale0;
+                }
+                Lanes<T>::store(gi + 8 * k + 4 * h, pick_neg(keep, g * w, splat(0.0)) * scale, stream);
+            }
+        }
+    };
+    // two stages: the logarithms (stage 1) run SKEW groups ahead of the combination (stage 3)
+    int k = 0;
+    for (; k < SKEW && k < groups; ++k) stage1(k);
+    for (; k < groups; ++k) { stage1(k); stage3(k - SKEW); }
+    for (int j = std::max(0, groups - SKEW); j < groups; ++j) stage3(j);
+    unsigned any = 0;
+    for (int j = 0; j < 8; ++j) any |= bad[j];
+    if (any) return false;
+    const vd acc = acc0 + acc1;
+    double total = 0.0;
+    for (int j = 0; j < W; ++j) total += acc[j];
+    sum = total;
+    kept_count = (PLAIN || !o.ignore) ? int64_t(groups) * 8 : kept;
+    return true;
+}
+
+template <class T, bool LOGITS, int MODE, bool SUM, bool GRAD>
+ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, int64_t end) {
+    Scratch scratch;
+    ChunkResult result;
+    LogProduct product;  // logits, MODE < 2: the product of 1 / (1 + e) (see logits_block)
+    auto add_exact = [&](int64_t from, int64_t to) {
+        const ChunkResult exact = exact_chunk<T>(a, from, to);
+        result.sum += exact.sum;
+        result.kept += exact.kept;
+        result.bad_input |= exact.bad_input;
+        result.bad_target |= exact.bad_target;
+    };
+    const int64_t whole = begin + (end - begin) / 8 * 8;  // whole groups; the rest takes the exact path
+    for (int64_t b = begin; b < whole; b += FAST_BLOCK) {
+        const int len = int(std::min<int64_t>(FAST_BLOCK, whole - b));
+        if constexpr (MODE == 2) {
+            if (o.w_mode != ABSENT && o.w_mode != SCALAR)
+                fill_weights<T>(a.w, o.w_mode, a.w_inner, b, len, scratch.w);
+            if (LOGITS && o.p_mode != ABSENT && o.p_mode != SCALAR)
+                fill_weights<T>(a.p, o.p_mode, a.p_inner, b, len, scratch.p);
+        }
+        double sum = 0.0;
+        int64_t kept = 0;
+        bool ok;
+        if constexpr (LOGITS) {
+            vd block_product;
+            ok = logits_block<T, MODE, SUM, GRAD>(a, o, b, len / 8, scratch, sum, block_product, kept);
+            if (ok && SUM && MODE < 2) product.fold(block_product);
+        } else {
+            ok = probabilities_block<T, MODE, SUM, GRAD>(a, o, b, len / 8, scratch, sum, kept);
+        }
+        if (ok) {
+            result.sum += sum;
+            result.kept += kept;
+        } else {
+            add_exact(b, b + len);
+        }
+    }
+    if (LOGITS && SUM && MODE < 2) result.sum -= product.log();
+    if (whole < end) add_exact(whole, end);
+#if defined(__AVX2__)
+    if (o.stream) _mm_sfence();  // streaming stores are weakly ordered: publish them before returning
+#endif
+    return result;
+}
+
+template <class T, bool LOGITS, int MODE>
+ChunkResult fast_chunk_outputs(const Args& a, const FastOptions& o, int64_t begin, int64_t end) {
+    if (o.sum && o.grad) return fast_chunk_impl<T, LOGITS, MODE, true, true>(a, o, begin, end);
+    if (o.sum) return fast_chunk_impl<T, LOGITS, MODE, true, false>(a, o, begin, end);
+    return fast_chunk_impl<T, LOGITS, MODE, false, true>(a, o, begin, end);
+}
+
+// The kernel's entry for float and half storage: the fast path where it applies, else the exact path.
+template <class T>
+ChunkResult fast_chunk(const Args& a, int64_t begin, int64_t end) {
+    if (a.loss || a.grad_target || !(a.want_sum || a.grad_input)) return exact_chunk<T>(a, begin, end);
+    const FastOptions o(a, static_cast<const T*>(nullptr));
+    const int mode = o.plain() ? 0 : (o.w_mode == ABSENT && o.p_mode == ABSENT ? 1 : 2);
+    if (a.kind == LOGITS) {
+        if (mode == 0) return fast_chunk_outputs<T, true, 0>(a, o, begin, end);
+        if (mode == 1) return fast_chunk_outputs<T, true, 1>(a, o, begin, end);
+        return fast_chunk_outputs<T, true, 2>(a, o, begin, end);
+    }
+    // the probability loss has no product form: its modes 1 and 2 are one (weights read per element)
+    if (mode == 0) return fast_chunk_outputs<T, false, 0>(a, o, begin, end);
+    return fast_chunk_outputs<T, false, 2>(a, o, begin, end);
+}
