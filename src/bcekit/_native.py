@@ -46,6 +46,7 @@ __all__ = [
     "broadcast_form",
     "eligible",
     "run",
+    "run_plain",
     "get_num_threads",
     "set_num_threads",
     "empty",
@@ -140,6 +141,50 @@ def set_num_threads(threads: int) -> None:
     if int(threads) < 1:
         raise ValueError(f"set_num_threads: expected a positive number of threads, got {threads}")
     _threads = int(threads)
+
+
+def run_plain(
+    kind: int,
+    dtype: int,
+    n: int,
+    input: int,
+    target: int,
+    loss: int,
+    grad_input: int,
+    reduction: int,
+    grad_scale: float,
+    threads: int,
+) -> float:
+    """:func:`run` for the common eager call, on raw data pointers: no weights, no options, no target
+    gradient. ``kind`` and ``dtype`` are the kernel's codes (``_KINDS``, ``_CODES``); ``loss`` and
+    ``grad_input`` are 0 or pointers to outputs of ``n`` elements. The caller has checked everything
+    :func:`run` checks (one dtype, C-contiguous CPU data, sizes). Returns the reduced loss (0.0 for NONE)
+    and raises torch's range errors for the probability loss, like :func:`run`."""
+    value, _, flags = _core.run_raw(
+        kind,
+        dtype,
+        n,
+        input,
+        target,
+        0,
+        0,
+        1,
+        0,
+        0,
+        1,
+        0,
+        grad_scale,
+        loss,
+        grad_input,
+        0,
+        reduction,
+        0.0,
+        None,
+        threads,
+    )
+    if flags:
+        raise input_range_error() if flags & 1 else target_range_error()
+    return value
 
 
 def broadcast_form(weight_shape: Sequence[int], input_shape: Sequence[int]) -> tuple[int, int] | None:

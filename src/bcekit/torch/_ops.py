@@ -33,7 +33,7 @@ from torch import Tensor
 
 from bcekit import _math, _native, _numpy_core, _semantics
 from bcekit._math import LossSpec
-from bcekit._semantics import MEAN, NONE
+from bcekit._semantics import MEAN, NONE, SUM
 from bcekit.torch import _triton
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "binary_cross_entropy_fused",
     "binary_cross_entropy_with_logits_fused",
     "eager_kernel_loss",
+    "eager_plain_loss",
 ]
 
 
@@ -529,11 +530,12 @@ def _fused_setup_context(ctx, spec: LossSpec, tensors, output) -> None:
 
 def _fused_backward(ctx, grad_output: Tensor, _grad_of_grad: Optional[Tensor]):
     """The stored gradient times grad_output; target gradients (and double backward) as the plain ops."""
-    input, target, weight, pos_weight, grad = ctx.saved_tensors
+    saved = ctx.saved_tensors  # unpacking saved tensors costs microseconds: once
+    input, target, weight, pos_weight, grad = saved
     need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_output is None:  # the loss took no part in what is being differentiated
         return None, None
-    if torch.is_grad_enabled() or not _concrete(grad_output, *ctx.saved_tensors[:4]):
+    if torch.is_grad_enabled() or not _concrete(grad_output, *saved[:4]):
         return _gradients(ctx.spec, ctx, grad_output)  # differentiable (double backward) and traceable
     grad_input = None
     if need_input and _is_one(grad_output, grad.numel()):
@@ -669,3 +671,113 @@ def eager_kernel_loss(
         fuse = input.requires_grad and spec.reduction != NONE
         return _EagerKernelLoss.apply(input, target, weight, pos_weight, spec, fuse)
     return _kernel_pass(spec, input, target, weight, pos_weight, reduction=spec.reduction)[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The common eager call, with as little Python as possible: its cost is per call, and at small sizes the
+# kernel is the smaller part of it
+# --------------------------------------------------------------------------------------------------------
+
+try:  # the device argument is torch >= 2.4's; the CPU-only function is deprecated there
+    torch.is_autocast_enabled("cpu")
+
+    def _autocast_cpu() -> bool:
+        return torch.is_autocast_enabled("cpu")
+except TypeError:
+    _autocast_cpu = torch.is_autocast_cpu_enabled
+
+_PLAIN_DTYPES = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 3}
+if _native.AVAILABLE and "float64" in _native._DTYPES:
+    _PLAIN_DTYPES[torch.float64] = 1
+_PLAIN_REDUCTIONS = {"mean": MEAN, "sum": SUM, "none": NONE}
+_PLAIN_KINDS = {"bce": 0, "logits": 1}
+_PLAIN_SPECS = {(kind, enum): LossSpec(kind, enum) for kind in _PLAIN_KINDS for enum in (NONE, MEAN, SUM)}
+
+
+def _plain_pass(spec: LossSpec, input: Tensor, target: Tensor, dtype: int, grad: bool):
+    """One kernel pass for :func:`eager_plain_loss`: ``(loss, grad_input or None)``."""
+    n = input.numel()
+    loss_out = _output(input) if spec.reduction == NONE else None
+    grad_out = _output(input) if grad else None
+    value = _native.run_plain(
+        _PLAIN_KINDS[spec.kind],
+        dtype,
+        n,
+        input.data_ptr(),
+        target.data_ptr(),
+        0 if loss_out is None else loss_out.data_ptr(),
+        0 if grad_out is None else grad_out.data_ptr(),
+        spec.reduction,
+        1.0 / n if spec.reduction == MEAN else 1.0,
+        torch.get_num_threads(),
+    )
+    if loss_out is not None:
+        return loss_out, grad_out
+    return torch.scalar_tensor(value, dtype=input.dtype), grad_out
+
+
+class _PlainFusedLoss(torch.autograd.Function):
+    """:class:`_EagerKernelLoss`'s fused pass for :func:`eager_plain_loss` (same backward)."""
+
+    @staticmethod
+    def forward(ctx, input, target, spec: LossSpec, dtype: int):
+        loss, grad = _plain_pass(spec, input, target, dtype, True)
+        ctx.save_for_backward(input, target, None, None, grad)  # the layout _fused_backward reads
+        ctx.spec, ctx.kernel, ctx.spec_dtype = spec, True, input.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        # the usual case inline (loss.backward() on this loss: grad_output is a plain 1), else the general
+        # fused backward; the answer is the same
+        if (
+            grad_output is not None
+            and type(grad_output) is Tensor
+            and grad_output.dtype is ctx.spec_dtype
+            and grad_output.is_cpu
+            and grad_output.numel() == 1
+            and not torch.is_grad_enabled()
+            and grad_output.item() == 1.0
+        ):
+            return ctx.saved_tensors[4], None, None, None
+        return (*_fused_backward(ctx, grad_output, None), None, None)
+
+
+# Function.apply's Python wrapper unwraps functorch tensors and binds default arguments: nothing this
+# call needs (no transform is active, there are no defaults), and ~2 us of a ~60 us step. Its C++ base
+# does the work.
+_apply_plain_fused = super(torch.autograd.Function, _PlainFusedLoss).apply
+
+
+def eager_plain_loss(kind: str, input: Tensor, target: Tensor, reduction: str) -> Optional[Tensor]:
+    """The loss of the most common eager call, or None when the call is not one (the functionals then
+    take their general path, whose checks and errors apply). The caller has checked that there are no
+    weights, no legacy or keyword options and that both arguments are plain tensors; here: a reduction
+    named as torch names them, one kernel dtype, equal shapes, contiguous non-empty CPU data, no
+    autocast, torch.compile, torch.func transform or forward-mode tangent, and no target gradient. The
+    results are those of the general path's kernel pass."""
+    enum = _PLAIN_REDUCTIONS.get(reduction) if type(reduction) is str else None
+    dtype = _PLAIN_DTYPES.get(input.dtype)
+    if (
+        enum is None
+        or dtype is None
+        or target.dtype is not input.dtype
+        or not input.is_cpu
+        or not target.is_cpu
+        or input.shape != target.shape
+        or not input.is_contiguous()
+        or not target.is_contiguous()
+        or input.numel() == 0
+        or torch.compiler.is_compiling()
+        or _autocast_cpu()
+        or torch._C._functorch.is_functorch_wrapped_tensor(input)
+        or torch._C._functorch.is_functorch_wrapped_tensor(target)
+        or torch.autograd.forward_ad._current_level >= 0
+    ):
+        return None
+    spec = _PLAIN_SPECS[kind, enum]
+    if torch.is_grad_enabled() and (input.requires_grad or target.requires_grad):
+        if target.requires_grad or enum == NONE:
+            return None
+        return _apply_plain_fused(input, target, spec, dtype)
+    return _plain_pass(spec, input, target, dtype, False)[0]

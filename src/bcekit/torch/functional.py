@@ -145,6 +145,18 @@ def binary_cross_entropy(
     >>> binary_cross_entropy(x, y, reduction="none")  # log(0) is clamped: the last costs 100
     tensor([  0.1054,   0.2231, 100.0000])
     """
+    if (
+        weight is None
+        and size_average is None
+        and reduce is None
+        and label_smoothing == 0.0
+        and ignore_index is None
+        and type(input) is Tensor
+        and type(target) is Tensor
+    ):
+        loss = _ops.eager_plain_loss("bce", input, target, reduction)
+        if loss is not None:
+            return loss
     _require_tensors("binary_cross_entropy", input=input, target=target, weight=weight)
     enum = _semantics.resolve_reduction(size_average, reduce, reduction)
     input, target, weight = _autocast_to_float32(input, target, weight)
@@ -204,6 +216,19 @@ def binary_cross_entropy_with_logits(
     >>> binary_cross_entropy_with_logits(x, y, reduction="none")  # torch: [nan, nan, 0.]
     tensor([0.0000e+00, 0.0000e+00, 9.3576e-14])
     """
+    if (
+        weight is None
+        and pos_weight is None
+        and size_average is None
+        and reduce is None
+        and label_smoothing == 0.0
+        and ignore_index is None
+        and type(input) is Tensor
+        and type(target) is Tensor
+    ):
+        loss = _ops.eager_plain_loss("logits", input, target, reduction)
+        if loss is not None:
+            return loss
     _require_tensors(
         "binary_cross_entropy_with_logits", input=input, target=target, weight=weight, pos_weight=pos_weight
     )
