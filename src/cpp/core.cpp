@@ -2,7 +2,8 @@
 //
 // Determinism: the elements are cut into fixed chunks of CHUNK elements whatever the thread count; each
 // chunk's loss sum is formed in a fixed order and the chunk sums are combined pairwise in index order, so
-// a result is bitwise the same for 1 thread or 64. Threads only decide who computes which chunk.
+// a result is bitwise the same for 1 thread or 64. Threads only decide who computes which chunk (they
+// take them from a shared counter as they go).
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -11,6 +12,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -45,6 +47,7 @@ namespace {
 
 constexpr int64_t CHUNK = 8192;               // elements per chunk (a multiple of the vector width)
 constexpr int64_t MIN_PER_THREAD = 1 << 15;   // below this many elements per thread, fewer threads
+constexpr int64_t GRAB = 4;                   // chunks a thread takes at a time
 // float32 gradients of at least this many bytes are written with streaming stores (see kernel_api.h):
 // bigger than the last-level caches of the machines we run on, so the lines would be evicted unread
 // anyway, while reading them in before overwriting them costs a quarter of a fused step's traffic.
@@ -180,10 +183,17 @@ RunResult run(Args args, int threads) {
     const int64_t chunks = (n + CHUNK - 1) / CHUNK;
     std::vector<ChunkResult> parts(static_cast<size_t>(chunks));
     int64_t t = std::max<int64_t>(1, std::min<int64_t>({int64_t(threads), chunks, n / MIN_PER_THREAD}));
-    auto work = [&](int64_t worker) {
-        const int64_t first = chunks * worker / t, last = chunks * (worker + 1) / t;
-        for (int64_t c = first; c < last; ++c)
-            parts[size_t(c)] = fn(args, c * CHUNK, std::min(n, (c + 1) * CHUNK));
+    // Threads take GRAB chunks at a time from a shared counter rather than a fixed share: on a machine
+    // whose cores run at different speeds (a busy neighbour, a virtual CPU), the fast one does more.
+    // Which thread computes a chunk never changes its result.
+    std::atomic<int64_t> next{0};
+    auto work = [&](int64_t) {
+        for (;;) {
+            const int64_t first = next.fetch_add(GRAB, std::memory_order_relaxed);
+            if (first >= chunks) break;
+            for (int64_t c = first; c < std::min(chunks, first + GRAB); ++c)
+                parts[size_t(c)] = fn(args, c * CHUNK, std::min(n, (c + 1) * CHUNK));
+        }
     };
     if (t == 1) {
         work(0);

@@ -10,28 +10,33 @@
 //                  loss  = w (c |x| + (p y + 1 - y) log1p(e)),  c = 1 - y (x >= 0) or p y (x < 0)
 //   probabilities  grad  = w (x - y) / max(x (1 - x), 1e-12)                  (double lanes, rounded once)
 //                  loss  = -w (y max(log x, -100) + (1 - y) max(log(1 - x), -100))
-// Precision: the gradient is formed in double from a double exp(-|x|) (2^-38), exactly as the exact path
-// forms it, so it keeps the exact path's guarantee (the cancellation near s(x) = y is that of a double
-// evaluation). The loss only feeds the sum here, and its logarithms run in float lanes, twice as wide:
-// log1p(e) and log(x), log(1 - x) are float polynomials (about one ulp), combined with the rest of the
-// loss in double, so each element's loss is within 2 ulp of float32 before it is added (in double).
-// tests/test_kernels.py measures that bound against mpmath, element by element.
 //
-// Speed. A block of B elements goes through the stages below, software-pipelined: iteration k runs
-// stage 1 on group k, stage 2 on group k - SKEW and stage 3 on group k - 2 SKEW (a group is 8 elements).
-// Each stage's dependency chain is short, and three independent chains per iteration keep the FMA,
-// add/convert and divide units busy together: one long chain per element (exp, then a division, then
-// a logarithm) would stall on latency, and separate loops per stage would leave all but one unit idle.
-//   1. exp(-|x|) in double (logits); float logarithms of x and 1 - x (probabilities)
-//   2. 1 / (1 + e) in double and log1p(e) in float (logits); (probabilities: nothing)
-//   3. loss and gradient in double, gradient stored, loss summed
-// Blocks are checked as they stream (logits: |x| <= 700 and not NaN; probabilities: x and the kept y in
-// [0, 1], x zero or normal): a block that fails is recomputed whole by the exact path, which also reports
-// range errors.
+// Precision. The gradient is formed in double from a double exp(-|x|) (2^-38.7), the exact path's
+// formula, so the cancellation near s(x) = y is that of a double evaluation. The loss only feeds the
+// sum here (the exact path writes per-element losses), which allows cheaper logarithms:
+//   * logits without weights: the sum of log1p(e) is -log of the product of r = 1 / (1 + e), which the
+//     gradient computes anyway: one multiplication per element, one logarithm per lane and chunk
+//     (LogProduct). Elements with e < 2^-27 add e instead (r would round it away).
+//   * logits with weights: log1p(e) = [e > 1/2] ln2 + f + f^2 R(f) per element, f exact in double and
+//     only the polynomial R in float lanes (its rounding reaches the result scaled by f^2 R <= 0.2 of it).
+//   * probabilities: log x and log(1 - x) in float lanes (about an ulp each), combined in double.
+// Every element's contribution to the sum is within 2 ulp of its exact float32 loss (tests/
+// test_fast_kernel.py checks each formulation against mpmath, element by element); sums are in double.
 //
-// Gradients larger than the last-level cache are written with streaming (non-temporal) stores when the
-// caller asks (Args::stream_outputs): they skip the read-for-ownership of lines that are overwritten
-// whole, a quarter of a fused step's memory traffic.
+// Speed. The pass is bound by instruction count, and a double exp costs 15 instructions per 4 lanes.
+// A block of FAST_BLOCK elements runs through stages that are software-pipelined: iteration k runs
+// stage 1 on group k, stage 2 on group k - SKEW and stage 3 on group k - 2 SKEW (a group is 8
+// elements). Each stage's dependency chain is short, and independent chains side by side keep the FMA,
+// add/convert and divide units busy together: one long chain per element (exp, a division, a logarithm)
+// stalls on latency, and a separate loop per stage leaves all but one unit idle.
+//   logits         1. exp(-|x|) (double)   2. 1 / (1 + e), f and R(f) for weighted sums   3. the rest
+//   probabilities  1. log x, log(1 - x) (float)                                            3. the rest
+// Inputs are prefetched ahead of stage 1. Blocks are checked as they stream (logits: |x| <= 700 and not
+// NaN; probabilities: x and the kept y in [0, 1], x zero or normal): a block that fails is recomputed
+// whole by the exact path, which also reports range errors.
+//
+// float32 gradients larger than the last-level cache are written with streaming (non-temporal) stores
+// when the caller asks (Args::stream_outputs): they skip reading in lines that are overwritten whole.
 
 // ---------------------------------------------------------------------------------------------------
 // Lanes: 8 floats, or two halves of 4 doubles
@@ -42,34 +47,34 @@ typedef int32_t vi8 __attribute__((vector_size(32)));
 typedef uint32_t vu8 __attribute__((vector_size(32)));
 typedef uint64_t vq __attribute__((vector_size(32)));
 
-inline vf8 splat8(float v) { return vf8{} + v; }
-inline vd abs4(vd a) { return (vd)((vq)a & 0x7fffffffffffffffULL); }
-inline vf8 abs8(vf8 a) { return (vf8)((vu8)a & 0x7fffffffu); }
+BCEKIT_INLINE vf8 splat8(float v) { return vf8{} + v; }
+BCEKIT_INLINE vd abs4(vd a) { return (vd)((vq)a & 0x7fffffffffffffffULL); }
+BCEKIT_INLINE vf8 abs8(vf8 a) { return (vf8)((vu8)a & 0x7fffffffu); }
 
 #if defined(__AVX2__)
-inline vd lo4(vf8 v) { return (vd)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)v)); }
-inline vd hi4(vf8 v) { return (vd)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)v, 1)); }
-inline vf8 join8(vd lo, vd hi) {
+BCEKIT_INLINE vd lo4(vf8 v) { return (vd)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)v)); }
+BCEKIT_INLINE vd hi4(vf8 v) { return (vd)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)v, 1)); }
+BCEKIT_INLINE vf8 join8(vd lo, vd hi) {
     return (vf8)_mm256_set_m128(_mm256_cvtpd_ps((__m256d)hi), _mm256_cvtpd_ps((__m256d)lo));
 }
 // Lanes of `neg` where the sign bit of m is set, else `pos` (one blend; no comparison needed).
-inline vd pick_neg(vd m, vd neg, vd pos) {
+BCEKIT_INLINE vd pick_neg(vd m, vd neg, vd pos) {
     return (vd)__builtin_ia32_blendvpd256((__v4df)pos, (__v4df)neg, (__v4df)m);
 }
-inline vf8 pick_neg8(vf8 m, vf8 neg, vf8 pos) {
+BCEKIT_INLINE vf8 pick_neg8(vf8 m, vf8 neg, vf8 pos) {
     return (vf8)__builtin_ia32_blendvps256((__v8sf)pos, (__v8sf)neg, (__v8sf)m);
 }
-inline int count_set(vf8 mask) { return __builtin_popcount(unsigned(_mm256_movemask_ps((__m256)mask))); }
+BCEKIT_INLINE int count_set(vf8 mask) { return __builtin_popcount(unsigned(_mm256_movemask_ps((__m256)mask))); }
 #else
-inline vd lo4(vf8 v) { return vd{v[0], v[1], v[2], v[3]}; }
-inline vd hi4(vf8 v) { return vd{v[4], v[5], v[6], v[7]}; }
-inline vf8 join8(vd lo, vd hi) {
+BCEKIT_INLINE vd lo4(vf8 v) { return vd{v[0], v[1], v[2], v[3]}; }
+BCEKIT_INLINE vd hi4(vf8 v) { return vd{v[4], v[5], v[6], v[7]}; }
+BCEKIT_INLINE vf8 join8(vd lo, vd hi) {
     return vf8{float(lo[0]), float(lo[1]), float(lo[2]), float(lo[3]),
                float(hi[0]), float(hi[1]), float(hi[2]), float(hi[3])};
 }
-inline vd pick_neg(vd m, vd neg, vd pos) { return (vl)m < 0 ? neg : pos; }
-inline vf8 pick_neg8(vf8 m, vf8 neg, vf8 pos) { return (vi8)m < 0 ? neg : pos; }
-inline int count_set(vf8 mask) {
+BCEKIT_INLINE vd pick_neg(vd m, vd neg, vd pos) { return (vl)m < 0 ? neg : pos; }
+BCEKIT_INLINE vf8 pick_neg8(vf8 m, vf8 neg, vf8 pos) { return (vi8)m < 0 ? neg : pos; }
+BCEKIT_INLINE int count_set(vf8 mask) {
     int n = 0;
     const vi8 bits = (vi8)mask;
     for (int j = 0; j < 8; ++j) n += bits[j] < 0;
@@ -80,20 +85,20 @@ inline int count_set(vf8 mask) {
 // Storage of 8 elements as floats (half types widened exactly), and of 4 doubles rounded to storage.
 template <class T> struct Lanes;
 template <> struct Lanes<float> {
-    static vf8 load(const float* p) { vf8 v; std::memcpy(&v, p, sizeof v); return v; }
-    static void store(float* p, vd v, bool stream) {
+    BCEKIT_INLINE static vf8 load(const float* p) { vf8 v; std::memcpy(&v, p, sizeof v); return v; }
+    template <bool STREAM>
+    BCEKIT_INLINE static void store(float* p, vd v) {
 #if defined(__AVX2__)
         const __m128 f = _mm256_cvtpd_ps((__m256d)v);
-        if (stream) _mm_stream_ps(p, f);  // the caller checked the 16-byte alignment
+        if constexpr (STREAM) _mm_stream_ps(p, f);  // the caller checked the 16-byte alignment
         else _mm_storeu_ps(p, f);
 #else
-        (void)stream;
         Storage<float>::storew(p, v);
 #endif
     }
 };
 template <> struct Lanes<half_t> {
-    static vf8 load(const half_t* p) {
+    BCEKIT_INLINE static vf8 load(const half_t* p) {
 #if defined(__AVX2__)
         return (vf8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
@@ -102,10 +107,11 @@ template <> struct Lanes<half_t> {
         return v;
 #endif
     }
-    static void store(half_t* p, vd v, bool) { Storage<half_t>::storew(p, v); }
+    template <bool>
+    BCEKIT_INLINE static void store(half_t* p, vd v) { Storage<half_t>::storew(p, v); }
 };
 template <> struct Lanes<bf16_t> {
-    static vf8 load(const bf16_t* p) {
+    BCEKIT_INLINE static vf8 load(const bf16_t* p) {
 #if defined(__AVX2__)
         const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
         return (vf8)_mm256_slli_epi32(wide, 16);
@@ -115,7 +121,8 @@ template <> struct Lanes<bf16_t> {
         return v;
 #endif
     }
-    static void store(bf16_t* p, vd v, bool) { Storage<bf16_t>::storew(p, v); }
+    template <bool>
+    BCEKIT_INLINE static void store(bf16_t* p, vd v) { Storage<bf16_t>::storew(p, v); }
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -125,7 +132,7 @@ template <> struct Lanes<bf16_t> {
 // log1p(f) = f + f^2 R(f) for f in [-0.2929, 0.5]: R a degree-9 Chebyshev fit in float (relative error
 // of log1p 2^-28 before rounding), in Estrin's scheme for a short dependency chain. Only R is rounded to
 // float: its error reaches log1p(f) scaled by f^2 R / log1p(f) <= 0.2.
-inline vf8 log1p_tail_f(vf8 f) {
+BCEKIT_INLINE vf8 log1p_tail_f(vf8 f) {
     const vf8 f2 = f * f, f4 = f2 * f2, f8 = f4 * f4;
     const vf8 r01 = f * 0.33333322405815125f - 0.5f;
     const vf8 r23 = f * 0.20001578330993652f - 0.250002384185791f;
@@ -138,13 +145,13 @@ inline vf8 log1p_tail_f(vf8 f) {
 // For log1p(e), e = exp(-|x|) in [0, 1]: 1 + e = 2 (1 + (e - 1) / 2) above 1/2, where (e - 1) / 2 in
 // [-1/4, 0] is exact; below, f = e. The reduced argument stays in double (a float would lose e's digits,
 // and e below 2^-126 altogether); only R(f) runs in float lanes. log1p(e) = [e > 1/2] ln2 + f + f^2 R(f).
-inline vd log1p_unit_argument(vd e) { return e > 0.5 ? e * 0.5 - 0.5 : e; }
+BCEKIT_INLINE vd log1p_unit_argument(vd e) { return e > 0.5 ? e * 0.5 - 0.5 : e; }
 
 constexpr float LN2_F = 0.693147182464599609375f;  // float(ln 2): 0.03 ulp from ln 2
 
 // log1p(f) for f in [-0.2929, 0.4142] in float: f + f^2 R8(f), R8 a degree-8 Chebyshev fit (relative
 // error 2^-26 before rounding), rounded once by the last FMA: under an ulp.
-inline vf8 log1p_narrow_f(vf8 f) {
+BCEKIT_INLINE vf8 log1p_narrow_f(vf8 f) {
     const vf8 f2 = f * f, f4 = f2 * f2, f8 = f4 * f4;
     const vf8 r01 = f * 0.3333333134651184f - 0.4999999701976776f;
     const vf8 r23 = f * 0.20001234114170074f - 0.2500078082084656f;
@@ -155,7 +162,7 @@ inline vf8 log1p_narrow_f(vf8 f) {
 }
 
 // 1 / u to 12 bits or better (enough for a correction term)
-inline vf8 reciprocal_approx(vf8 u) {
+BCEKIT_INLINE vf8 reciprocal_approx(vf8 u) {
 #if defined(__AVX2__)
     return (vf8)_mm256_rcp_ps((__m256)u);
 #else
@@ -165,7 +172,7 @@ inline vf8 reciprocal_approx(vf8 u) {
 
 // u = 2^k (1 + f) for normal positive floats u, 1 + f in [sqrt(1/2), sqrt(2)): integer arithmetic on
 // the bits (subtracting sqrt(1/2)'s bits moves the binade boundary there); f = m - 1 is exact.
-inline void decompose_f(vf8 u, vf8& k, vf8& f) {
+BCEKIT_INLINE void decompose_f(vf8 u, vf8& k, vf8& f) {
     const vi8 shifted = (vi8)u - 0x3f3504f3;  // bits of sqrt(1/2)
     k = __builtin_convertvector(shifted >> 23, vf8);
     f = (vf8)((shifted & 0x007fffff) + 0x3f3504f3) - 1.0f;
@@ -175,7 +182,7 @@ inline void decompose_f(vf8 u, vf8& k, vf8& f) {
 // only ever acts at x = 0 and x = 1, since the smallest normal float's log is -87.3 and 1 - x >= 2^-24.
 // Below 0.2929, log(1 - x) is log1p(-x) evaluated on -x itself (1 - x would round away its low digits;
 // those lanes decompose 1 instead, k = 0); above, 1 - x is exact (a multiple of x's ulp below 1).
-inline void log_pair_f(vf8 x, vf8& log_x, vf8& log_1mx) {
+BCEKIT_INLINE void log_pair_f(vf8 x, vf8& log_x, vf8& log_1mx) {
     const vf8 floor = splat8(-100.0f);
     vf8 kx, fx, k1, f1;
     decompose_f(x, kx, fx);
@@ -195,7 +202,7 @@ inline void log_pair_f(vf8 x, vf8& log_x, vf8& log_1mx) {
 // behind (a 2^20-element pass ran 1.5x slower than the same pass on data in L1).
 constexpr int PREFETCH_BYTES = 2048;
 template <class T>
-inline void prefetch(const T* x, const T* y) {
+BCEKIT_INLINE void prefetch(const T* x, const T* y) {
     __builtin_prefetch(reinterpret_cast<const char*>(x) + PREFETCH_BYTES, 0, 3);
     __builtin_prefetch(reinterpret_cast<const char*>(y) + PREFETCH_BYTES, 0, 3);
 }
@@ -269,7 +276,7 @@ struct Targets {
 };
 
 // Targets of group k, half h: ignore mask from the raw target, then label smoothing (as the exact path).
-inline vd half_target(const FastOptions& o, vf8 y8, vf8 kept8, int h, vd& kept_mask) {
+BCEKIT_INLINE vd half_target(const FastOptions& o, vf8 y8, vf8 kept8, int h, vd& kept_mask) {
     vd y = h ? hi4(y8) : lo4(y8);
     if (o.ignore) {
         const vd kept = h ? hi4(kept8) : lo4(kept8);  // -1.0f or 0.0f, widened: sign bit set where kept
@@ -280,14 +287,14 @@ inline vd half_target(const FastOptions& o, vf8 y8, vf8 kept8, int h, vd& kept_m
     return y;
 }
 
-inline vf8 kept_lanes(const FastOptions& o, vf8 y8) {
+BCEKIT_INLINE vf8 kept_lanes(const FastOptions& o, vf8 y8) {
     if (!o.ignore) return splat8(-1.0f);
     const vf8 kept = o.nan_ignore ? (vf8)(y8 == y8) : (vf8)(y8 != float(o.ignore_index));
     return (vf8)((vi8)kept & (vi8)splat8(-1.0f));  // -1.0f (sign set) where kept, +0.0f elsewhere
 }
 
 // A weight's values for half h of group k (double lanes).
-inline vd half_weight(int mode, float scalar, const float* buffer, int k, int h) {
+BCEKIT_INLINE vd half_weight(int mode, float scalar, const float* buffer, int k, int h) {
     if (mode == ABSENT) return splat(1.0);
     if (mode == SCALAR) return splat(double(scalar));
     vf8 v;
@@ -296,7 +303,7 @@ inline vd half_weight(int mode, float scalar, const float* buffer, int k, int h)
 }
 
 // log1p(e) for half h of group k from stage 2's f and R(f): [e > 1/2] ln2 + f + f^2 R(f), in double.
-inline vd log1p_unit(const Scratch& s, int k, int h, vd e, vd ln2) {
+BCEKIT_INLINE vd log1p_unit(const Scratch& s, int k, int h, vd e, vd ln2) {
     const vd f = s.F[2 * k + h], r = h ? hi4(s.L1[k]) : lo4(s.L1[k]);
     return (f * f) * r + f + (vd)((vq)(e > 0.5) & (vq)ln2);
 }
@@ -329,8 +336,8 @@ struct LogProduct {
 // MODE: 0 plain; 1 unweighted (label smoothing, ignore_index, grad_output as the options say); 2 with
 // weight or pos_weight. Modes 0 and 1 sum log1p(e) as a product (LogProduct); mode 2 weighs each
 // element's log1p(e) = [e > 1/2] ln2 + f + f^2 R(f), R in float lanes, the rest in double.
-template <class T, int MODE, bool SUM, bool GRAD>
-bool logits_block(const Args& a, const FastOptions& o, int64_t b, int groups, Scratch& s, double& sum,
+template <class T, int MODE, bool SUM, bool GRAD, bool STREAM>
+__attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o, int64_t b, int groups, Scratch& s, double& sum,
                   vd& product, int64_t& kept_count) {
     constexpr bool PLAIN = MODE == 0, WEIGHTED = MODE == 2;
     const T* x = static_cast<const T*>(a.x) + b;
@@ -340,12 +347,11 @@ bool logits_block(const Args& a, const FastOptions& o, int64_t b, int groups, Sc
     const vd ln2 = splat(LN2);
     // locals, not o.*: the stores through gi could alias the options as far as the compiler knows
     const double scale0 = o.scale;
-    const bool stream = o.stream;
     vu8 bad{};
     vd acc0{}, acc1{}, prod0 = splat(1.0), prod1 = splat(1.0);
     int64_t kept = 0;
 
-    auto stage1 = [&](int k) {
+    auto stage1 = [&](int k) __attribute__((always_inline)) {
         prefetch(x + 8 * k, y + 8 * k);
         const vf8 x8 = Lanes<T>::load(x + 8 * k);
         bad |= (vu8)(((vu8)x8 & 0x7fffffffu) > 0x442f0000u);  // |x| > 700.0f, or NaN
@@ -355,7 +361,7 @@ bool logits_block(const Args& a, const FastOptions& o, int64_t b, int groups, Sc
         s.E[2 * k] = exp_neg_finite(abs4(x0));
         s.E[2 * k + 1] = exp_neg_finite(abs4(x1));
     };
-    auto stage2 = [&](int k) {
+    auto stage2 = [&](int k) __attribute__((always_inline)) {
         const vd e0 = s.E[2 * k], e1 = s.E[2 * k + 1];
         s.R[2 * k] = 1.0 / (1.0 + e0);
         s.R[2 * k + 1] = 1.0 / (1.0 + e1);
@@ -366,7 +372,7 @@ bool logits_block(const Args& a, const FastOptions& o, int64_t b, int groups, Sc
             s.L1[k] = log1p_tail_f(join8(f0, f1));
         }
     };
-    auto stage3 = [&](int k) {
+    auto stage3 = [&](int k) __attribute__((always_inline)) {
         const vf8 y8 = Lanes<T>::load(y + 8 * k);
         const vf8 kept8 = PLAIN ? splat8(-1.0f) : kept_lanes(o, y8);
         if (!PLAIN && o.ignore) kept += count_set(kept8);
@@ -395,14 +401,14 @@ bool logits_block(const Args& a, const FastOptions& o, int64_t b, int groups, Sc
                 if constexpr (GRAD) {
                     const vd g = pick_neg(xv, small, large) - yv;
                     if (PLAIN) {
-                        Lanes<T>::store(gi + 8 * k + 4 * h, g * scale0, stream);
+                        Lanes<T>::template store<STREAM>(gi + 8 * k + 4 * h, g * scale0);
                     } else {
                         vd scale = splat(scale0);
                         if (o.grad_output) {
                             const vf8 g8 = Lanes<T>::load(go + 8 * k);
                             scale = (h ? hi4(g8) : lo4(g8)) * scale0;
                         }
-                        Lanes<T>::store(gi + 8 * k + 4 * h, pick_neg(keep, g, splat(0.0)) * scale, stream);
+                        Lanes<T>::template store<STREAM>(gi + 8 * k + 4 * h, pick_neg(keep, g, splat(0.0)) * scale);
                     }
                 }
                 continue;
@@ -423,7 +429,7 @@ bool logits_block(const Args& a, const FastOptions& o, int64_t b, int groups, Sc
                     const vf8 g8 = Lanes<T>::load(go + 8 * k);
                     scale = (h ? hi4(g8) : lo4(g8)) * scale0;
                 }
-                Lanes<T>::store(gi + 8 * k + 4 * h, pick_neg(keep, g, splat(0.0)) * scale, stream);
+                Lanes<T>::template store<STREAM>(gi + 8 * k + 4 * h, pick_neg(keep, g, splat(0.0)) * scale);
             }
         }
     };
@@ -447,8 +453,8 @@ bool logits_block(const Args& a, const FastOptions& o, int64_t b, int groups, Sc
 
 // One block of the probability loss. Returns false when an input is outside [0, 1], NaN or subnormal, or
 // a kept target is outside [0, 1] or NaN: the exact path redoes the block and reports range errors.
-template <class T, int MODE, bool SUM, bool GRAD>
-bool probabilities_block(const Args& a, const FastOptions& o, int64_t b, int groups, Scratch& s,
+template <class T, int MODE, bool SUM, bool GRAD, bool STREAM>
+__attribute__((noinline)) bool probabilities_block(const Args& a, const FastOptions& o, int64_t b, int groups, Scratch& s,
                          double& sum, int64_t& kept_count) {
     constexpr bool PLAIN = MODE == 0;
     const T* x = static_cast<const T*>(a.x) + b;
@@ -456,12 +462,11 @@ bool probabilities_block(const Args& a, const FastOptions& o, int64_t b, int gro
     const T* go = static_cast<const T*>(a.grad_output) + (a.grad_output ? b : 0);
     T* gi = GRAD ? static_cast<T*>(a.grad_input) + b : nullptr;
     const double scale0 = o.scale;
-    const bool stream = o.stream;
     vu8 bad{};
     vd acc0{}, acc1{};
     int64_t kept = 0;
 
-    auto stage1 = [&](int k) {
+    auto stage1 = [&](int k) __attribute__((always_inline)) {
         prefetch(x + 8 * k, y + 8 * k);
         const vf8 x8 = Lanes<T>::load(x + 8 * k), y8 = Lanes<T>::load(y + 8 * k);
         const vu8 xb = (vu8)x8, yb = (vu8)y8;
@@ -472,7 +477,7 @@ bool probabilities_block(const Args& a, const FastOptions& o, int64_t b, int gro
         bad |= bad_y;
         if constexpr (SUM) log_pair_f(x8, s.L1[k], s.L2[k]);
     };
-    auto stage3 = [&](int k) {
+    auto stage3 = [&](int k) __attribute__((always_inline)) {
         const vf8 x8 = Lanes<T>::load(x + 8 * k), y8 = Lanes<T>::load(y + 8 * k);
         const vf8 kept8 = PLAIN ? splat8(-1.0f) : kept_lanes(o, y8);
         if (!PLAIN && o.ignore) kept += count_set(kept8);
@@ -491,7 +496,7 @@ bool probabilities_block(const Args& a, const FastOptions& o, int64_t b, int gro
                 denom = denom > GRAD_EPSILON ? denom : splat(GRAD_EPSILON);
                 vd g = (xv - yv) / denom;
                 if (PLAIN) {
-                    Lanes<T>::store(gi + 8 * k + 4 * h, g * scale0, stream);
+                    Lanes<T>::template store<STREAM>(gi + 8 * k + 4 * h, g * scale0);
                     continue;
                 }
                 vd scale = splat(scale0);
@@ -499,7 +504,7 @@ bool probabilities_block(const Args& a, const FastOptions& o, int64_t b, int gro
                     const vf8 g8 = Lanes<T>::load(go + 8 * k);
                     scale = (h ? hi4(g8) : lo4(g8)) * scale0;
                 }
-                Lanes<T>::store(gi + 8 * k + 4 * h, pick_neg(keep, g * w, splat(0.0)) * scale, stream);
+                Lanes<T>::template store<STREAM>(gi + 8 * k + 4 * h, pick_neg(keep, g * w, splat(0.0)) * scale);
             }
         }
     };
@@ -519,7 +524,7 @@ bool probabilities_block(const Args& a, const FastOptions& o, int64_t b, int gro
     return true;
 }
 
-template <class T, bool LOGITS, int MODE, bool SUM, bool GRAD>
+template <class T, bool LOGITS, int MODE, bool SUM, bool GRAD, bool STREAM>
 ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, int64_t end) {
     Scratch scratch;
     ChunkResult result;
@@ -545,10 +550,10 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
         bool ok;
         if constexpr (LOGITS) {
             vd block_product;
-            ok = logits_block<T, MODE, SUM, GRAD>(a, o, b, len / 8, scratch, sum, block_product, kept);
+            ok = logits_block<T, MODE, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, block_product, kept);
             if (ok && SUM && MODE < 2) product.fold(block_product);
         } else {
-            ok = probabilities_block<T, MODE, SUM, GRAD>(a, o, b, len / 8, scratch, sum, kept);
+            ok = probabilities_block<T, MODE, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, kept);
         }
         if (ok) {
             result.sum += sum;
@@ -560,16 +565,20 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
     if (LOGITS && SUM && MODE < 2) result.sum -= product.log();
     if (whole < end) add_exact(whole, end);
 #if defined(__AVX2__)
-    if (o.stream) _mm_sfence();  // streaming stores are weakly ordered: publish them before returning
+    if constexpr (STREAM) _mm_sfence();  // streaming stores are weakly ordered: publish them first
 #endif
     return result;
 }
 
 template <class T, bool LOGITS, int MODE>
 ChunkResult fast_chunk_outputs(const Args& a, const FastOptions& o, int64_t begin, int64_t end) {
-    if (o.sum && o.grad) return fast_chunk_impl<T, LOGITS, MODE, true, true>(a, o, begin, end);
-    if (o.sum) return fast_chunk_impl<T, LOGITS, MODE, true, false>(a, o, begin, end);
-    return fast_chunk_impl<T, LOGITS, MODE, false, true>(a, o, begin, end);
+    if constexpr (std::is_same<T, float>::value) {  // streaming stores: float gradients only
+        if (o.stream && o.sum) return fast_chunk_impl<T, LOGITS, MODE, true, true, true>(a, o, begin, end);
+        if (o.stream) return fast_chunk_impl<T, LOGITS, MODE, false, true, true>(a, o, begin, end);
+    }
+    if (o.sum && o.grad) return fast_chunk_impl<T, LOGITS, MODE, true, true, false>(a, o, begin, end);
+    if (o.sum) return fast_chunk_impl<T, LOGITS, MODE, true, false, false>(a, o, begin, end);
+    return fast_chunk_impl<T, LOGITS, MODE, false, true, false>(a, o, begin, end);
 }
 
 // The kernel's entry for float and half storage: the fast path where it applies, else the exact path.

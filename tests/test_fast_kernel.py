@@ -1,0 +1,236 @@
+"""The fast path of the C++ kernel (``src/cpp/fast_kernel.h``): reduced losses and input gradients.
+
+* each element's contribution to a reduced loss within 2 ulp (float32) of the exact loss, for every
+  formulation the fast path has: the unweighted logits sum (log1p(e) as a product of 1 / (1 + e)), the
+  weighted one (f + f^2 R(f), R in float lanes) and the probability loss (float logarithms);
+* the product's renormalisation over many blocks and chunks;
+* the fast path's gradients against the exact path's (a block that holds a NaN takes the exact path);
+* streaming stores for large float32 gradients give the same bits as ordinary stores;
+* every mode of the fast path (plain, unweighted with options, weighted) against torch in float64.
+
+A single element's contribution is isolated by padding it with elements whose loss is zero (or, for the
+logits loss, below 1e-300): ``_native.run`` returns the kernel's reduced sum in double, unrounded to the
+element's dtype, so its distance to the exact loss is the element's own error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bcekit.numpy as bnp
+import bcekit.torch as bce
+from _reference import MP, bce_exact, logits_exact, ulp
+from bcekit import _native
+
+pytestmark = pytest.mark.skipif(not _native.AVAILABLE, reason="the C++ kernels are not built")
+
+SUM, MEAN = 2, 1
+GROUP = 8  # the fast path works on groups of 8; a tail of fewer takes the exact path
+
+
+def _isolated_sums(kind: str, x: np.ndarray, y: np.ndarray, pad_x: float, pad_y: float, **weights) -> list:
+    """The reduced sum of each (x[i], y[i]) alone, padded to a group of 8 with zero-loss elements, all
+    in one call per element (so every element runs through the fast path's vector code)."""
+    sums = []
+    for i in range(x.size):
+        xs = np.full(GROUP, pad_x, np.float32)
+        ys = np.full(GROUP, pad_y, np.float32)
+        xs[i % GROUP], ys[i % GROUP] = x[i], y[i]
+        extra = {}
+        if "pos_weight" in weights:
+            p = np.ones(GROUP, np.float32)
+            p[i % GROUP] = weights["pos_weight"][i]
+            extra = {"pos_weight": p, "pos_weight_shape": (GROUP,)}
+        if "weight" in weights:
+            w = np.zeros(GROUP, np.float32)  # the padding weighs nothing
+            w[i % GROUP] = weights["weight"][i]
+            extra.update(weight=w, weight_shape=(GROUP,))
+        value, _ = _native.run(kind, xs, ys, input_shape=(GROUP,), reduction=SUM, **extra)
+        sums.append(value)
+    return sums
+
+
+def _error_in_float32_ulps(value: float, exact) -> float:
+    if exact == 0:
+        return 0.0 if value == 0 else math.inf
+    return float(abs(MP.mpf(value) - exact) / ulp(exact, np.float32))
+
+
+def _logits_points(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    x = np.concatenate(
+        [
+            rng.normal(0.0, 3.0, 300),
+            rng.uniform(-100.0, 100.0, 200),
+            -np.geomspace(1e-8, 90.0, 60),
+            np.geomspace(1e-8, 90.0, 60),
+            [0.0, -0.0, math.log(2), -math.log(2), 18.02, -18.02, 18.03, -18.03, 700.0, -700.0],
+        ]
+    ).astype(np.float32)
+    y = rng.random(x.size).astype(np.float32)
+    y[::3] = np.round(y[::3])
+    return x, y
+
+
+def test_unweighted_logits_sum_is_within_two_ulps_per_element() -> None:
+    """The plain logits sum (log1p(e) summed as -log of a product, e < 2^-27 added directly)."""
+    x, y = _logits_points(np.random.default_rng(50))
+    sums = _isolated_sums("logits", x, y, pad_x=-700.0, pad_y=0.0)
+    errors = [
+        _error_in_float32_ulps(s, logits_exact(float(a), float(b)))
+        for s, a, b in zip(sums, x, y, strict=True)
+    ]
+    assert max(errors) <= 2.0, (max(errors), x[int(np.argmax(errors))], y[int(np.argmax(errors))])
+
+
+def test_weighted_logits_sum_is_within_two_ulps_per_element() -> None:
+    """With pos_weight the fast path weighs each element's log1p(e) = f + f^2 R(f), R in float lanes."""
+    rng = np.random.default_rng(51)
+    x, y = _logits_points(rng)
+    p = rng.uniform(0.25, 4.0, x.size).astype(np.float32)
+    sums = _isolated_sums("logits", x, y, pad_x=-700.0, pad_y=0.0, pos_weight=p)
+    errors = [
+        _error_in_float32_ulps(s, logits_exact(float(a), float(b), float(c)))
+        for s, a, b, c in zip(sums, x, y, p, strict=True)
+    ]
+    assert max(errors) <= 2.0, max(errors)
+
+
+def test_probability_sum_is_within_two_ulps_per_element() -> None:
+    """log x and log(1 - x) in float lanes, combined in double."""
+    rng = np.random.default_rng(52)
+    x = np.concatenate(
+        [
+            rng.random(300),
+            np.geomspace(2.0**-126, 1e-3, 100),
+            1.0 - np.geomspace(2.0**-24, 0.5, 100),
+            rng.uniform(0.28, 0.52, 100),  # 1 - x rounds in float below 1/2
+            [0.0, 1.0, 2.0**-126, 0.29289322, 0.5, 1.0 - 2.0**-24],
+        ]
+    ).astype(np.float32)
+    y = rng.random(x.size).astype(np.float32)
+    y[::3] = np.round(y[::3])
+    sums = _isolated_sums("bce", x, y, pad_x=0.0, pad_y=0.0)
+    errors = [
+        _error_in_float32_ulps(s, bce_exact(float(a), float(b))) for s, a, b in zip(sums, x, y, strict=True)
+    ]
+    assert max(errors) <= 2.0, (max(errors), x[int(np.argmax(errors))], y[int(np.argmax(errors))])
+
+
+@pytest.mark.parametrize("spread", ["moderate", "large"])
+def test_product_over_many_chunks_matches_the_exact_sum(spread: str) -> None:
+    """The running product of 1 / (1 + e) is renormalised per block and folded per chunk: over ~40
+    chunks the sum keeps (nearly) double precision."""
+    n = 40 * 8192 + 16  # a tail too
+    rng = np.random.default_rng(53)
+    x = (rng.normal(0.0, 2.0, n) if spread == "moderate" else rng.uniform(-40.0, 40.0, n)).astype(np.float32)
+    y = (rng.random(n) < 0.5).astype(np.float32)
+    value, _ = _native.run("logits", x, y, input_shape=(n,), reduction=SUM)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    # float64 terms (each within a few 2^-53 of exact: no cancellation), summed exactly
+    exact = math.fsum((y64 * np.logaddexp(0.0, -x64) + (1.0 - y64) * np.logaddexp(0.0, x64)).tolist())
+    assert abs(value - exact) <= 2.0**-40 * exact
+
+
+def test_fast_gradients_equal_the_exact_paths() -> None:
+    """A NaN sends its block of 512 to the exact path: the other elements of that block must get what
+    the fast path gives them elsewhere, to within an ulp (the two paths form the same double formula,
+    rounded once; only the exact path's order of operations differs)."""
+    rng = np.random.default_rng(54)
+    n = 3 * 512
+    x = rng.normal(0.0, 3.0, n).astype(np.float32)
+    y = rng.random(n).astype(np.float32)
+    _, plain = bnp.binary_cross_entropy_with_logits_and_grad(x, y, reduction="sum")
+    spoiled = x.copy()
+    spoiled[512 + 7] = np.nan  # the middle block
+    _, grad = bnp.binary_cross_entropy_with_logits_and_grad(spoiled, y, reduction="sum")
+    others = np.arange(n) != 512 + 7
+    np.testing.assert_allclose(grad[others], plain[others], rtol=2.0**-23, atol=0)
+    assert np.isnan(grad[512 + 7])
+
+
+@pytest.mark.parametrize("logits", [True, False], ids=["logits", "bce"])
+def test_streaming_stores_give_the_same_gradient(logits: bool) -> None:
+    """Float32 gradients of 16 MiB and more are written with non-temporal stores: the same bits as the
+    ordinary stores a smaller call of the same elements uses."""
+    n = (1 << 22) + 40  # 16 MiB of float32, and a tail
+    rng = np.random.default_rng(55)
+    x = rng.normal(0.0, 2.0, n).astype(np.float32)
+    if not logits:
+        x = (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    y = rng.random(n).astype(np.float32)
+    kind = "logits" if logits else "bce"
+    big = np.empty_like(x)
+    _native.run(kind, x, y, input_shape=(n,), reduction=MEAN, grad_input=big, grad_scale=1.0)
+    for start in (0, 8192 * 37 + 512, n - 8192 - 40):
+        part = np.empty(8192 + 40, np.float32)  # small: ordinary stores
+        stop = start + part.size
+        xs, ys = x[start:stop], y[start:stop]
+        _native.run(kind, xs, ys, input_shape=(part.size,), reduction=SUM, grad_input=part)
+        np.testing.assert_array_equal(big[start:stop], part)
+
+
+# the fast path's three modes (plain; unweighted with options; weighted) for both losses
+_MODES = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.1},
+    "ignore": {"ignore_index": -1.0},
+    "weight": {"weight": True},
+    "pos_weight": {"pos_weight": True},  # the logits loss only
+}
+_MODE_CASES = [(True, mode) for mode in _MODES] + [(False, mode) for mode in _MODES if mode != "pos_weight"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(("logits", "mode"), _MODE_CASES)
+def test_every_mode_against_torch_in_float64(logits: bool, mode: str, reduction: str) -> None:
+    options = _MODES[mode]
+    rows, columns = 700, 13  # several blocks and chunks, columns not a multiple of 8
+    rng = np.random.default_rng(56)
+    x = rng.normal(0.0, 3.0, (rows, columns))
+    if not logits:
+        x = 1.0 / (1.0 + np.exp(-x))
+    y = rng.random((rows, columns))
+    kwargs = {}
+    if "ignore_index" in options:
+        y[rng.random(y.shape) < 0.2] = -1.0
+        kwargs["ignore_index"] = -1.0
+    if "label_smoothing" in options:
+        kwargs["label_smoothing"] = options["label_smoothing"]
+    w = rng.uniform(0.5, 2.0, (columns,)) if "weight" in options else None
+    p = rng.uniform(0.5, 2.0, (rows, 1)) if "pos_weight" in options else None
+    xt = torch.tensor(x, dtype=torch.float32, requires_grad=True)
+    yt = torch.tensor(y, dtype=torch.float32)
+    wt = None if w is None else torch.tensor(w, dtype=torch.float32)
+    pt = None if p is None else torch.tensor(p, dtype=torch.float32)
+    if logits:
+        loss = bce.binary_cross_entropy_with_logits(xt, yt, wt, reduction=reduction, pos_weight=pt, **kwargs)
+    else:
+        loss = bce.binary_cross_entropy(xt, yt, wt, reduction=reduction, **kwargs)
+    loss.backward()
+    # the reference: torch in float64 on the same float32 values, options applied by hand
+    x64 = xt.detach().double().requires_grad_()
+    y64 = yt.double()
+    keep = torch.ones_like(y64, dtype=torch.bool)
+    if "ignore_index" in kwargs:
+        keep = y64 != -1.0
+        y64 = torch.where(keep, y64, torch.zeros_like(y64))
+    if "label_smoothing" in kwargs:
+        s = kwargs["label_smoothing"]
+        y64 = y64 * (1 - s) + s / 2
+    w64 = None if wt is None else wt.double().expand_as(x64)
+    p64 = None if pt is None else pt.double().expand_as(x64)
+    if logits:
+        per = F.binary_cross_entropy_with_logits(x64, y64, w64, reduction="none", pos_weight=p64)
+    else:
+        per = F.binary_cross_entropy(x64, y64, w64, reduction="none")
+    per = torch.where(keep, per, torch.zeros_like(per))
+    expected = per.sum() / (keep.sum() if reduction == "mean" else 1)
+    expected.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=4 * 2.0**-24, atol=0)
+    torch.testing.assert_close(xt.grad.double(), x64.grad, rtol=2 * 2.0**-24, atol=1e-30)
