@@ -7,8 +7,10 @@ Run from the repository root::
 
 What is timed. For each loss (logits, probabilities), dtype (float32, bfloat16), pass (forward,
 forward+backward) and size 2^k (``--min-log2`` to ``--max-log2``), every contender runs once as a warm-up
-(which is also where torch.compile compiles), then again and again until it has run ``--min-repeats`` times
-and ``--budget`` seconds have passed, or ``--max-repeats`` times; the median is reported. Small sizes thus
+(which is also where torch.compile compiles), then all contenders run in rounds, one call each per round,
+until each has run ``--min-repeats`` times and the rounds have taken ``--budget`` seconds per contender, or
+``--max-repeats`` rounds; each contender's median is reported. Interleaving the contenders makes a slow
+spell of a shared machine weigh on all of them alike, so the ratios stay fair. Small sizes thus
 get many runs and the biggest ones (~1 s a call) only a few, which keeps a default run (2^10..2^26, all
 17 sizes) near 10-15 minutes on a 2-core machine. Torch uses ``torch.set_num_threads(os.cpu_count())``
 threads, set once at start-up for every contender (bcekit's kernels follow ``torch.get_num_threads()``
@@ -191,18 +193,31 @@ def _runners(
     return runners
 
 
-def _time(run: Runner, budget: float, min_repeats: int, max_repeats: int) -> tuple[float, int, float]:
-    """(median ms, runs, warm-up seconds): runs until min_repeats runs and budget seconds, or max_repeats."""
+def _time_interleaved(
+    runners: dict[str, Runner], budget: float, min_repeats: int, max_repeats: int
+) -> dict[str, tuple[float, int, float]]:
+    """``{name: (median ms, runs, warm-up seconds)}``. Each runner runs once as a warm-up, then all run in
+    rounds, one call each per round, until every one has min_repeats runs and the rounds have taken
+    ``budget`` seconds per runner, or max_repeats rounds. Interleaving puts a contender's runs among the
+    others', so a slow spell of the machine (a busy neighbour on a shared host) weighs on all alike and the
+    ratios stay fair; timing one contender after another would charge it to whoever ran then."""
+    warm_up = {}
+    for name, run in runners.items():
+        start = time.perf_counter()
+        run()  # warm-up (and compilation for torch.compile)
+        warm_up[name] = time.perf_counter() - start
+    times: dict[str, list[float]] = {name: [] for name in runners}
     start = time.perf_counter()
-    run()  # warm-up (and compilation for torch.compile)
-    warm_up = time.perf_counter() - start
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < budget):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, len(times), warm_up
+    rounds = 0
+    while rounds < max_repeats and (
+        rounds < min_repeats or time.perf_counter() - start < budget * len(runners)
+    ):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: (statistics.median(t) * 1e3, len(t), warm_up[name]) for name, t in times.items()}
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -247,8 +262,11 @@ def measure(log2s: list[int], budget: float, min_repeats: int, max_repeats: int)
                 for log2 in log2s:
                     x, y = _inputs(loss, dtype, 1 << log2)
                     row = {"loss": loss, "dtype": dtype_name, "pass": pass_, "n": 1 << log2, "runs": {}}
-                    for name, run in _runners(loss, dtype, backward, x, y, compiled).items():
-                        row[name], row["runs"][name], warm_up = _time(run, budget, min_repeats, max_repeats)
+                    timed = _time_interleaved(
+                        _runners(loss, dtype, backward, x, y, compiled), budget, min_repeats, max_repeats
+                    )
+                    for name, (median, runs, warm_up) in timed.items():
+                        row[name], row["runs"][name] = median, runs
                         if name == "torch.compile" and compile_warm_up is None:
                             compile_warm_up = warm_up
                     rows.append(row)
@@ -259,6 +277,47 @@ def measure(log2s: list[int], budget: float, min_repeats: int, max_repeats: int)
                     panel_summary(loss, dtype_name, pass_, graphs_before, compile_warm_up, panel_start)
                 )
     return rows, panels
+
+
+# The targets of issue 3, for float32 at 2^24 (forward+backward, mean) and the per-call overhead at 2^10.
+TARGETS = (
+    ("faster than torch eager", "torch eager", ">=", 10.0),
+    ("faster than torch.compile", "torch.compile", ">=", 3.0),
+    ("time relative to the floor", "floor", "<=", 2.5),
+)
+
+
+def _targets_table(rows: list[dict]) -> str:
+    """The issue's targets against this run: at 2^24 (or the largest size measured, if smaller), float32
+    forward+backward, the three ratios per loss; at 2^10 forward+backward, bcekit against torch eager."""
+    lines = [
+        "### Targets (float32, forward+backward, mean)\n",
+        "| loss | n | target | required | measured | met |",
+        "|---|---|---|---|---:|---|",
+    ]
+    for loss in LOSSES:
+        cells = [r for r in rows if r["loss"] == loss and r["dtype"] == "float32" and r["pass"] == "fwd+bwd"]
+        if not cells:
+            continue
+        big = max((r for r in cells if r["n"] <= 1 << 24), key=lambda r: r["n"], default=None)
+        if big is not None:
+            for label, other, sense, bound in TARGETS:
+                if other not in big:
+                    continue
+                ratio = big[other] / big["bcekit"] if sense == ">=" else big["bcekit"] / big[other]
+                met = ratio >= bound if sense == ">=" else ratio <= bound
+                lines.append(
+                    f"| {loss} | 2^{big['n'].bit_length() - 1} | {label} | {sense} {bound:g}x | "
+                    f"{ratio:.2f}x | {'yes' if met else 'no'} |"
+                )
+        small = next((r for r in cells if r["n"] == 1024), None)
+        if small is not None:
+            ours, theirs = small["bcekit"] * 1e3, small["torch eager"] * 1e3
+            lines.append(
+                f"| {loss} | 2^10 | per-call time, bcekit vs torch eager | <= eager | "
+                f"{ours:.1f} vs {theirs:.1f} µs | {'yes' if ours <= theirs else 'no'} |"
+            )
+    return "\n".join(lines) if len(lines) > 3 else ""
 
 
 def _overhead_table(rows: list[dict]) -> str:
@@ -411,6 +470,9 @@ def main() -> None:
     overhead = _overhead_table(rows)
     if overhead:
         print(f"\n{overhead}")
+    targets = _targets_table(rows)
+    if targets:
+        print(f"\n{targets}")
 
     memory = []
     if arguments.memory_log2 > 0:

@@ -173,9 +173,10 @@ BCEKIT_INLINE vf8 reciprocal_approx(vf8 u) {
 // u = 2^k (1 + f) for normal positive floats u, 1 + f in [sqrt(1/2), sqrt(2)): integer arithmetic on
 // the bits (subtracting sqrt(1/2)'s bits moves the binade boundary there); f = m - 1 is exact.
 BCEKIT_INLINE void decompose_f(vf8 u, vf8& k, vf8& f) {
-    const vi8 shifted = (vi8)u - 0x3f3504f3;  // bits of sqrt(1/2)
-    k = __builtin_convertvector(shifted >> 23, vf8);
-    f = (vf8)((shifted & 0x007fffff) + 0x3f3504f3) - 1.0f;
+    const vu8 shifted = (vu8)u - 0x3f3504f3u;  // bits of sqrt(1/2); unsigned: lanes the block check
+                                                // rejects (negative x) would overflow a signed subtraction
+    k = __builtin_convertvector((vi8)shifted >> 23, vf8);  // arithmetic shift: k < 0 below sqrt(1/2)
+    f = (vf8)((shifted & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
 }
 
 // max(log x, -100) and max(log(1 - x), -100) for x in {0} U [2^-126, 1] (the block check): the clamp
@@ -269,12 +270,6 @@ struct FastOptions {
     bool plain() const { return !smooth && !ignore && !grad_output && w_mode == ABSENT && p_mode == ABSENT; }
 };
 
-// What stage 3 needs of an element half-group beyond x and y: the kept mask, smoothed y, the weights.
-struct Targets {
-    vd y, w, p;
-    vf8 kept;  // the group's kept mask (all lanes set where every element is kept)
-};
-
 // Targets of group k, half h: ignore mask from the raw target, then label smoothing (as the exact path).
 BCEKIT_INLINE vd half_target(const FastOptions& o, vf8 y8, vf8 kept8, int h, vd& kept_mask) {
     vd y = h ? hi4(y8) : lo4(y8);
@@ -308,11 +303,12 @@ BCEKIT_INLINE vd log1p_unit(const Scratch& s, int k, int h, vd e, vd ln2) {
     return (f * f) * r + f + (vd)((vq)(e > 0.5) & (vq)ln2);
 }
 
-// Sum of log1p(e) over the elements of a block without weights, as -log of a product: log1p(e) =
-// -log r with r = 1 / (1 + e), which the gradient needs anyway, so a multiplication per element replaces
-// a logarithm, and one logarithm per lane and chunk is taken at the end (LogProduct). r rounds 1 + e, an
-// absolute error of 2^-53 in -log r: below e = 2^-20 the element adds e - e^2/2 instead (relative error
-// e^2/3), so every element's log1p(e) is exact to 2^-32 relative.
+// Sum of log1p(e) over the elements of a chunk without weights, as -log of a product: log1p(e) = -log r
+// with r = 1 / (1 + e), which the gradient needs anyway, so a multiplication per element replaces a
+// logarithm, and one logarithm per lane is taken at the end of the chunk. r rounds 1 + e, an absolute
+// error of 2^-53 in -log r, 2^-26 relative at most for e >= 2^-27; smaller e are added directly
+// (log1p(e) = e to 2^-28 relative). Blocks multiply into per-lane products that stay above 2^-128 (64
+// factors of at least 1/2 each); fold() moves their exponent into an integer before the next block.
 struct LogProduct {
     vd mantissa = splat(1.0);  // in [1, 2) after each fold
     vl exponent{};
