@@ -328,6 +328,57 @@ def test_run_threads_argument_gives_the_same_bits(threads: int) -> None:
     assert value == reference
 
 
+def _threaded_pass(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    grad = np.empty_like(x)
+    value, _ = _native.run("logits", x, y, input_shape=x.shape, reduction=2, grad_input=grad, threads=4)
+    return value, grad
+
+
+def test_concurrent_callers_share_the_worker_pool_correctly() -> None:
+    """Passes from several Python threads at once (the GIL is released during a pass): one holds the
+    worker pool, the others start their own threads; every result is the single-threaded one."""
+    import concurrent.futures
+
+    data = [_logits_data((70000 + 1000 * i, 3)) for i in range(6)]
+    expected = []
+    for x, y in data:
+        grad = np.empty_like(x)
+        value, _ = _native.run("logits", x, y, input_shape=x.shape, reduction=2, grad_input=grad, threads=1)
+        expected.append((value, grad))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as executor:
+        for _ in range(3):
+            results = list(executor.map(lambda d: _threaded_pass(*d), data))
+            for (value, grad), (want_value, want_grad) in zip(results, expected, strict=True):
+                assert value == want_value
+                np.testing.assert_array_equal(grad, want_grad)
+
+
+def _fork_data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(90)
+    return rng.normal(0, 3, (90000, 3)).astype(np.float32), rng.random((90000, 3)).astype(np.float32)
+
+
+def _child_pass(queue) -> None:
+    queue.put(_threaded_pass(*_fork_data())[0])
+
+
+def test_a_forked_child_runs_threaded_passes() -> None:
+    """After fork() the parent's pooled worker threads do not exist in the child (as in a DataLoader
+    worker): the child must start its own instead of waiting for them forever."""
+    import multiprocessing
+
+    expected = _threaded_pass(*_fork_data())[0]  # the parent's pool now has its workers
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_pass, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0, "the child hung or failed"
+    assert queue.get(timeout=5) == expected
+
+
 def test_run_raises_torchs_range_errors() -> None:
     x = np.full(10, 0.5, dtype=np.float32)
     y = x.copy()
