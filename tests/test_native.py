@@ -362,6 +362,9 @@ def _child_pass(queue) -> None:
     queue.put(_threaded_pass(*_fork_data())[0])
 
 
+# JAX, when an earlier test has imported it, warns that its own threads do not survive fork(); the child
+# here uses none of them
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_a_forked_child_runs_threaded_passes() -> None:
     """After fork() the parent's pooled worker threads do not exist in the child (as in a DataLoader
     worker): the child must start its own instead of waiting for them forever."""
