@@ -168,13 +168,19 @@ BufferCache& cache() {
 // measured, more than a pass over 2^16 elements, so the runner parks its helpers here instead: they
 // spin briefly for the next pass, then sleep on a condition variable.
 //
+// A helper that wakes late (on a virtual machine an idle CPU can take a millisecond to wake) must not
+// hold the pass up: the chunks are taken from a shared counter, so the runner's own thread simply does
+// more of them. Helpers therefore enter a pass through a gate the runner closes when it has run out of
+// chunks, and the runner waits only for the helpers that entered before that.
+//
 // One pass uses the pool at a time (a second Python thread calling meanwhile runs its pass on freshly
 // started threads instead). After fork() the child has none of the parent's threads: it abandons the
-// parent's pool object (its mutex may be held) and starts its own on demand.
+// parent's pool object (its mutexes may be held) and starts its own on demand.
 class WorkerPool {
   public:
-    // Runs work(0) here and work(1) .. work(helpers) on pooled threads; returns when all have returned.
-    // False (nothing run) when another pass holds the pool.
+    // Runs work(0) here and work(1) .. work(helpers) on pooled threads (each helper's call may be
+    // skipped, see above); returns when every call made has returned. False (nothing run) when another
+    // pass holds the pool.
     bool run(int64_t helpers, const std::function<void(int64_t)>& work) {
         std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
         if (!busy.owns_lock()) return false;
@@ -186,18 +192,19 @@ class WorkerPool {
             }
             work_ = &work;
             helpers_ = helpers;
-            remaining_.store(helpers, std::memory_order_relaxed);
+            open_ = true;
             generation_.fetch_add(1, std::memory_order_release);
         }
         wake_.notify_all();
         work(0);
-        // the helpers finish about when this thread does: spin, then sleep
-        for (int spin = 0; remaining_.load(std::memory_order_acquire) != 0; ++spin) {
-            if (spin > SPIN) {
-                std::unique_lock<std::mutex> lock(mutex_);
-                done_.wait(lock, [&] { return remaining_.load(std::memory_order_acquire) == 0; });
-                break;
+        std::unique_lock<std::mutex> lock(mutex_);
+        open_ = false;  // from here on, a helper that wakes up skips this pass
+        if (active_ != 0) {
+            lock.unlock();
+            for (int spin = 0; spin < SPIN && active_count() != 0; ++spin) {
             }
+            lock.lock();
+            done_.wait(lock, [&] { return active_ == 0; });
         }
         return true;
     }
@@ -205,28 +212,28 @@ class WorkerPool {
   private:
     static constexpr int SPIN = 20000;  // polls of an atomic (tens of microseconds) before sleeping
 
+    int64_t active_count() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return active_;
+    }
+
     void loop(int64_t index) {
         uint64_t seen = 0;
         for (;;) {
             for (int spin = 0; spin < SPIN && generation_.load(std::memory_order_acquire) == seen; ++spin) {
             }
             const std::function<void(int64_t)>* work;
-            int64_t helpers;
             {
                 std::unique_lock<std::mutex> lock(mutex_);
                 wake_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
-                // the pass's fields, read together with its generation: a late waker never runs a pass
-                // twice or under another pass's fields
                 seen = generation_.load(std::memory_order_relaxed);
+                if (!open_ || index > helpers_) continue;  // the pass is over, or does not need this one
+                ++active_;  // the gate: taken under the mutex that closing it takes
                 work = work_;
-                helpers = helpers_;
             }
-            if (index > helpers) continue;  // not needed for this pass
             (*work)(index);
-            if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-                std::lock_guard<std::mutex> lock(mutex_);  // pairs with the runner's wait
-                done_.notify_one();
-            }
+            std::lock_guard<std::mutex> lock(mutex_);
+            if (--active_ == 0) done_.notify_one();
         }
     }
 
@@ -234,9 +241,10 @@ class WorkerPool {
     std::mutex mutex_;  // guards the fields below and the condition variables
     std::condition_variable wake_, done_;
     std::atomic<uint64_t> generation_{0};
-    std::atomic<int64_t> remaining_{0};
     const std::function<void(int64_t)>* work_ = nullptr;
     int64_t helpers_ = 0;
+    bool open_ = false;
+    int64_t active_ = 0;  // helpers inside the current pass's work
     size_t threads_ = 0;
 };
 
