@@ -7,10 +7,12 @@ Run from the repository root::
 
 What is timed. For each loss (logits, probabilities), dtype (float32, bfloat16), pass (forward,
 forward+backward) and size 2^k (``--min-log2`` to ``--max-log2``), every contender runs once as a warm-up
-(which is also where torch.compile compiles), then all contenders run in rounds, one call each per round,
-until each has run ``--min-repeats`` times and the rounds have taken ``--budget`` seconds per contender, or
-``--max-repeats`` rounds; each contender's median is reported. Interleaving the contenders makes a slow
-spell of a shared machine weigh on all of them alike, so the ratios stay fair. Small sizes thus
+(which is also where torch.compile compiles), then all contenders run in rounds, two calls each per round
+of which the second is timed, until each has ``--min-repeats`` timed runs and the rounds have taken
+``--budget`` seconds per contender, or ``--max-repeats`` rounds; each contender's median is reported.
+Interleaving the contenders makes a slow spell of a shared machine weigh on all of them alike, so the ratios
+stay fair; the untimed call keeps one contender's leftovers (cache contents, spinning OpenMP threads) from
+being billed to the next. Small sizes thus
 get many runs and the biggest ones (~1 s a call) only a few, which keeps a default run (2^10..2^26, all
 17 sizes) near 10-15 minutes on a 2-core machine. Torch uses ``torch.set_num_threads(os.cpu_count())``
 threads, set once at start-up for every contender (bcekit's kernels follow ``torch.get_num_threads()``
@@ -197,10 +199,13 @@ def _time_interleaved(
     runners: dict[str, Runner], budget: float, min_repeats: int, max_repeats: int
 ) -> dict[str, tuple[float, int, float]]:
     """``{name: (median ms, runs, warm-up seconds)}``. Each runner runs once as a warm-up, then all run in
-    rounds, one call each per round, until every one has min_repeats runs and the rounds have taken
-    ``budget`` seconds per runner, or max_repeats rounds. Interleaving puts a contender's runs among the
-    others', so a slow spell of the machine (a busy neighbour on a shared host) weighs on all alike and the
-    ratios stay fair; timing one contender after another would charge it to whoever ran then."""
+    rounds until every one has min_repeats timed runs and the rounds have taken ``budget`` seconds per
+    runner, or max_repeats rounds. In a round each runner is called twice in a row and only the second
+    call is timed: the first settles what the previous contender left behind (its data in the caches,
+    its spinning OpenMP threads), which would otherwise be billed to whoever runs next. Interleaving puts
+    a contender's runs among the others', so a slow spell of the machine (a busy neighbour on a shared
+    host) weighs on all alike and the ratios stay fair; timing one contender after another would charge
+    it to whoever ran then."""
     warm_up = {}
     for name, run in runners.items():
         start = time.perf_counter()
@@ -213,6 +218,7 @@ def _time_interleaved(
         rounds < min_repeats or time.perf_counter() - start < budget * len(runners)
     ):
         for name, run in runners.items():
+            run()
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)

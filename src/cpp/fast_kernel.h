@@ -8,12 +8,15 @@
 //   logits         e = exp(-|x|), s(x) = 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0
 //                  grad  = w ((1 - y) s(x) - p y s(-x))                       (double lanes, rounded once)
 //                  loss  = w (c |x| + (p y + 1 - y) log1p(e)),  c = 1 - y (x >= 0) or p y (x < 0)
-//   probabilities  grad  = w (x - y) / max(x (1 - x), 1e-12)                  (double lanes, rounded once)
+//   probabilities  grad  = w (x - y) / max(x (1 - x), 1e-12)                  (see Precision)
 //                  loss  = -w (y max(log x, -100) + (1 - y) max(log(1 - x), -100))
 //
-// Precision. The gradient is formed in double from a double exp(-|x|) (2^-38.7), the exact path's
-// formula, so the cancellation near s(x) = y is that of a double evaluation. The loss only feeds the
-// sum here (the exact path writes per-element losses), which allows cheaper logarithms:
+// Precision. The logits gradient is formed in double from a double exp(-|x|) (2^-38.7), the exact
+// path's formula, so the cancellation near s(x) = y is that of a double evaluation. The probability
+// loss's gradient has no such cancellation: x - y of two floats is exact wherever it cancels (Sterbenz),
+// so without options or weights it is formed in float lanes, as torch forms it, within 3.5 ulp (with
+// them, in double as the exact path). The loss only feeds the sum here (the exact path writes
+// per-element losses), which allows cheaper logarithms:
 //   * logits without weights: the sum of log1p(e) is -log of the product of r = 1 / (1 + e), which the
 //     gradient computes anyway: one multiplication per element, one logarithm per lane and chunk
 //     (LogProduct). Elements with e < 2^-27 add e instead (r would round it away).
@@ -65,6 +68,8 @@ BCEKIT_INLINE vf8 pick_neg8(vf8 m, vf8 neg, vf8 pos) {
     return (vf8)__builtin_ia32_blendvps256((__v8sf)pos, (__v8sf)neg, (__v8sf)m);
 }
 BCEKIT_INLINE int count_set(vf8 mask) { return __builtin_popcount(unsigned(_mm256_movemask_ps((__m256)mask))); }
+BCEKIT_INLINE vd max4(vd a, vd b) { return (vd)_mm256_max_pd((__m256d)a, (__m256d)b); }  // b if a is NaN
+BCEKIT_INLINE vf8 max8(vf8 a, vf8 b) { return (vf8)_mm256_max_ps((__m256)a, (__m256)b); }
 #else
 BCEKIT_INLINE vd lo4(vf8 v) { return vd{v[0], v[1], v[2], v[3]}; }
 BCEKIT_INLINE vd hi4(vf8 v) { return vd{v[4], v[5], v[6], v[7]}; }
@@ -73,6 +78,8 @@ BCEKIT_INLINE vf8 join8(vd lo, vd hi) {
                float(hi[0]), float(hi[1]), float(hi[2]), float(hi[3])};
 }
 BCEKIT_INLINE vd pick_neg(vd m, vd neg, vd pos) { return (vl)m < 0 ? neg : pos; }
+BCEKIT_INLINE vd max4(vd a, vd b) { return a > b ? a : b; }
+BCEKIT_INLINE vf8 max8(vf8 a, vf8 b) { return a > b ? a : b; }
 BCEKIT_INLINE vf8 pick_neg8(vf8 m, vf8 neg, vf8 pos) { return (vi8)m < 0 ? neg : pos; }
 BCEKIT_INLINE int count_set(vf8 mask) {
     int n = 0;
@@ -86,6 +93,19 @@ BCEKIT_INLINE int count_set(vf8 mask) {
 template <class T> struct Lanes;
 template <> struct Lanes<float> {
     BCEKIT_INLINE static vf8 load(const float* p) { vf8 v; std::memcpy(&v, p, sizeof v); return v; }
+    template <bool STREAM>
+    BCEKIT_INLINE static void store8(float* p, vf8 v) {
+#if defined(__AVX2__)
+        if constexpr (STREAM) {  // two 16-byte halves: the caller guarantees 16-byte alignment only
+            _mm_stream_ps(p, _mm256_castps256_ps128((__m256)v));
+            _mm_stream_ps(p + 4, _mm256_extractf128_ps((__m256)v, 1));
+        } else {
+            _mm256_storeu_ps(p, (__m256)v);
+        }
+#else
+        std::memcpy(p, &v, sizeof v);
+#endif
+    }
     template <bool STREAM>
     BCEKIT_INLINE static void store(float* p, vd v) {
 #if defined(__AVX2__)
@@ -109,6 +129,11 @@ template <> struct Lanes<half_t> {
     }
     template <bool>
     BCEKIT_INLINE static void store(half_t* p, vd v) { Storage<half_t>::storew(p, v); }
+    template <bool>
+    BCEKIT_INLINE static void store8(half_t* p, vf8 v) {
+        Storage<half_t>::storew(p, lo4(v));
+        Storage<half_t>::storew(p + 4, hi4(v));
+    }
 };
 template <> struct Lanes<bf16_t> {
     BCEKIT_INLINE static vf8 load(const bf16_t* p) {
@@ -123,6 +148,11 @@ template <> struct Lanes<bf16_t> {
     }
     template <bool>
     BCEKIT_INLINE static void store(bf16_t* p, vd v) { Storage<bf16_t>::storew(p, v); }
+    template <bool>
+    BCEKIT_INLINE static void store8(bf16_t* p, vf8 v) {
+        Storage<bf16_t>::storew(p, lo4(v));
+        Storage<bf16_t>::storew(p + 4, hi4(v));
+    }
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -459,7 +489,7 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
     T* gi = GRAD ? static_cast<T*>(a.grad_input) + b : nullptr;
     const double scale0 = o.scale;
     vu8 bad{};
-    vd acc0{}, acc1{};
+    vd acc0{}, acc1{}, acc2{}, acc3{};
     int64_t kept = 0;
 
     auto stage1 = [&](int k) __attribute__((always_inline)) {
@@ -477,6 +507,13 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
         const vf8 x8 = Lanes<T>::load(x + 8 * k), y8 = Lanes<T>::load(y + 8 * k);
         const vf8 kept8 = PLAIN ? splat8(-1.0f) : kept_lanes(o, y8);
         if (!PLAIN && o.ignore) kept += count_set(kept8);
+        if constexpr (PLAIN && GRAD) {
+            // in float lanes, as torch forms it: x - y is exact wherever it cancels (Sterbenz), so the
+            // gradient is within 3.5 ulp of exact (tests/test_fast_kernel.py). Nothing here can be
+            // contracted into an FMA, so every build gives the same bits.
+            const vf8 denom = max8((1.0f - x8) * x8, splat8(float(GRAD_EPSILON)));
+            Lanes<T>::template store8<STREAM>(gi + 8 * k, (x8 - y8) / denom * float(scale0));
+        }
         for (int h = 0; h < 2; ++h) {
             const vd xv = h ? hi4(x8) : lo4(x8);
             vd keep = splat(-1.0);
@@ -484,17 +521,17 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
             const vd w = PLAIN ? splat(1.0) : half_weight(o.w_mode, o.w_scalar, s.w, k, h);
             if constexpr (SUM) {
                 const vd log_x = h ? hi4(s.L1[k]) : lo4(s.L1[k]), log_1mx = h ? hi4(s.L2[k]) : lo4(s.L2[k]);
-                const vd loss = -(yv * log_x + (1.0 - yv) * log_1mx);
-                (h ? acc1 : acc0) += PLAIN ? loss : pick_neg(keep, loss * w, splat(0.0));
-            }
-            if constexpr (GRAD) {
-                vd denom = xv * (1.0 - xv);
-                denom = denom > GRAD_EPSILON ? denom : splat(GRAD_EPSILON);
-                vd g = (xv - yv) / denom;
-                if (PLAIN) {
-                    Lanes<T>::template store<STREAM>(gi + 8 * k + 4 * h, g * scale0);
-                    continue;
+                if (PLAIN) {  // the two terms in their own sums (negated at the end): an FMA each
+                    (h ? acc1 : acc0) = yv * log_x + (h ? acc1 : acc0);
+                    (h ? acc3 : acc2) = (1.0 - yv) * log_1mx + (h ? acc3 : acc2);
+                } else {
+                    const vd loss = -(yv * log_x + (1.0 - yv) * log_1mx);
+                    (h ? acc1 : acc0) += pick_neg(keep, loss * w, splat(0.0));
                 }
+            }
+            if constexpr (GRAD && !PLAIN) {  // with options or weights: double lanes, rounded once
+                const vd denom = max4(xv * (1.0 - xv), splat(GRAD_EPSILON));
+                vd g = (xv - yv) / denom;
                 vd scale = splat(scale0);
                 if (o.grad_output) {
                     const vf8 g8 = Lanes<T>::load(go + 8 * k);
@@ -512,7 +549,7 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
     unsigned any = 0;
     for (int j = 0; j < 8; ++j) any |= bad[j];
     if (any) return false;
-    const vd acc = acc0 + acc1;
+    const vd acc = PLAIN ? -((acc0 + acc1) + (acc2 + acc3)) : acc0 + acc1;
     double total = 0.0;
     for (int j = 0; j < W; ++j) total += acc[j];
     sum = total;
