@@ -4,10 +4,13 @@ Framework-free: it takes anything the kernels can read in place (NumPy arrays th
 CPU torch tensors through DLPack: no copies) and knows only shapes, dtypes and the kernel's options. Which
 calls may take the kernels is decided here too (:func:`eligible`), so both backends agree.
 
-What the kernels compute is exactly :mod:`bcekit._math`'s pipeline for the probability and logits losses
-(label smoothing and ``ignore_index`` included): float32, float16 and bfloat16 evaluated in double lanes and
-rounded once; float64 in x87 ``long double``. The focal loss, mixed dtypes and weights that broadcast in
-other forms than the four below stay on the composed path.
+What the kernels compute is :mod:`bcekit._math`'s pipeline for the probability and logits losses (label
+smoothing and ``ignore_index`` included): per-element losses and gradients of float32, float16 and bfloat16
+evaluated in double lanes and rounded once, float64 in x87 ``long double``. A pass that reduces the loss
+and/or writes the input gradient (a training step) takes the kernels' fast path, which sums per-element
+terms within 2 ulp each and forms the probability loss's gradient without options in float32, within 3.5
+ulp (``src/cpp/fast_kernel.h`` says how). The focal loss, mixed dtypes and weights that broadcast in other
+forms than the four below stay on the composed path.
 
 Outputs (gradients, per-element losses) of at least :data:`CACHED_MIN_BYTES` come from a cache of buffers
 kept by the C++ core: a training step frees its gradient and allocates the next one of the same size, and
@@ -18,8 +21,8 @@ storage owning it is freed (views keep it alive). The cache keeps at most ``BCEK
 
 Threads: torch tensors use ``torch.get_num_threads()``; NumPy arrays use :func:`get_num_threads`, which is
 ``BCEKIT_NUM_THREADS`` from the environment if set, else the CPUs this process may run on, and which
-:func:`set_num_threads` changes. Results do not depend on it: the kernels cut the data into fixed chunks
-and add the chunks' sums in a fixed order.
+:func:`set_num_threads` changes. The helper threads are kept between passes. Results do not depend on the
+count: the kernels cut the data into fixed chunks and add the chunks' sums in a fixed order.
 """
 
 from __future__ import annotations

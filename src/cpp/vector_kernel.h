@@ -3,6 +3,10 @@
 // Included once per instruction set by kernels_<isa>.cpp, inside namespace BCEKIT_ISA; written with
 // GCC/Clang vector extensions so the same source becomes SSE2, AVX2+FMA or NEON code.
 //
+// This file holds the exact path (exact_chunk): every pass it is given, every option, every value. The
+// passes of a training step (a reduced loss, an input gradient) go to the fast path of fast_kernel.h,
+// included at the end, which hands back to exact_chunk whatever it does not take.
+//
 // Why double lanes: the loss must stay within 2 ulp of exact (it is 0.5 ulp in practice) and the input
 // gradient (1 - y) s(x) - p y s(-x) must not cancel more than torch's float32 evaluation does. Every
 // quantity below is formed in double and rounded to the storage type once, so the float results equal the
