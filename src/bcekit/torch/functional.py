@@ -93,6 +93,30 @@ def _fuse(input: Tensor, reduction: int) -> bool:
     return reduction != _semantics.NONE and input.requires_grad and torch.is_grad_enabled()
 
 
+def _plain_call(
+    input: Any,
+    target: Any,
+    weight: Any,
+    pos_weight: Any,
+    size_average: Any,
+    reduce: Any,
+    label_smoothing: Any,
+    ignore_index: Any,
+) -> bool:
+    """No weights, legacy arguments or options, and plain tensors: the call :func:`_ops.eager_plain_loss`
+    may take (it checks the rest, and declines what it cannot serve)."""
+    return (
+        weight is None
+        and pos_weight is None
+        and size_average is None
+        and reduce is None
+        and label_smoothing == 0.0
+        and ignore_index is None
+        and type(input) is Tensor
+        and type(target) is Tensor
+    )
+
+
 def _optional_float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
@@ -145,15 +169,7 @@ def binary_cross_entropy(
     >>> binary_cross_entropy(x, y, reduction="none")  # log(0) is clamped: the last costs 100
     tensor([  0.1054,   0.2231, 100.0000])
     """
-    if (
-        weight is None
-        and size_average is None
-        and reduce is None
-        and label_smoothing == 0.0
-        and ignore_index is None
-        and type(input) is Tensor
-        and type(target) is Tensor
-    ):
+    if _plain_call(input, target, weight, None, size_average, reduce, label_smoothing, ignore_index):
         loss = _ops.eager_plain_loss("bce", input, target, reduction)
         if loss is not None:
             return loss
@@ -216,16 +232,7 @@ def binary_cross_entropy_with_logits(
     >>> binary_cross_entropy_with_logits(x, y, reduction="none")  # torch: [nan, nan, 0.]
     tensor([0.0000e+00, 0.0000e+00, 9.3576e-14])
     """
-    if (
-        weight is None
-        and pos_weight is None
-        and size_average is None
-        and reduce is None
-        and label_smoothing == 0.0
-        and ignore_index is None
-        and type(input) is Tensor
-        and type(target) is Tensor
-    ):
+    if _plain_call(input, target, weight, pos_weight, size_average, reduce, label_smoothing, ignore_index):
         loss = _ops.eager_plain_loss("logits", input, target, reduction)
         if loss is not None:
             return loss
