@@ -51,7 +51,7 @@ namespace {
 
 constexpr int64_t CHUNK = 8192;               // elements per chunk (a multiple of the vector width)
 constexpr int64_t MIN_PER_THREAD = 1 << 15;   // below this many elements per thread, fewer threads
-constexpr int64_t GRAB = 4;                   // chunks a thread takes at a time
+constexpr int64_t GRAB = 1;                   // chunks a thread takes at a time
 // float32 gradients of at least this many bytes are written with streaming stores (see kernel_api.h):
 // bigger than the last-level caches of the machines we run on, so the lines would be evicted unread
 // anyway, while reading them in before overwriting them costs a quarter of a fused step's traffic.
@@ -197,25 +197,19 @@ class WorkerPool {
         }
         wake_.notify_all();
         work(0);
-        std::unique_lock<std::mutex> lock(mutex_);
-        open_ = false;  // from here on, a helper that wakes up skips this pass
-        if (active_ != 0) {
-            lock.unlock();
-            for (int spin = 0; spin < SPIN && active_count() != 0; ++spin) {
-            }
-            lock.lock();
-            done_.wait(lock, [&] { return active_ == 0; });
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            open_ = false;  // from here on, a helper that wakes up skips this pass
         }
+        for (int spin = 0; spin < SPIN && active_.load(std::memory_order_acquire) != 0; ++spin) {
+        }
+        std::unique_lock<std::mutex> lock(mutex_);
+        done_.wait(lock, [&] { return active_.load(std::memory_order_acquire) == 0; });
         return true;
     }
 
   private:
     static constexpr int SPIN = 20000;  // polls of an atomic (tens of microseconds) before sleeping
-
-    int64_t active_count() {
-        std::lock_guard<std::mutex> lock(mutex_);
-        return active_;
-    }
 
     void loop(int64_t index) {
         uint64_t seen = 0;
@@ -228,12 +222,14 @@ class WorkerPool {
                 wake_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
                 seen = generation_.load(std::memory_order_relaxed);
                 if (!open_ || index > helpers_) continue;  // the pass is over, or does not need this one
-                ++active_;  // the gate: taken under the mutex that closing it takes
+                active_.fetch_add(1, std::memory_order_relaxed);  // the gate, under the mutex closing takes
                 work = work_;
             }
             (*work)(index);
-            std::lock_guard<std::mutex> lock(mutex_);
-            if (--active_ == 0) done_.notify_one();
+            if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+                std::lock_guard<std::mutex> lock(mutex_);  // the runner checks active_ under it
+                done_.notify_one();
+            }
         }
     }
 
@@ -244,19 +240,28 @@ class WorkerPool {
     const std::function<void(int64_t)>* work_ = nullptr;
     int64_t helpers_ = 0;
     bool open_ = false;
-    int64_t active_ = 0;  // helpers inside the current pass's work
+    std::atomic<int64_t> active_{0};  // helpers inside the current pass's work
     size_t threads_ = 0;
 };
 
-WorkerPool* pool_instance = nullptr;
+std::atomic<WorkerPool*> pool_instance{nullptr};
 
-void forget_pool_in_child() { pool_instance = nullptr; }  // the parent's threads do not exist here
+// the parent's threads do not exist in a forked child (which runs one thread at this point)
+void forget_pool_in_child() { pool_instance.store(nullptr, std::memory_order_relaxed); }
 
 WorkerPool& pool() {
     static const bool registered = (pthread_atfork(nullptr, nullptr, &forget_pool_in_child), true);
     (void)registered;
-    if (!pool_instance) pool_instance = new WorkerPool();  // never destroyed: its threads never exit
-    return *pool_instance;
+    WorkerPool* current = pool_instance.load(std::memory_order_acquire);
+    if (!current) {  // never destroyed: its threads never exit
+        WorkerPool* created = new WorkerPool();
+        if (pool_instance.compare_exchange_strong(current, created, std::memory_order_acq_rel)) {
+            current = created;
+        } else {
+            delete created;  // another caller's pool came first (no thread started in ours yet)
+        }
+    }
+    return *current;
 }
 
 long double pairwise(const std::vector<ChunkResult>& parts, size_t lo, size_t hi) {
