@@ -3,7 +3,8 @@
 Run from the repository root::
 
     python -m benchmarks.cpu [--min-log2 10] [--max-log2 26] [--step 1] [--budget 1.0] [--min-repeats 3]
-                             [--max-repeats 200] [--memory-log2 24] [--out benchmarks/results]
+                             [--max-repeats 200] [--memory-log2 24] [--targets soft]
+                             [--out benchmarks/results]
 
 What is timed. For each loss (logits, probabilities), dtype (float32, bfloat16), pass (forward,
 forward+backward) and size 2^k (``--min-log2`` to ``--max-log2``), every contender runs once as a warm-up
@@ -37,6 +38,11 @@ for tensors); NumPy's composition is single-threaded, as NumPy's ufuncs are.
   handles both). Forward+backward: ``torch.add(x, y, out=g)`` into a preallocated ``g``: reads input and
   target and writes a gradient-sized output, as any fused forward+backward must (the floor does not
   allocate its output; the contenders do, see above).
+
+Inputs: logits ``x ~ N(0, 1)``, probabilities ``sigmoid`` of those; targets (``--targets``) ``soft``,
+uniform in [0, 1) (the default: every element needs both logarithms of the probability loss), or ``hard``,
+0 or 1 with equal odds (labels as most classifiers have them; bcekit's probability loss then takes its
+product form, ``src/cpp/fast_kernel.h``).
 
 Per-call overhead: the n = 1024 row (2^10) is also printed on its own, in microseconds.
 
@@ -133,12 +139,15 @@ def machine() -> dict:
     }
 
 
-def _inputs(loss: str, dtype: torch.dtype, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs(
+    loss: str, dtype: torch.dtype, n: int, hard: bool = False, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=generator)
     if loss == "probabilities":
         x = torch.sigmoid(x)
-    return x.to(dtype), torch.rand(n, generator=generator).to(dtype)
+    y = torch.rand(n, generator=generator)
+    return x.to(dtype), (torch.round(y) if hard else y).to(dtype)
 
 
 def _torch_runner(function: Callable, x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor | None) -> Runner:
@@ -253,7 +262,9 @@ def _format_row(row: dict) -> str:
     return f"| 2^{row['n'].bit_length() - 1} | {times} | {ratios} |"
 
 
-def measure(log2s: list[int], budget: float, min_repeats: int, max_repeats: int) -> tuple[list, list]:
+def measure(
+    log2s: list[int], budget: float, min_repeats: int, max_repeats: int, hard: bool
+) -> tuple[list, list]:
     rows, panels = [], []
     for loss in LOSSES:
         _, torch_fn = functions(loss)
@@ -266,7 +277,7 @@ def measure(log2s: list[int], budget: float, min_repeats: int, max_repeats: int)
                 print(f"\n### {loss}, {dtype_name}, {pass_} (ms, median)\n\n{TABLE_HEAD}", flush=True)
                 panel_start, compile_warm_up = time.perf_counter(), None
                 for log2 in log2s:
-                    x, y = _inputs(loss, dtype, 1 << log2)
+                    x, y = _inputs(loss, dtype, 1 << log2, hard)
                     row = {"loss": loss, "dtype": dtype_name, "pass": pass_, "n": 1 << log2, "runs": {}}
                     timed = _time_interleaved(
                         _runners(loss, dtype, backward, x, y, compiled), budget, min_repeats, max_repeats
@@ -293,11 +304,11 @@ TARGETS = (
 )
 
 
-def _targets_table(rows: list[dict]) -> str:
+def _targets_table(rows: list[dict], targets: str) -> str:
     """The issue's targets against this run: at 2^24 (or the largest size measured, if smaller), float32
     forward+backward, the three ratios per loss; at 2^10 forward+backward, bcekit against torch eager."""
     lines = [
-        "### Targets (float32, forward+backward, mean)\n",
+        f"### Targets (float32, forward+backward, mean, {targets} targets)\n",
         "| loss | n | target | required | measured | met |",
         "|---|---|---|---|---:|---|",
     ]
@@ -455,6 +466,9 @@ def main() -> None:
     parser.add_argument(
         "--memory-log2", type=int, default=24, help="size 2^k of the peak-memory measurement; 0 skips it"
     )
+    parser.add_argument(
+        "--targets", choices=("soft", "hard"), default="soft", help="uniform in [0, 1) or 0/1 labels"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     arguments = parser.parse_args()
 
@@ -468,15 +482,16 @@ def main() -> None:
     print(
         f"\ntorch.set_num_threads(os.cpu_count()) = {threads} for every contender (NumPy: single-threaded). "
         f"Milliseconds, median of runs after a warm-up: at least {arguments.min_repeats} runs and "
-        f"{arguments.budget} s per cell, at most {arguments.max_repeats} runs.",
+        f"{arguments.budget} s per cell, at most {arguments.max_repeats} runs. Targets: {arguments.targets}.",
         flush=True,
     )
     log2s = list(range(arguments.min_log2, arguments.max_log2 + 1, arguments.step))
-    rows, panels = measure(log2s, arguments.budget, arguments.min_repeats, arguments.max_repeats)
+    hard = arguments.targets == "hard"
+    rows, panels = measure(log2s, arguments.budget, arguments.min_repeats, arguments.max_repeats, hard)
     overhead = _overhead_table(rows)
     if overhead:
         print(f"\n{overhead}")
-    targets = _targets_table(rows)
+    targets = _targets_table(rows, arguments.targets)
     if targets:
         print(f"\n{targets}")
 

@@ -6,7 +6,9 @@
 * the product's renormalisation over many blocks and chunks;
 * the fast path's gradients against the exact path's (a block that holds a NaN takes the exact path);
 * streaming stores for large float32 gradients give the same bits as ordinary stores;
-* every mode of the fast path (plain, unweighted with options, weighted) against torch in float64.
+* every mode of the fast path (plain, unweighted with options, weighted) against torch in float64;
+* blocks whose targets are all 0 or 1 (the probability loss as a product of x or 1 - x): per element,
+  over many chunks, and mixed with soft blocks and blocks the clamp at -100 sends elsewhere.
 
 A single element's contribution is isolated by padding it with elements whose loss is zero (or, for the
 logits loss, below 1e-300): ``_native.run`` returns the kernel's reduced sum in double, unrounded to the
@@ -121,7 +123,8 @@ def test_probability_sum_is_within_two_ulps_per_element() -> None:
     assert max(errors) <= 2.0, (max(errors), x[int(np.argmax(errors))], y[int(np.argmax(errors))])
 
 
-def test_plain_probability_gradient_is_within_three_and_a_half_ulps() -> None:
+@pytest.mark.parametrize("targets", ["soft", "hard"])
+def test_plain_probability_gradient_is_within_three_and_a_half_ulps(targets: str) -> None:
     """Without weights or options the probability loss's gradient (x - y) / max(x (1 - x), 1e-12) is
     formed in float lanes, as torch forms it: x - y is exact where it cancels, so the result stays within
     3.5 ulp of the exact quotient (four roundings: 1 - x, the product, the quotient, the scale),
@@ -134,6 +137,9 @@ def test_plain_probability_gradient_is_within_three_and_a_half_ulps() -> None:
     y[::4] = np.round(y[::4])
     y[1::4] = np.nextafter(x[1::4], np.float32(rng.random() < 0.5))  # x - y cancels to one ulp
     y = np.clip(y, 0.0, 1.0)
+    if targets == "hard":  # every block's targets 0 or 1: the hard-target block
+        y = np.round(y)
+        y[(x == 1 - y)] = 1 - y[(x == 1 - y)]  # no clamp at -100: no block leaves that path
     n = x.size // GROUP * GROUP  # whole groups: the fast path
     x, y = x[:n], y[:n]
     grad = np.empty_like(x)
@@ -144,6 +150,78 @@ def test_plain_probability_gradient_is_within_three_and_a_half_ulps() -> None:
         exact = (xm - ym) / max(xm * (1 - xm), MP.mpf(float(np.float32(1e-12))))
         worst = max(worst, _error_in_float32_ulps(g, exact))
     assert worst <= 3.5, worst
+
+
+def _hard_points(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    x = np.concatenate(
+        [
+            rng.random(200),
+            np.geomspace(2.0**-126, 1e-3, 120),  # where y = 0: below 2^-27 the loss is added, not a factor
+            1.0 - np.geomspace(2.0**-24, 0.5, 120),
+            rng.uniform(0.28, 0.52, 60),
+            [2.0**-126, 2.0**-27, np.nextafter(2.0**-27, 0), np.nextafter(2.0**-27, 1), 1.0 - 2.0**-24, 0.5],
+            [0.0, 1.0],  # loss 0 where x = y; the clamp at -100 where x = 1 - y
+        ]
+    ).astype(np.float32)
+    y = np.resize(np.array([0.0, 1.0], np.float32), x.size)
+    return np.concatenate([x, x]), np.concatenate([y, 1.0 - y])  # each x with both targets
+
+
+def test_hard_target_probability_sum_is_within_two_ulps_per_element() -> None:
+    """Targets of 0 and 1 only: the sum is -log of the product of x (y = 1) and 1 - x (y = 0); each
+    element's contribution within 2 ulp of its exact loss, the clamp at -100 included."""
+    x, y = _hard_points(np.random.default_rng(58))
+    # padded with x = 0, y = 0 (a factor of 1): the group's targets are all 0 or 1
+    sums = _isolated_sums("bce", x, y, pad_x=0.0, pad_y=0.0)
+    errors = [
+        _error_in_float32_ulps(s, bce_exact(float(a), float(b))) for s, a, b in zip(sums, x, y, strict=True)
+    ]
+    assert max(errors) <= 2.0, (max(errors), x[int(np.argmax(errors))], y[int(np.argmax(errors))])
+
+
+@pytest.mark.parametrize("spread", ["uniform", "confident"])
+def test_hard_target_product_over_many_chunks_matches_the_exact_sum(spread: str) -> None:
+    """The product of x and 1 - x is renormalised after every group and folded per block and chunk:
+    over ~40 chunks the sum keeps (nearly) double precision, also when most factors are tiny (confident
+    wrong predictions) or most losses are below 2^-27 (confident right ones, added directly)."""
+    n = 40 * 8192 + 16  # a tail too
+    rng = np.random.default_rng(59)
+    y = (rng.random(n) < 0.5).astype(np.float32)
+    if spread == "uniform":
+        x = rng.random(n).astype(np.float32)
+    else:
+        logit = rng.uniform(5.0, 85.0, n) * np.where(rng.random(n) < 0.5, 1.0, -1.0)
+        x = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+        x = np.where(x < 2.0**-126, np.float32(0.0), x)  # a subnormal would take the exact path
+        x[(x == 0) & (y == 1)] = 2.0**-126  # keep the clamp out: every block stays on the hard path
+        x[(x == 1) & (y == 0)] = np.nextafter(np.float32(1), np.float32(0))
+    value, _ = _native.run("bce", x, y, input_shape=(n,), reduction=SUM)
+    x64, ones = x.astype(np.float64), y == 1
+    terms = np.empty(n)
+    terms[ones] = np.log(x64[ones])  # each term within a few 2^-53 of exact
+    terms[~ones] = np.log1p(-x64[~ones])
+    exact = -math.fsum(terms.tolist())
+    assert abs(value - exact) <= 2.0**-40 * exact
+
+
+def test_hard_target_blocks_mixed_with_soft_and_clamped_ones() -> None:
+    """Blocks of 512 with hard targets take the product, a block with one soft target the logarithms,
+    and a hard block holding x = 1 with y = 0 (clamped at -100) goes back to the logarithms: the loss
+    and gradient match torch in float64 whatever path each block took."""
+    rng = np.random.default_rng(60)
+    n = 6 * 512 + 5
+    x = rng.random(n).astype(np.float32)
+    y = (rng.random(n) < 0.5).astype(np.float32)
+    y[512 + 100] = 0.25  # block 1: soft
+    x[3 * 512 + 9], y[3 * 512 + 9] = 1.0, 0.0  # block 3: the clamp
+    x[4 * 512 + 1], y[4 * 512 + 1] = 0.0, 1.0  # block 4: the clamp
+    grad = np.empty_like(x)
+    value, _ = _native.run("bce", x, y, input_shape=(n,), reduction=SUM, grad_input=grad)
+    xt = torch.from_numpy(x).double().requires_grad_()
+    expected = F.binary_cross_entropy(xt, torch.from_numpy(y).double(), reduction="sum")
+    expected.backward()
+    assert value == pytest.approx(expected.item(), rel=1e-6)
+    np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=3.5 * 2.0**-23, atol=0)
 
 
 @pytest.mark.parametrize("spread", ["moderate", "large"])

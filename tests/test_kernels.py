@@ -900,6 +900,14 @@ for dtype in ("float32", "float16", "bfloat16"):
         out[f"{dtype}-{logits}"] = [
             per_element.detach().double().tolist(), float(mean), grad.double().tolist()
         ]
+        # targets all 0 or 1 (the probability loss's product form)
+        hard = torch.round(yt)
+        mean = f(xt, hard)
+        (grad,) = torch.autograd.grad(mean, xt)
+        per_element = f(xt, hard, reduction="none")
+        out[f"{dtype}-{logits}-hard"] = [
+            per_element.detach().double().tolist(), float(mean), grad.double().tolist()
+        ]
         # the fast path's other modes: options without weights, and weights
         w = torch.tensor(rng.uniform(0.5, 2.0, 5000), dtype=getattr(torch, dtype))
         yi = yt.clone()

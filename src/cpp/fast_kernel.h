@@ -23,6 +23,9 @@
 //   * logits with weights: log1p(e) = [e > 1/2] ln2 + f + f^2 R(f) per element, f exact in double and
 //     only the polynomial R in float lanes (its rounding reaches the result scaled by f^2 R <= 0.2 of it).
 //   * probabilities: log x and log(1 - x) in float lanes (about an ulp each), combined in double.
+//   * probabilities without weights or options, a block whose targets are all 0 or 1 (labels, the common
+//     case): the sum of -log q, q = x or 1 - x, as -log of a product (probabilities_hard_block), half the
+//     instructions of the two logarithms.
 // Every element's contribution to the sum is within 2 ulp of its exact float32 loss (tests/
 // test_fast_kernel.py checks each formulation against mpmath, element by element); sums are in double.
 //
@@ -34,6 +37,7 @@
 // stalls on latency, and a separate loop per stage leaves all but one unit idle.
 //   logits         1. exp(-|x|) (double)   2. 1 / (1 + e), f and R(f) for weighted sums   3. the rest
 //   probabilities  1. log x, log(1 - x) (float)                                            3. the rest
+// (the hard-target block is one plain loop: it has one short chain per group, the running product).
 // Inputs are prefetched ahead of stage 1. Blocks are checked as they stream (logits: |x| <= 700 and not
 // NaN; probabilities: x and the kept y in [0, 1], x zero or normal): a block that fails is recomputed
 // whole by the exact path, which also reports range errors.
@@ -348,6 +352,11 @@ struct LogProduct {
         exponent += (vl)(bits >> 52) - 1023;
         mantissa = (vd)((bits & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL);
     }
+    // multiply in mantissa * 2^exponent, mantissa of either sign and at least 2^-900 in magnitude
+    void absorb(vd other_mantissa, vl other_exponent) {
+        exponent += other_exponent;
+        fold(abs4(other_mantissa));
+    }
     // sum over the lanes of log(mantissa * 2^exponent)
     long double log() const {
         long double total = 0.0L;
@@ -556,11 +565,75 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
     return true;
 }
 
+// Whether every target of a block is 0 or 1 (+0.0f or 1.0f exactly): the first group that is not
+// answers no, so soft targets pay for one group's test per block.
+template <class T>
+BCEKIT_INLINE bool hard_targets(const T* y, int groups) {
+    for (int k = 0; k < groups; ++k) {
+        const vu8 yb = (vu8)Lanes<T>::load(y + 8 * k);
+        const vu8 hard = (vu8)(yb == 0u) | (vu8)(yb == 0x3f800000u);
+        if (count_set((vf8)hard) != 8) return false;
+    }
+    return true;
+}
+
+// One block of the probability loss without options or weights, every target 0 or 1 (hard_targets):
+// each element's loss is -log q with q = x where y = 1 and q = 1 - x where y = 0, so the block's sum is
+// -log of a product, as for the logits (LogProduct): a multiplication per element instead of two
+// logarithms. In double, x + (y - 1) is q or -q exactly (signs dropped at the end); a product of two
+// factors of at least 2^-126 each (x is zero or normal, 1 - x >= 2^-24) cannot underflow a mantissa in
+// [1, 2), which is restored after every group (its exponent moved to an integer). Every rounding of the
+// product is an absolute error of 2^-53 in the sum, so where y = 0 and x < 2^-27 the factor is 1 and x is
+// added instead (-log(1 - x) = x to 2^-28 relative), as the logits add e below 2^-27. Returns false,
+// for the soft block or the exact path to redo, when an input is outside [0, 1], NaN or subnormal, or q
+// = 0 (x = 0 with y = 1, x = 1 with y = 0: the soft block applies the clamp at -100).
+template <class T, bool GRAD, bool STREAM>
+__attribute__((noinline)) bool probabilities_hard_block(const Args& a, int64_t b, int groups, double& sum,
+                                                         vd& mantissa, vl& exponent) {
+    typedef uint64_t vq_ __attribute__((vector_size(8 * W)));
+    const T* x = static_cast<const T*>(a.x) + b;
+    const T* y = static_cast<const T*>(a.y) + b;
+    T* gi = GRAD ? static_cast<T*>(a.grad_input) + b : nullptr;
+    const float scale = float(a.grad_scale);
+    vu8 bad{};
+    vd m = splat(1.0), linear{};
+    vl e{};
+    for (int k = 0; k < groups; ++k) {
+        prefetch(x + 8 * k, y + 8 * k);
+        const vf8 x8 = Lanes<T>::load(x + 8 * k), y8 = Lanes<T>::load(y + 8 * k);
+        const vu8 xb = (vu8)x8;
+        bad |= (vu8)(xb > 0x3f800000u) | ((vu8)(xb < 0x00800000u) & (vu8)(xb != 0u));
+        bad |= (vu8)(x8 == 1.0f - y8);  // q = 0
+        if constexpr (GRAD) {  // as the soft block forms it
+            const vf8 denom = max8((1.0f - x8) * x8, splat8(float(GRAD_EPSILON)));
+            Lanes<T>::template store8<STREAM>(gi + 8 * k, (x8 - y8) / denom * scale);
+        }
+        const vi8 tiny = (x8 + y8) < 0x1p-27f;  // y = 0 and x < 2^-27
+        const vf8 x_tiny = (vf8)((vi8)x8 & tiny), x_factor = (vf8)((vi8)x8 & ~tiny);
+        linear += lo4(x_tiny) + hi4(x_tiny);
+        const vf8 shift = y8 - 1.0f;  // 0 or -1, exact
+        const vd q = (lo4(x_factor) + lo4(shift)) * (hi4(x_factor) + hi4(shift));  // |q| >= 2^-252
+        const vq_ bits = (vq_)(m * q);
+        e += (vl)((bits << 1) >> 53);  // biased exponent (the sign bit shifted out)
+        m = (vd)((bits & 0x800fffffffffffffULL) | 0x3ff0000000000000ULL);  // sign kept: absorb drops it
+    }
+    unsigned any = 0;
+    for (int j = 0; j < 8; ++j) any |= bad[j];
+    if (any) return false;
+    double total = 0.0;
+    for (int j = 0; j < W; ++j) total += linear[j];
+    sum = total;
+    mantissa = m;
+    exponent = e - int64_t(groups) * 1023;
+    return true;
+}
+
 template <class T, bool LOGITS, int MODE, bool SUM, bool GRAD, bool STREAM>
 ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, int64_t end) {
     Scratch scratch;
     ChunkResult result;
     LogProduct product;  // logits, MODE < 2: the product of 1 / (1 + e) (see logits_block)
+                         // probabilities, MODE 0: the product of q over blocks of hard targets
     auto add_exact = [&](int64_t from, int64_t to) {
         const ChunkResult exact = exact_chunk<T>(a, from, to);
         result.sum += exact.sum;
@@ -585,7 +658,18 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
             ok = logits_block<T, MODE, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, block_product, kept);
             if (ok && SUM && MODE < 2) product.fold(block_product);
         } else {
-            ok = probabilities_block<T, MODE, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, kept);
+            ok = false;
+            if constexpr (MODE == 0 && SUM) {
+                vd mantissa;
+                vl exponent;
+                if (hard_targets(static_cast<const T*>(a.y) + b, len / 8) &&
+                    probabilities_hard_block<T, GRAD, STREAM>(a, b, len / 8, sum, mantissa, exponent)) {
+                    product.absorb(mantissa, exponent);
+                    kept = len;
+                    ok = true;
+                }
+            }
+            if (!ok) ok = probabilities_block<T, MODE, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, kept);
         }
         if (ok) {
             result.sum += sum;
@@ -594,7 +678,7 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
             add_exact(b, b + len);
         }
     }
-    if (LOGITS && SUM && MODE < 2) result.sum -= product.log();
+    if (SUM && (LOGITS ? MODE < 2 : MODE == 0)) result.sum -= product.log();
     if (whole < end) add_exact(whole, end);
 #if defined(__AVX2__)
     if constexpr (STREAM) _mm_sfence();  // streaming stores are weakly ordered: publish them first
