@@ -290,7 +290,7 @@ struct FastOptions {
     double s, ignore_index, scale;
     template <class T>
     FastOptions(const Args& a, const T*)
-        : sum(a.want_sum), grad(a.grad_input != nullptr), stream(a.stream_outputs),
+        : sum(a.want_sum), grad(a.grad_input != nullptr), stream(a.stream_outputs && a.grad_input),
           smooth(a.label_smoothing != 0.0), ignore(a.has_ignore),
           nan_ignore(a.has_ignore && std::isnan(a.ignore_index)), grad_output(a.grad_output != nullptr),
           w_mode(a.w ? a.w_mode : ABSENT), p_mode(a.p ? a.p_mode : ABSENT),
