@@ -634,6 +634,7 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
     ChunkResult result;
     LogProduct product;  // logits, MODE < 2: the product of 1 / (1 + e) (see logits_block)
                          // probabilities, MODE 0: the product of q over blocks of hard targets
+    bool hard_blocks = false;  // whether there are any (soft targets skip the product's logarithms)
     auto add_exact = [&](int64_t from, int64_t to) {
         const ChunkResult exact = exact_chunk<T>(a, from, to);
         result.sum += exact.sum;
@@ -666,7 +667,7 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
                     probabilities_hard_block<T, GRAD, STREAM>(a, b, len / 8, sum, mantissa, exponent)) {
                     product.absorb(mantissa, exponent);
                     kept = len;
-                    ok = true;
+                    ok = hard_blocks = true;
                 }
             }
             if (!ok) ok = probabilities_block<T, MODE, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, kept);
@@ -678,7 +679,7 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
             add_exact(b, b + len);
         }
     }
-    if (SUM && (LOGITS ? MODE < 2 : MODE == 0)) result.sum -= product.log();
+    if (SUM && (LOGITS ? MODE < 2 : MODE == 0 && hard_blocks)) result.sum -= product.log();
     if (whole < end) add_exact(whole, end);
 #if defined(__AVX2__)
     if constexpr (STREAM) _mm_sfence();  // streaming stores are weakly ordered: publish them first
