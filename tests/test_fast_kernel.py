@@ -63,6 +63,16 @@ def _error_in_float32_ulps(value: float, exact) -> float:
     return float(abs(MP.mpf(value) - exact) / ulp(exact, np.float32))
 
 
+def _assert_probability_sums_within_two_ulps(x: np.ndarray, y: np.ndarray) -> None:
+    """Each element's contribution to the probability loss's sum, padded with x = 0, y = 0 (loss 0; with
+    hard targets the group's targets stay all 0 or 1), within 2 ulp of its exact loss."""
+    sums = _isolated_sums("bce", x, y, pad_x=0.0, pad_y=0.0)
+    errors = [
+        _error_in_float32_ulps(s, bce_exact(float(a), float(b))) for s, a, b in zip(sums, x, y, strict=True)
+    ]
+    assert max(errors) <= 2.0, (max(errors), x[int(np.argmax(errors))], y[int(np.argmax(errors))])
+
+
 def _logits_points(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     x = np.concatenate(
         [
@@ -116,11 +126,7 @@ def test_probability_sum_is_within_two_ulps_per_element() -> None:
     ).astype(np.float32)
     y = rng.random(x.size).astype(np.float32)
     y[::3] = np.round(y[::3])
-    sums = _isolated_sums("bce", x, y, pad_x=0.0, pad_y=0.0)
-    errors = [
-        _error_in_float32_ulps(s, bce_exact(float(a), float(b))) for s, a, b in zip(sums, x, y, strict=True)
-    ]
-    assert max(errors) <= 2.0, (max(errors), x[int(np.argmax(errors))], y[int(np.argmax(errors))])
+    _assert_probability_sums_within_two_ulps(x, y)
 
 
 @pytest.mark.parametrize("targets", ["soft", "hard"])
@@ -171,12 +177,7 @@ def test_hard_target_probability_sum_is_within_two_ulps_per_element() -> None:
     """Targets of 0 and 1 only: the sum is -log of the product of x (y = 1) and 1 - x (y = 0); each
     element's contribution within 2 ulp of its exact loss, the clamp at -100 included."""
     x, y = _hard_points(np.random.default_rng(58))
-    # padded with x = 0, y = 0 (a factor of 1): the group's targets are all 0 or 1
-    sums = _isolated_sums("bce", x, y, pad_x=0.0, pad_y=0.0)
-    errors = [
-        _error_in_float32_ulps(s, bce_exact(float(a), float(b))) for s, a, b in zip(sums, x, y, strict=True)
-    ]
-    assert max(errors) <= 2.0, (max(errors), x[int(np.argmax(errors))], y[int(np.argmax(errors))])
+    _assert_probability_sums_within_two_ulps(x, y)
 
 
 @pytest.mark.parametrize("spread", ["uniform", "confident"])
