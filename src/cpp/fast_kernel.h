@@ -194,15 +194,6 @@ BCEKIT_INLINE vf8 log1p_narrow_f(vf8 f) {
     return f2 * r + f;
 }
 
-// 1 / u to 12 bits or better (enough for a correction term)
-BCEKIT_INLINE vf8 reciprocal_approx(vf8 u) {
-#if defined(__AVX2__)
-    return (vf8)_mm256_rcp_ps((__m256)u);
-#else
-    return 1.0f / u;
-#endif
-}
-
 // u = 2^k (1 + f) for normal positive floats u, 1 + f in [sqrt(1/2), sqrt(2)): integer arithmetic on
 // the bits (subtracting sqrt(1/2)'s bits moves the binade boundary there); f = m - 1 is exact.
 BCEKIT_INLINE void decompose_f(vf8 u, vf8& k, vf8& f) {
@@ -212,23 +203,24 @@ BCEKIT_INLINE void decompose_f(vf8 u, vf8& k, vf8& f) {
     f = (vf8)((shifted & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
 }
 
-// max(log x, -100) and max(log(1 - x), -100) for x in {0} U [2^-126, 1] (the block check): the clamp
-// only ever acts at x = 0 and x = 1, since the smallest normal float's log is -87.3 and 1 - x >= 2^-24.
-// Below 0.2929, log(1 - x) is log1p(-x) evaluated on -x itself (1 - x would round away its low digits;
-// those lanes decompose 1 instead, k = 0); above, 1 - x is exact (a multiple of x's ulp below 1).
+// max(log x, -100) and max(log(1 - x), -100) for x in {0} U [2^-126, 1] (the block check), from the
+// smaller and the larger of x and 1 - x, both reduced exactly: m = min(x, 1 - x) is exact (1 - x is, by
+// Sterbenz, for x >= 1/2), and log m takes the full decomposition; log(1 - m) = log1p(-m) on -m itself for
+// m <= 0.2929, else -ln 2 + log1p(1 - 2m), 1 - 2m in [0, 0.4142] exact (Sterbenz again: 2m in [0.59, 1]).
+// Forming 1 - x where it rounds (x < 1/2) is never needed. The clamp only ever acts at m = 0 (x = 0 or
+// 1), since the smallest normal float's log is -87.3 and 1 - x >= 2^-24 for x < 1.
 BCEKIT_INLINE void log_pair_f(vf8 x, vf8& log_x, vf8& log_1mx) {
-    const vf8 floor = splat8(-100.0f);
-    vf8 kx, fx, k1, f1;
-    decompose_f(x, kx, fx);
-    const vi8 small = x < 0.29289322f;
-    const vf8 u = small ? splat8(1.0f) : 1.0f - x;
-    // 1 - x rounds for x in [0.2929, 1/2): its rounding error (exact, by Sterbenz) enters as lo / u
-    const vf8 lo = (1.0f - u) - x;
-    decompose_f(u, k1, f1);
-    f1 = small ? -x : f1;
-    log_x = x == 0.0f ? floor : kx * LN2_F + log1p_narrow_f(fx);
-    const vf8 l1 = k1 * LN2_F + log1p_narrow_f(f1);
-    log_1mx = x == 1.0f ? floor : (small ? l1 : lo * reciprocal_approx(u) + l1);
+    const vi8 upper = x > 0.5f;
+    const vf8 m = upper ? 1.0f - x : x;
+    vf8 k, f;
+    decompose_f(m, k, f);
+    const vf8 log_m = m == 0.0f ? splat8(-100.0f) : k * LN2_F + log1p_narrow_f(f);
+    const vi8 near_zero = m <= 0.29289322f;
+    const vf8 f_rest = near_zero ? -m : 1.0f - 2.0f * m;
+    const vf8 offset = (vf8)((vi8)splat8(-LN2_F) & ~near_zero);  // -ln 2, or 0 where f_rest = -m
+    const vf8 log_rest = offset + log1p_narrow_f(f_rest);          // log(1 - m)
+    log_x = upper ? log_rest : log_m;
+    log_1mx = upper ? log_m : log_rest;
 }
 
 // Input and target PREFETCH_BYTES ahead of stage 1: the stages' dependency chains leave the out-of-order
