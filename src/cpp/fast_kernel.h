@@ -358,6 +358,28 @@ struct LogProduct {
     static constexpr long double LN2_L = 0.693147180559945309417232121458176568L;
 };
 
+// Whether any lane of a block's accumulated "bad" mask is set.
+BCEKIT_INLINE bool any_set(vu8 bad) {
+    unsigned any = 0;
+    for (int j = 0; j < 8; ++j) any |= bad[j];
+    return any != 0;
+}
+
+// Lanes whose probability x the fast path cannot take: outside [+0, 1], NaN, or subnormal (-0.0 too:
+// the exact path takes it).
+BCEKIT_INLINE vu8 bad_probabilities(vf8 x8) {
+    const vu8 xb = (vu8)x8;
+    return (vu8)(xb > 0x3f800000u) | ((vu8)(xb < 0x00800000u) & (vu8)(xb != 0u));
+}
+
+// The probability loss's gradient without options or weights, in float lanes as torch forms it: x - y
+// is exact wherever it cancels (Sterbenz), so it is within 3.5 ulp of exact (tests/test_fast_kernel.py).
+// Nothing here can be contracted into an FMA, so every build gives the same bits.
+BCEKIT_INLINE vf8 plain_probability_gradient(vf8 x8, vf8 y8, float scale) {
+    const vf8 denom = max8((1.0f - x8) * x8, splat8(float(GRAD_EPSILON)));
+    return (x8 - y8) / denom * scale;
+}
+
 // One block of the logits loss. Returns false (outputs garbage) when a logit is NaN or |x| > 700.
 // MODE: 0 plain; 1 unweighted (label smoothing, ignore_index, grad_output as the options say); 2 with
 // weight or pos_weight. Modes 0 and 1 sum log1p(e) as a product (LogProduct); mode 2 weighs each
@@ -465,9 +487,7 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o,
     for (; k < groups; ++k) { stage1(k); stage2(k - SKEW); stage3(k - 2 * SKEW); }
     for (int j = std::max(0, groups - SKEW); j < groups; ++j) stage2(j);  // drain: stage 2, then stage 3
     for (int j = std::max(0, groups - 2 * SKEW); j < groups; ++j) stage3(j);
-    unsigned any = 0;
-    for (int j = 0; j < 8; ++j) any |= bad[j];
-    if (any) return false;
+    if (any_set(bad)) return false;
     const vd acc = acc0 + acc1;
     double total = 0.0;
     for (int j = 0; j < W; ++j) total += acc[j];
@@ -495,9 +515,8 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
     auto stage1 = [&](int k) __attribute__((always_inline)) {
         prefetch(x + 8 * k, y + 8 * k);
         const vf8 x8 = Lanes<T>::load(x + 8 * k), y8 = Lanes<T>::load(y + 8 * k);
-        const vu8 xb = (vu8)x8, yb = (vu8)y8;
-        // x in {+0} U [2^-126, 1]: sign clear, at most 1.0f, zero or normal
-        bad |= (vu8)(xb > 0x3f800000u) | ((vu8)(xb < 0x00800000u) & (vu8)(xb != 0u));
+        const vu8 yb = (vu8)y8;
+        bad |= bad_probabilities(x8);
         vu8 bad_y = (vu8)(yb > 0x3f800000u);  // outside [+0, 1] or NaN (-0.0 too: the exact path takes it)
         if (!PLAIN && o.ignore) bad_y &= (vu8)((vi8)kept_lanes(o, y8) < 0);  // ignored targets: any value
         bad |= bad_y;
@@ -507,13 +526,8 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
         const vf8 x8 = Lanes<T>::load(x + 8 * k), y8 = Lanes<T>::load(y + 8 * k);
         const vf8 kept8 = PLAIN ? splat8(-1.0f) : kept_lanes(o, y8);
         if (!PLAIN && o.ignore) kept += count_set(kept8);
-        if constexpr (PLAIN && GRAD) {
-            // in float lanes, as torch forms it: x - y is exact wherever it cancels (Sterbenz), so the
-            // gradient is within 3.5 ulp of exact (tests/test_fast_kernel.py). Nothing here can be
-            // contracted into an FMA, so every build gives the same bits.
-            const vf8 denom = max8((1.0f - x8) * x8, splat8(float(GRAD_EPSILON)));
-            Lanes<T>::template store8<STREAM>(gi + 8 * k, (x8 - y8) / denom * float(scale0));
-        }
+        if constexpr (PLAIN && GRAD)
+            Lanes<T>::template store8<STREAM>(gi + 8 * k, plain_probability_gradient(x8, y8, float(scale0)));
         for (int h = 0; h < 2; ++h) {
             const vd xv = h ? hi4(x8) : lo4(x8);
             vd keep = splat(-1.0);
@@ -546,9 +560,7 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
     for (; k < SKEW && k < groups; ++k) stage1(k);
     for (; k < groups; ++k) { stage1(k); stage3(k - SKEW); }
     for (int j = std::max(0, groups - SKEW); j < groups; ++j) stage3(j);
-    unsigned any = 0;
-    for (int j = 0; j < 8; ++j) any |= bad[j];
-    if (any) return false;
+    if (any_set(bad)) return false;
     const vd acc = PLAIN ? -((acc0 + acc1) + (acc2 + acc3)) : acc0 + acc1;
     double total = 0.0;
     for (int j = 0; j < W; ++j) total += acc[j];
@@ -582,7 +594,6 @@ BCEKIT_INLINE bool hard_targets(const T* y, int groups) {
 template <class T, bool GRAD, bool STREAM>
 __attribute__((noinline)) bool probabilities_hard_block(const Args& a, int64_t b, int groups, double& sum,
                                                          vd& mantissa, vl& exponent) {
-    typedef uint64_t vq_ __attribute__((vector_size(8 * W)));
     const T* x = static_cast<const T*>(a.x) + b;
     const T* y = static_cast<const T*>(a.y) + b;
     T* gi = GRAD ? static_cast<T*>(a.grad_input) + b : nullptr;
@@ -593,25 +604,18 @@ __attribute__((noinline)) bool probabilities_hard_block(const Args& a, int64_t b
     for (int k = 0; k < groups; ++k) {
         prefetch(x + 8 * k, y + 8 * k);
         const vf8 x8 = Lanes<T>::load(x + 8 * k), y8 = Lanes<T>::load(y + 8 * k);
-        const vu8 xb = (vu8)x8;
-        bad |= (vu8)(xb > 0x3f800000u) | ((vu8)(xb < 0x00800000u) & (vu8)(xb != 0u));
-        bad |= (vu8)(x8 == 1.0f - y8);  // q = 0
-        if constexpr (GRAD) {  // as the soft block forms it
-            const vf8 denom = max8((1.0f - x8) * x8, splat8(float(GRAD_EPSILON)));
-            Lanes<T>::template store8<STREAM>(gi + 8 * k, (x8 - y8) / denom * scale);
-        }
+        bad |= bad_probabilities(x8) | (vu8)(x8 == 1.0f - y8);  // or q = 0
+        if constexpr (GRAD) Lanes<T>::template store8<STREAM>(gi + 8 * k, plain_probability_gradient(x8, y8, scale));
         const vi8 tiny = (x8 + y8) < 0x1p-27f;  // y = 0 and x < 2^-27
         const vf8 x_tiny = (vf8)((vi8)x8 & tiny), x_factor = (vf8)((vi8)x8 & ~tiny);
         linear += lo4(x_tiny) + hi4(x_tiny);
         const vf8 shift = y8 - 1.0f;  // 0 or -1, exact
         const vd q = (lo4(x_factor) + lo4(shift)) * (hi4(x_factor) + hi4(shift));  // |q| >= 2^-252
-        const vq_ bits = (vq_)(m * q);
+        const vq bits = (vq)(m * q);
         e += (vl)((bits << 1) >> 53);  // biased exponent (the sign bit shifted out)
         m = (vd)((bits & 0x800fffffffffffffULL) | 0x3ff0000000000000ULL);  // sign kept: absorb drops it
     }
-    unsigned any = 0;
-    for (int j = 0; j < 8; ++j) any |= bad[j];
-    if (any) return false;
+    if (any_set(bad)) return false;
     double total = 0.0;
     for (int j = 0; j < W; ++j) total += linear[j];
     sum = total;
