@@ -4,6 +4,7 @@
   formulation the fast path has: the unweighted logits sum (log1p(e) as a product of 1 / (1 + e)), the
   weighted one (f + f^2 R(f), R in float lanes) and the probability loss (float logarithms);
 * the product's renormalisation over many blocks and chunks;
+* logits blocks within 18 of 0 (every factor in the product) and beyond (tiny losses added directly);
 * the fast path's gradients against the exact path's (a block that holds a NaN takes the exact path);
 * streaming stores for large float32 gradients give the same bits as ordinary stores;
 * every mode of the fast path (plain, unweighted with options, weighted) against torch in float64;
@@ -238,6 +239,52 @@ def test_product_over_many_chunks_matches_the_exact_sum(spread: str) -> None:
     # float64 terms (each within a few 2^-53 of exact: no cancellation), summed exactly
     exact = math.fsum((y64 * np.logaddexp(0.0, -x64) + (1.0 - y64) * np.logaddexp(0.0, x64)).tolist())
     assert abs(value - exact) <= 2.0**-40 * exact
+
+
+def _logits_sum(x: np.ndarray, y: np.ndarray) -> float:
+    value, _ = _native.run("logits", x, y, input_shape=(x.size,), reduction=SUM)
+    return value
+
+
+def _logits_fsum(x: np.ndarray, y: np.ndarray) -> float:
+    """The logits loss's sum from float64 terms (each within a few 2^-53 of exact), summed exactly."""
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    return math.fsum((y64 * np.logaddexp(0.0, -x64) + (1.0 - y64) * np.logaddexp(0.0, x64)).tolist())
+
+
+def test_logit_blocks_within_and_beyond_18_alternate() -> None:
+    """A block whose logits all lie within 18 of 0 puts every 1 / (1 + e) into the product (e >= 2^-27);
+    a block with a larger one adds e below 2^-27 directly, and the next block tries the bounded form
+    again. Blocks of each kind alternate, with targets that make every loss small (x > 0 with y = 1, x <
+    0 with y = 0), so the sum is no larger than the roundings it must stay clear of: each element's term
+    is within 2^-52 of exact (r and the product rounded once each; per element, relative to the loss
+    itself, the isolated tests above check it)."""
+    rng = np.random.default_rng(55)
+    block = 512
+    bounded = rng.uniform(15.0, 18.0, (4, block))  # losses 1.5e-8 to 3e-7
+    beyond = rng.uniform(18.0, 30.0, (4, block))  # losses down to 1e-13
+    beyond[1, 100] = 700.0  # one at the limit of the fast path
+    x = np.stack([bounded, beyond], axis=1).reshape(-1)
+    x[rng.random(x.size) < 0.5] *= -1
+    x = x.astype(np.float32)
+    y = (x > 0).astype(np.float32)
+    exact = _logits_fsum(x, y)
+    assert abs(_logits_sum(x, y) - exact) <= x.size * 2.0**-52 + 2.0**-50 * exact
+
+
+def test_bounded_logit_blocks_give_the_bits_of_the_general_form() -> None:
+    """After a block with some |x| > 18 the next block takes the general form (with the test e < 2^-27);
+    alone it takes the bounded one. A leading block of zero-loss elements (x = -700, y = 0: losses
+    below 1e-300, product factors of exactly 1) leaves the sum's bits alone, so both must agree."""
+    rng = np.random.default_rng(56)
+    x = np.clip(rng.normal(0.0, 6.0, 4096), -18.0, 18.0).astype(np.float32)
+    y = rng.random(x.size).astype(np.float32)
+    y[::3] = np.round(y[::3])
+    lead = np.full(512, -700.0, np.float32)
+    alone = _logits_sum(x, y)
+    after = _logits_sum(np.concatenate([lead, x]), np.concatenate([np.zeros(512, np.float32), y]))
+    assert after == alone
+    assert abs(alone - _logits_fsum(x, y)) <= 2.0**-40 * alone
 
 
 def test_fast_gradients_equal_the_exact_paths() -> None:

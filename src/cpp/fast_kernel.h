@@ -380,14 +380,26 @@ BCEKIT_INLINE vf8 plain_probability_gradient(vf8 x8, vf8 y8, float scale) {
     return (x8 - y8) / denom * scale;
 }
 
-// One block of the logits loss. Returns false (outputs garbage) when a logit is NaN or |x| > 700.
+// |x| <= 18 (as float bits): then e = exp(-|x|) >= 1.5e-8 > 2^-27, and no element needs log1p(e) added
+// directly (see LogProduct).
+constexpr uint32_t BOUNDED_LOGIT_BITS = 0x41900000u;  // 18.0f
+constexpr uint32_t MAX_LOGIT_BITS = 0x442f0000u;      // 700.0f
+
+// One block of the logits loss. Returns false (outputs garbage) when a logit is NaN or |x| > 700, or,
+// for BOUNDED, |x| > 18.
 // MODE: 0 plain; 1 unweighted (label smoothing, ignore_index, grad_output as the options say); 2 with
 // weight or pos_weight. Modes 0 and 1 sum log1p(e) as a product (LogProduct); mode 2 weighs each
 // element's log1p(e) = [e > 1/2] ln2 + f + f^2 R(f), R in float lanes, the rest in double.
-template <class T, int MODE, bool SUM, bool GRAD, bool STREAM>
+// BOUNDED (mode 0 with the sum only): every |x| <= 18, so every element's 1 / (1 + e) goes into the
+// product and none needs the test e < 2^-27; a block that fails is redone without BOUNDED, which sets
+// `has_large` when some |x| > 18 (the next block then starts without BOUNDED). Both give the same bits
+// where both apply.
+template <class T, int MODE, bool SUM, bool GRAD, bool STREAM, bool BOUNDED = false>
 __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o, int64_t b, int groups, Scratch& s, double& sum,
-                  vd& product, int64_t& kept_count) {
+                  vd& product, int64_t& kept_count, bool& has_large) {
     constexpr bool PLAIN = MODE == 0, WEIGHTED = MODE == 2;
+    static_assert(!BOUNDED || (PLAIN && SUM), "BOUNDED: the plain sum only");
+    constexpr bool TRACK_LARGE = PLAIN && SUM && !BOUNDED;
     const T* x = static_cast<const T*>(a.x) + b;
     const T* y = static_cast<const T*>(a.y) + b;
     const T* go = static_cast<const T*>(a.grad_output) + (a.grad_output ? b : 0);
@@ -395,14 +407,16 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o,
     const vd ln2 = splat(LN2);
     // locals, not o.*: the stores through gi could alias the options as far as the compiler knows
     const double scale0 = o.scale;
-    vu8 bad{};
+    vu8 bad{}, beyond{};
     vd acc0{}, acc1{}, prod0 = splat(1.0), prod1 = splat(1.0);
     int64_t kept = 0;
 
     auto stage1 = [&](int k) __attribute__((always_inline)) {
         prefetch(x + 8 * k, y + 8 * k);
         const vf8 x8 = Lanes<T>::load(x + 8 * k);
-        bad |= (vu8)(((vu8)x8 & 0x7fffffffu) > 0x442f0000u);  // |x| > 700.0f, or NaN
+        const vu8 magnitude = (vu8)x8 & 0x7fffffffu;
+        bad |= (vu8)(magnitude > (BOUNDED ? BOUNDED_LOGIT_BITS : MAX_LOGIT_BITS));  // or NaN
+        if constexpr (TRACK_LARGE) beyond |= (vu8)(magnitude > BOUNDED_LOGIT_BITS);
         const vd x0 = lo4(x8), x1 = hi4(x8);
         s.X[2 * k] = x0;
         s.X[2 * k + 1] = x1;
@@ -430,18 +444,22 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o,
             vd keep = splat(-1.0);
             const vd yv = PLAIN ? (h ? hi4(y8) : lo4(y8)) : half_target(o, y8, kept8, h, keep);
             if constexpr (!WEIGHTED) {
-                if constexpr (SUM) {
+                if constexpr (SUM && BOUNDED) {
+                    // max(x, 0) - x y = c |x| below, exact (x y and x (1 - y) fit in a double)
+                    (h ? acc1 : acc0) = (max4(xv, splat(0.0)) - xv * yv) + (h ? acc1 : acc0);
+                    (h ? prod1 : prod0) *= r;
+                } else if constexpr (SUM) {
                     // c |x| with c = 1 - y (x >= 0) or y (x < 0), plus log1p(e) as below
-                    const vd c = pick_neg(xv, yv, 1.0 - yv);
                     const vl tiny = e < 0x1p-27;
                     const vd direct = (vd)((vl)e & tiny);  // log1p(e) = e to 2^-28
                     const vd factor = tiny ? splat(1.0) : r;
                     vd& acc = h ? acc1 : acc0;
                     vd& prod = h ? prod1 : prod0;
                     if (PLAIN) {
-                        acc = c * abs4(xv) + (acc + direct);
+                        acc = (max4(xv, splat(0.0)) - xv * yv) + (acc + direct);
                         prod *= factor;
                     } else {
+                        const vd c = pick_neg(xv, yv, 1.0 - yv);
                         acc += pick_neg(keep, c * abs4(xv) + direct, splat(0.0));
                         prod *= pick_neg(keep, factor, splat(1.0));
                     }
@@ -487,6 +505,7 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o,
     for (; k < groups; ++k) { stage1(k); stage2(k - SKEW); stage3(k - 2 * SKEW); }
     for (int j = std::max(0, groups - SKEW); j < groups; ++j) stage2(j);  // drain: stage 2, then stage 3
     for (int j = std::max(0, groups - 2 * SKEW); j < groups; ++j) stage3(j);
+    if constexpr (TRACK_LARGE) has_large = any_set(beyond);
     if (any_set(bad)) return false;
     const vd acc = acc0 + acc1;
     double total = 0.0;
@@ -631,6 +650,7 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
     LogProduct product;  // logits, MODE < 2: the product of 1 / (1 + e) (see logits_block)
                          // probabilities, MODE 0: the product of q over blocks of hard targets
     bool hard_blocks = false;  // whether there are any (soft targets skip the product's logarithms)
+    bool bounded = true;       // logits, mode 0 with the sum: whether the last block had every |x| <= 18
     auto add_exact = [&](int64_t from, int64_t to) {
         const ChunkResult exact = exact_chunk<T>(a, from, to);
         result.sum += exact.sum;
@@ -652,7 +672,17 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
         bool ok;
         if constexpr (LOGITS) {
             vd block_product;
-            ok = logits_block<T, MODE, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, block_product, kept);
+            bool large = false;
+            ok = false;
+            if constexpr (MODE == 0 && SUM) {
+                if (bounded)
+                    ok = logits_block<T, 0, true, GRAD, STREAM, true>(a, o, b, len / 8, scratch, sum, block_product,
+                                                                      kept, large);
+            }
+            if (!ok) {
+                ok = logits_block<T, MODE, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, block_product, kept, large);
+                bounded = !large;
+            }
             if (ok && SUM && MODE < 2) product.fold(block_product);
         } else {
             ok = false;
