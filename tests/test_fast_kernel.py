@@ -305,9 +305,11 @@ def test_fast_gradients_equal_the_exact_paths() -> None:
 
 
 @pytest.mark.parametrize("logits", [True, False], ids=["logits", "bce"])
-def test_streaming_stores_give_the_same_gradient(logits: bool) -> None:
-    """Float32 gradients of 16 MiB and more are written with non-temporal stores: the same bits as the
-    ordinary stores a smaller call of the same elements uses."""
+@pytest.mark.parametrize("offset", [0, 4], ids=["aligned", "16-byte-offset"])
+def test_streaming_stores_give_the_same_gradient(logits: bool, offset: int) -> None:
+    """Float32 gradients of 16 MiB and more are written with non-temporal stores where 32-byte aligned
+    (a buffer of the cache is; 4 floats further on it is not, and takes ordinary stores): the same bits
+    as the ordinary stores a smaller call of the same elements uses."""
     n = (1 << 22) + 40  # 16 MiB of float32, and a tail
     rng = np.random.default_rng(55)
     x = rng.normal(0.0, 2.0, n).astype(np.float32)
@@ -315,7 +317,9 @@ def test_streaming_stores_give_the_same_gradient(logits: bool) -> None:
         x = (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
     y = rng.random(n).astype(np.float32)
     kind = "logits" if logits else "bce"
-    big = np.empty_like(x)
+    buffer = _native.empty((n + 4,), "float32", torch=False)
+    assert buffer.ctypes.data % 64 == 0
+    big = buffer[offset : offset + n]
     _native.run(kind, x, y, input_shape=(n,), reduction=MEAN, grad_input=big, grad_scale=1.0)
     for start in (0, 8192 * 37 + 512, n - 8192 - 40):
         part = np.empty(8192 + 40, np.float32)  # small: ordinary stores

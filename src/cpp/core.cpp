@@ -280,7 +280,7 @@ struct RunResult {
 RunResult run(Args args, int threads) {
     const ChunkFn fn = select_kernel(args.dtype);
     args.stream_outputs = args.dtype == F32 && args.grad_input && args.n * 4 >= STREAM_MIN_BYTES &&
-                          reinterpret_cast<uintptr_t>(args.grad_input) % 16 == 0;
+                          reinterpret_cast<uintptr_t>(args.grad_input) % 32 == 0;
     if (!fn) throw std::invalid_argument("bcekit._core: unsupported dtype");
     const int64_t n = args.n;
     if (n == 0) return {};

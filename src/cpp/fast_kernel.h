@@ -100,24 +100,10 @@ template <> struct Lanes<float> {
     template <bool STREAM>
     BCEKIT_INLINE static void store8(float* p, vf8 v) {
 #if defined(__AVX2__)
-        if constexpr (STREAM) {  // two 16-byte halves: the caller guarantees 16-byte alignment only
-            _mm_stream_ps(p, _mm256_castps256_ps128((__m256)v));
-            _mm_stream_ps(p + 4, _mm256_extractf128_ps((__m256)v, 1));
-        } else {
-            _mm256_storeu_ps(p, (__m256)v);
-        }
+        if constexpr (STREAM) _mm256_stream_ps(p, (__m256)v);  // the caller checked the 32-byte alignment
+        else _mm256_storeu_ps(p, (__m256)v);
 #else
         std::memcpy(p, &v, sizeof v);
-#endif
-    }
-    template <bool STREAM>
-    BCEKIT_INLINE static void store(float* p, vd v) {
-#if defined(__AVX2__)
-        const __m128 f = _mm256_cvtpd_ps((__m256d)v);
-        if constexpr (STREAM) _mm_stream_ps(p, f);  // the caller checked the 16-byte alignment
-        else _mm_storeu_ps(p, f);
-#else
-        Storage<float>::storew(p, v);
 #endif
     }
 };
@@ -156,6 +142,18 @@ template <> struct Lanes<bf16_t> : HalfStores<bf16_t> {
 #endif
     }
 };
+
+// A group's 8 results, computed as two halves of double lanes: float storage takes them as one 32-byte
+// store (streaming ones are 32 bytes wide, so each writes half a cache line whole).
+template <class T, bool STREAM>
+BCEKIT_INLINE void store_halves(T* p, vd lo, vd hi) {
+    if constexpr (std::is_same<T, float>::value) {
+        Lanes<float>::template store8<STREAM>(p, join8(lo, hi));
+    } else {
+        Lanes<T>::template store<STREAM>(p, lo);
+        Lanes<T>::template store<STREAM>(p + 4, hi);
+    }
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Float logarithms for the summed loss
@@ -438,6 +436,7 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o,
         const vf8 y8 = Lanes<T>::load(y + 8 * k);
         const vf8 kept8 = PLAIN ? splat8(-1.0f) : kept_lanes(o, y8);
         if (!PLAIN && o.ignore) kept += count_set(kept8);
+        vd out[2];  // the gradient's halves
         for (int h = 0; h < 2; ++h) {
             const vd xv = s.X[2 * k + h], e = s.E[2 * k + h], r = s.R[2 * k + h];
             const vd large = r, small = e * r;  // s(|x|), s(-|x|)
@@ -467,14 +466,14 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o,
                 if constexpr (GRAD) {
                     const vd g = pick_neg(xv, small, large) - yv;
                     if (PLAIN) {
-                        Lanes<T>::template store<STREAM>(gi + 8 * k + 4 * h, g * scale0);
+                        out[h] = g * scale0;
                     } else {
                         vd scale = splat(scale0);
                         if (o.grad_output) {
                             const vf8 g8 = Lanes<T>::load(go + 8 * k);
                             scale = (h ? hi4(g8) : lo4(g8)) * scale0;
                         }
-                        Lanes<T>::template store<STREAM>(gi + 8 * k + 4 * h, pick_neg(keep, g, splat(0.0)) * scale);
+                        out[h] = pick_neg(keep, g, splat(0.0)) * scale;
                     }
                 }
                 continue;
@@ -495,9 +494,10 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o,
                     const vf8 g8 = Lanes<T>::load(go + 8 * k);
                     scale = (h ? hi4(g8) : lo4(g8)) * scale0;
                 }
-                Lanes<T>::template store<STREAM>(gi + 8 * k + 4 * h, pick_neg(keep, g, splat(0.0)) * scale);
+                out[h] = pick_neg(keep, g, splat(0.0)) * scale;
             }
         }
+        if constexpr (GRAD) store_halves<T, STREAM>(gi + 8 * k, out[0], out[1]);
     };
     int k = 0;
     for (; k < SKEW && k < groups; ++k) stage1(k);
@@ -547,6 +547,7 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
         if (!PLAIN && o.ignore) kept += count_set(kept8);
         if constexpr (PLAIN && GRAD)
             Lanes<T>::template store8<STREAM>(gi + 8 * k, plain_probability_gradient(x8, y8, float(scale0)));
+        vd out[2];  // the gradient's halves (with options or weights)
         for (int h = 0; h < 2; ++h) {
             const vd xv = h ? hi4(x8) : lo4(x8);
             vd keep = splat(-1.0);
@@ -570,9 +571,10 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
                     const vf8 g8 = Lanes<T>::load(go + 8 * k);
                     scale = (h ? hi4(g8) : lo4(g8)) * scale0;
                 }
-                Lanes<T>::template store<STREAM>(gi + 8 * k + 4 * h, pick_neg(keep, g * w, splat(0.0)) * scale);
+                out[h] = pick_neg(keep, g * w, splat(0.0)) * scale;
             }
         }
+        if constexpr (GRAD && !PLAIN) store_halves<T, STREAM>(gi + 8 * k, out[0], out[1]);
     };
     // two stages: the logarithms (stage 1) run SKEW groups ahead of the combination (stage 3)
     int k = 0;

@@ -37,7 +37,7 @@ struct Args {
     bool has_ignore = false;
     double ignore_index = 0.0;    // NaN matches NaN targets
     // Write grad_input with streaming (non-temporal) stores: set by the runner for float32 gradients
-    // larger than the last-level cache, 16-byte aligned. Kernels may ignore it.
+    // larger than the last-level cache, 32-byte aligned. Kernels may ignore it.
     bool stream_outputs = false;
 };
 
