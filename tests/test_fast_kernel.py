@@ -5,6 +5,7 @@
   weighted one (f + f^2 R(f), R in float lanes) and the probability loss (float logarithms);
 * the product's renormalisation over many blocks and chunks;
 * logits blocks within 18 of 0 (every factor in the product) and beyond (tiny losses added directly);
+  probability blocks without x = 0 or 1 (no clamp) and with them: the same bits either way;
 * the fast path's gradients against the exact path's (a block that holds a NaN takes the exact path);
 * streaming stores for large float32 gradients give the same bits as ordinary stores;
 * every mode of the fast path (plain, unweighted with options, weighted) against torch in float64;
@@ -224,6 +225,41 @@ def test_hard_target_blocks_mixed_with_soft_and_clamped_ones() -> None:
     expected.backward()
     assert value == pytest.approx(expected.item(), rel=1e-6)
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=3.5 * 2.0**-23, atol=0)
+
+
+def _bce_sum(x: np.ndarray, y: np.ndarray) -> float:
+    value, _ = _native.run("bce", x, y, input_shape=(x.size,), reduction=SUM)
+    return value
+
+
+def _bce_fsum(x: np.ndarray, y: np.ndarray) -> float:
+    """The probability loss's sum from float64 terms (torch's formula, the clamp at -100), summed exactly."""
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    with np.errstate(divide="ignore"):
+        log_x, log_1mx = np.maximum(np.log(x64), -100.0), np.maximum(np.log1p(-x64), -100.0)
+    return math.fsum((-(y64 * log_x + (1.0 - y64) * log_1mx)).tolist())
+
+
+@pytest.mark.parametrize("edge_values", [(0.0,), (1.0,), (0.0, 1.0)], ids=["zeros", "ones", "both"])
+def test_soft_probability_blocks_with_and_without_zeros_and_ones(edge_values: tuple) -> None:
+    """A soft block with no x equal to 0 or 1 takes the logarithms without the clamp at -100; one that
+    has such an x takes them with it, and so does the block after it. Each block's sum is added to the
+    total on its own, so a block must give the same bits whichever form it took: alone (the form without
+    the clamp) and after a block with zeros and ones (the form with it)."""
+    rng = np.random.default_rng(61)
+    edges = rng.random(512).astype(np.float32)
+    for i, value in enumerate(edge_values):
+        edges[i::7] = value
+    interior = rng.random(512).astype(np.float32)
+    interior[interior == 0.0] = 0.5
+    y_edges, y_interior = (rng.random(512).astype(np.float32) for _ in range(2))
+    alone = _bce_sum(interior, y_interior)
+    first = _bce_sum(edges, y_edges)
+    both = _bce_sum(np.concatenate([edges, interior]), np.concatenate([y_edges, y_interior]))
+    assert both == first + alone
+    for x, y, value in ((edges, y_edges, first), (interior, y_interior, alone)):
+        exact = _bce_fsum(x, y)  # every term nonnegative: 2 ulp per element is 2^-22 of the sum
+        assert abs(value - exact) <= 2.0**-22 * exact
 
 
 @pytest.mark.parametrize("spread", ["moderate", "large"])

@@ -206,13 +206,20 @@ BCEKIT_INLINE void decompose_f(vf8 u, vf8& k, vf8& f) {
 // Sterbenz, for x >= 1/2), and log m takes the full decomposition; log(1 - m) = log1p(-m) on -m itself for
 // m <= 0.2929, else -ln 2 + log1p(1 - 2m), 1 - 2m in [0, 0.4142] exact (Sterbenz again: 2m in [0.59, 1]).
 // Forming 1 - x where it rounds (x < 1/2) is never needed. The clamp only ever acts at m = 0 (x = 0 or
-// 1), since the smallest normal float's log is -87.3 and 1 - x >= 2^-24 for x < 1.
-BCEKIT_INLINE void log_pair_f(vf8 x, vf8& log_x, vf8& log_1mx) {
+// 1), since the smallest normal float's log is -87.3 and 1 - x >= 2^-24 for x < 1; lanes where it does
+// are set in `edge`. INTERIOR: the caller has checked that no x is 0 or 1, so there is no clamp.
+template <bool INTERIOR = false>
+BCEKIT_INLINE void log_pair_f(vf8 x, vf8& log_x, vf8& log_1mx, vu8& edge) {
     const vi8 upper = x > 0.5f;
     const vf8 m = upper ? 1.0f - x : x;
     vf8 k, f;
     decompose_f(m, k, f);
-    const vf8 log_m = m == 0.0f ? splat8(-100.0f) : k * LN2_F + log1p_narrow_f(f);
+    vf8 log_m = k * LN2_F + log1p_narrow_f(f);
+    if constexpr (!INTERIOR) {
+        const vi8 zero = m == 0.0f;
+        edge |= (vu8)zero;
+        log_m = zero ? splat8(-100.0f) : log_m;
+    }
     const vi8 near_zero = m <= 0.29289322f;
     const vf8 f_rest = near_zero ? -m : 1.0f - 2.0f * m;
     const vf8 offset = (vf8)((vi8)splat8(-LN2_F) & ~near_zero);  // -ln 2, or 0 where f_rest = -m
@@ -361,6 +368,13 @@ BCEKIT_INLINE bool any_set(vu8 bad) {
     unsigned any = 0;
     for (int j = 0; j < 8; ++j) any |= bad[j];
     return any != 0;
+}
+
+// Lanes whose x is not a normal float below 1 (interior probability blocks take [2^-126, 1), where
+// neither x nor 1 - x is 0): x - 2^-126 above 1 - 2^-24 - 2^-126 as unsigned bits (x below 2^-126 wraps).
+BCEKIT_INLINE vu8 outside_interior(vf8 x8) {
+    const vu8 shifted = ((vu8)x8 - 0x00800000u) ^ 0x80000000u;  // unsigned order as signed
+    return (vu8)((vi8)shifted > int32_t((0x3f7fffffu - 0x00800000u) ^ 0x80000000u));
 }
 
 // Lanes whose probability x the fast path cannot take: outside [+0, 1], NaN, or subnormal (-0.0 too:
@@ -518,16 +532,21 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o,
 
 // One block of the probability loss. Returns false when an input is outside [0, 1], NaN or subnormal, or
 // a kept target is outside [0, 1] or NaN: the exact path redoes the block and reports range errors.
-template <class T, int MODE, bool SUM, bool GRAD, bool STREAM>
+// INTERIOR (mode 0 with the sum only) also returns false where x is 0 or 1: its logarithms need no clamp
+// at -100 (see log_pair_f), and a block that fails is redone without INTERIOR, which sets `has_edge` when
+// some x is 0 or 1 (the next block then starts without INTERIOR). Both give the same bits where both
+// apply.
+template <class T, int MODE, bool SUM, bool GRAD, bool STREAM, bool INTERIOR = false>
 __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOptions& o, int64_t b, int groups, Scratch& s,
-                         double& sum, int64_t& kept_count) {
+                         double& sum, int64_t& kept_count, bool& has_edge) {
     constexpr bool PLAIN = MODE == 0;
+    static_assert(!INTERIOR || (PLAIN && SUM), "INTERIOR: the plain sum only");
     const T* x = static_cast<const T*>(a.x) + b;
     const T* y = static_cast<const T*>(a.y) + b;
     const T* go = static_cast<const T*>(a.grad_output) + (a.grad_output ? b : 0);
     T* gi = GRAD ? static_cast<T*>(a.grad_input) + b : nullptr;
     const double scale0 = o.scale;
-    vu8 bad{};
+    vu8 bad{}, edge{};
     vd acc0{}, acc1{}, acc2{}, acc3{};
     int64_t kept = 0;
 
@@ -535,11 +554,11 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
         prefetch(x + 8 * k, y + 8 * k);
         const vf8 x8 = Lanes<T>::load(x + 8 * k), y8 = Lanes<T>::load(y + 8 * k);
         const vu8 yb = (vu8)y8;
-        bad |= bad_probabilities(x8);
+        bad |= INTERIOR ? outside_interior(x8) : bad_probabilities(x8);
         vu8 bad_y = (vu8)(yb > 0x3f800000u);  // outside [+0, 1] or NaN (-0.0 too: the exact path takes it)
         if (!PLAIN && o.ignore) bad_y &= (vu8)((vi8)kept_lanes(o, y8) < 0);  // ignored targets: any value
         bad |= bad_y;
-        if constexpr (SUM) log_pair_f(x8, s.L1[k], s.L2[k]);
+        if constexpr (SUM) log_pair_f<INTERIOR>(x8, s.L1[k], s.L2[k], edge);
     };
     auto stage3 = [&](int k) __attribute__((always_inline)) {
         const vf8 x8 = Lanes<T>::load(x + 8 * k), y8 = Lanes<T>::load(y + 8 * k);
@@ -581,6 +600,7 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
     for (; k < SKEW && k < groups; ++k) stage1(k);
     for (; k < groups; ++k) { stage1(k); stage3(k - SKEW); }
     for (int j = std::max(0, groups - SKEW); j < groups; ++j) stage3(j);
+    if constexpr (PLAIN && SUM && !INTERIOR) has_edge = any_set(edge);
     if (any_set(bad)) return false;
     const vd acc = PLAIN ? -((acc0 + acc1) + (acc2 + acc3)) : acc0 + acc1;
     double total = 0.0;
@@ -653,6 +673,7 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
                          // probabilities, MODE 0: the product of q over blocks of hard targets
     bool hard_blocks = false;  // whether there are any (soft targets skip the product's logarithms)
     bool bounded = true;       // logits, mode 0 with the sum: whether the last block had every |x| <= 18
+    bool interior = true;      // probabilities, mode 0 with the sum: whether the last soft block had no x = 0, 1
     auto add_exact = [&](int64_t from, int64_t to) {
         const ChunkResult exact = exact_chunk<T>(a, from, to);
         result.sum += exact.sum;
@@ -688,6 +709,7 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
             if (ok && SUM && MODE < 2) product.fold(block_product);
         } else {
             ok = false;
+            bool edge = false;
             if constexpr (MODE == 0 && SUM) {
                 vd mantissa;
                 vl exponent;
@@ -696,9 +718,14 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
                     product.absorb(mantissa, exponent);
                     kept = len;
                     ok = hard_blocks = true;
+                } else if (interior) {
+                    ok = probabilities_block<T, 0, true, GRAD, STREAM, true>(a, o, b, len / 8, scratch, sum, kept, edge);
                 }
             }
-            if (!ok) ok = probabilities_block<T, MODE, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, kept);
+            if (!ok) {
+                ok = probabilities_block<T, MODE, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, kept, edge);
+                interior = !edge;
+            }
         }
         if (ok) {
             result.sum += sum;
