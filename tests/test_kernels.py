@@ -875,6 +875,28 @@ def test_large_outputs_do_not_alias_live_results() -> None:
     _assert_same_bits(first.detach(), saved[0])
 
 
+@pytest.mark.parametrize("nbytes", [2**20, 2**22 - 4, 2**22, 2**22 + 4, 3 * 2**21 + 8])
+def test_cached_buffers_are_aligned_whole_and_handed_out_again(nbytes: int) -> None:
+    """Buffers of 4 MiB and more start on a 2 MiB boundary (the huge-page layout), smaller ones on 64
+    bytes; every byte of the data is usable (under ASan, the padding around it is poisoned), two live
+    buffers never overlap, and a freed buffer is handed out again for the same size."""
+    bcekit.empty_cache()
+    n = nbytes // 4
+    a = _native.empty((n,), "float32", torch=False)
+    assert a.ctypes.data % (2**21 if nbytes >= 2**22 else 64) == 0
+    a[:] = np.arange(n, dtype=np.float32)
+    b = _native.empty((n,), "float32", torch=False)
+    assert not np.shares_memory(a, b)
+    b[:] = -1.0
+    np.testing.assert_array_equal(a, np.arange(n, dtype=np.float32))
+    address = a.ctypes.data
+    del a
+    again = _native.empty((n,), "float32", torch=False)
+    assert again.ctypes.data == address
+    del again, b
+    bcekit.empty_cache()
+
+
 # --------------------------------------------------------------------------------------------------------
 # The baseline build (what CPUs without AVX2 + FMA run), forced with BCEKIT_ISA=baseline
 # --------------------------------------------------------------------------------------------------------

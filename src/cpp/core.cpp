@@ -12,6 +12,9 @@
 #include <nanobind/stl/vector.h>
 
 #include <pthread.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -87,44 +90,59 @@ ChunkFn select_kernel(int dtype) {
 // itself. Buffers come back here when the tensor or array that owns them is freed (its storage, so
 // views keep a buffer alive) and are handed out again for the same size, already mapped. The cache
 // holds at most `limit` bytes (BCEKIT_CACHE_BYTES, default 1 GiB; 0 disables it); empty_cache() frees it.
+//
+// Buffers of HUGE_MIN bytes and more start on a 2 MiB boundary, and on Linux their whole 2 MiB pages
+// are advised as transparent huge pages (MADV_HUGEPAGE, which the common THP setting "madvise" honours):
+// a pass streaming through a gradient then takes a TLB miss per 2 MiB instead of per 4 KiB, 5-7% of a
+// 2^24 float32 step on the CI machine. The header then sits at the end of a 2 MiB prefix of which only
+// its 4 KiB page is ever touched, and a tail short of a whole 2 MiB page keeps small pages, so resident
+// memory stays that of the data.
 class BufferCache {
   public:
-    static constexpr size_t HEADER = 64;  // the size is kept in front of the data (64-byte aligned)
+    static constexpr size_t HEADER = 64;  // the size is kept just before the data (64-byte aligned)
+    static constexpr size_t HUGE = size_t(1) << 21;
+    static constexpr size_t HUGE_MIN = size_t(1) << 22;
 
     void* get(size_t bytes) {
         {
             std::lock_guard<std::mutex> lock(mutex_);
             auto it = free_.find(bytes);
             if (it != free_.end()) {
-                char* block = it->second;
+                char* data = it->second + prefix(bytes);
                 free_.erase(it);
                 cached_ -= bytes;
-                BCEKIT_UNPOISON(block + HEADER, bytes);
-                return block + HEADER;
+                BCEKIT_UNPOISON(data, bytes);
+                return data;
             }
         }
-        char* block = static_cast<char*>(std::aligned_alloc(HEADER, HEADER + round_up(bytes)));
+        const size_t before = prefix(bytes);
+        char* block = static_cast<char*>(std::aligned_alloc(before, span(bytes)));
         if (!block) throw std::bad_alloc();
-        std::memcpy(block, &bytes, sizeof bytes);
-        // under ASan, the header and the padding after the data are off limits: an overrun is reported
-        BCEKIT_POISON(block, HEADER);
-        BCEKIT_POISON(block + HEADER + bytes, round_up(bytes) - bytes);
-        return block + HEADER;
+        char* data = block + before;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+        if (bytes >= HUGE_MIN) madvise(data, bytes / HUGE * HUGE, MADV_HUGEPAGE);  // advice: failure is harmless
+#endif
+        std::memcpy(data - HEADER, &bytes, sizeof bytes);
+        // under ASan, the header and the padding around the data are off limits: an overrun is reported
+        BCEKIT_POISON(block, before);
+        BCEKIT_POISON(data + bytes, span(bytes) - before - bytes);
+        return data;
     }
 
     void put(void* data) noexcept {
-        char* block = static_cast<char*>(data) - HEADER;
+        char* header = static_cast<char*>(data) - HEADER;
         size_t bytes;
-        BCEKIT_UNPOISON(block, HEADER);
-        std::memcpy(&bytes, block, sizeof bytes);
-        BCEKIT_POISON(block, HEADER);
+        BCEKIT_UNPOISON(header, HEADER);
+        std::memcpy(&bytes, header, sizeof bytes);
+        BCEKIT_POISON(header, HEADER);
+        char* block = static_cast<char*>(data) - prefix(bytes);
         std::lock_guard<std::mutex> lock(mutex_);
         if (cached_ + bytes <= limit_) {
-            BCEKIT_POISON(block + HEADER, bytes);  // a cached buffer is not to be touched until handed out
+            BCEKIT_POISON(data, bytes);  // a cached buffer is not to be touched until handed out
             free_.emplace(bytes, block);
             cached_ += bytes;
         } else {
-            BCEKIT_UNPOISON(block, HEADER + round_up(bytes));
+            BCEKIT_UNPOISON(block, span(bytes));
             std::free(block);
         }
     }
@@ -132,7 +150,7 @@ class BufferCache {
     void clear() noexcept {
         std::lock_guard<std::mutex> lock(mutex_);
         for (auto& entry : free_) {
-            BCEKIT_UNPOISON(entry.second, HEADER + round_up(entry.first));
+            BCEKIT_UNPOISON(entry.second, span(entry.first));
             std::free(entry.second);
         }
         free_.clear();
@@ -152,7 +170,12 @@ class BufferCache {
     }
 
   private:
-    static size_t round_up(size_t bytes) { return (bytes + HEADER - 1) / HEADER * HEADER; }
+    // the bytes before the data (the header last among them), and the whole allocation
+    static size_t prefix(size_t bytes) { return bytes >= HUGE_MIN ? HUGE : HEADER; }
+    static size_t span(size_t bytes) {
+        const size_t unit = prefix(bytes);
+        return unit + (bytes + unit - 1) / unit * unit;
+    }
     std::mutex mutex_;
     std::multimap<size_t, char*> free_;
     size_t cached_ = 0;
