@@ -879,22 +879,27 @@ def test_large_outputs_do_not_alias_live_results() -> None:
 def test_cached_buffers_are_aligned_whole_and_handed_out_again(nbytes: int) -> None:
     """Buffers of 4 MiB and more start on a 2 MiB boundary (the huge-page layout), smaller ones on 64
     bytes; every byte of the data is usable (under ASan, the padding around it is poisoned), two live
-    buffers never overlap, and a freed buffer is handed out again for the same size."""
+    buffers never overlap, and a freed buffer is handed out again for the same size (the cache is on for
+    this test even where BCEKIT_CACHE_BYTES turns it off, as the sanitizer run does)."""
     bcekit.empty_cache()
-    n = nbytes // 4
-    a = _native.empty((n,), "float32", torch=False)
-    assert a.ctypes.data % (2**21 if nbytes >= 2**22 else 64) == 0
-    a[:] = np.arange(n, dtype=np.float32)
-    b = _native.empty((n,), "float32", torch=False)
-    assert not np.shares_memory(a, b)
-    b[:] = -1.0
-    np.testing.assert_array_equal(a, np.arange(n, dtype=np.float32))
-    address = a.ctypes.data
-    del a
-    again = _native.empty((n,), "float32", torch=False)
-    assert again.ctypes.data == address
-    del again, b
-    bcekit.empty_cache()
+    _native._core.set_cache_limit(2**30)
+    try:
+        n = nbytes // 4
+        a = _native.empty((n,), "float32", torch=False)
+        assert a.ctypes.data % (2**21 if nbytes >= 2**22 else 64) == 0
+        a[:] = np.arange(n, dtype=np.float32)
+        b = _native.empty((n,), "float32", torch=False)
+        assert not np.shares_memory(a, b)
+        b[:] = -1.0
+        np.testing.assert_array_equal(a, np.arange(n, dtype=np.float32))
+        address = a.ctypes.data
+        del a
+        again = _native.empty((n,), "float32", torch=False)
+        assert again.ctypes.data == address
+        del again, b
+    finally:
+        _native._core.set_cache_limit(int(os.environ.get("BCEKIT_CACHE_BYTES", 2**30)))
+        bcekit.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------------------
