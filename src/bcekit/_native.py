@@ -16,8 +16,10 @@ Outputs (gradients, per-element losses) of at least :data:`CACHED_MIN_BYTES` com
 kept by the C++ core: a training step frees its gradient and allocates the next one of the same size, and
 a fresh allocation would have its pages faulted in by the kernel's stores one 4 KiB page at a time, which
 at 2^24 float32 elements costs more than the pass. A buffer returns to the cache when the tensor or array
-storage owning it is freed (views keep it alive). The cache keeps at most ``BCEKIT_CACHE_BYTES`` bytes
-(default 1 GiB, 0 disables it); :func:`empty_cache` frees what it holds.
+storage owning it is freed (views keep it alive). Buffers of 4 MiB and more start on a 2 MiB boundary and
+are advised as transparent huge pages (Linux), so a pass streaming through one misses the TLB once per
+2 MiB. The cache keeps at most ``BCEKIT_CACHE_BYTES`` bytes (default 1 GiB, 0 disables it);
+:func:`empty_cache` frees what it holds.
 
 Threads: torch tensors use ``torch.get_num_threads()``; NumPy arrays use :func:`get_num_threads`, which is
 ``BCEKIT_NUM_THREADS`` from the environment if set, else the CPUs this process may run on, and which
