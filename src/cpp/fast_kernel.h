@@ -370,13 +370,6 @@ BCEKIT_INLINE bool any_set(vu8 bad) {
     return any != 0;
 }
 
-// Lanes whose x is not a normal float below 1 (interior probability blocks take [2^-126, 1), where
-// neither x nor 1 - x is 0): x - 2^-126 above 1 - 2^-24 - 2^-126 as unsigned bits (x below 2^-126 wraps).
-BCEKIT_INLINE vu8 outside_interior(vf8 x8) {
-    const vu8 shifted = ((vu8)x8 - 0x00800000u) ^ 0x80000000u;  // unsigned order as signed
-    return (vu8)((vi8)shifted > int32_t((0x3f7fffffu - 0x00800000u) ^ 0x80000000u));
-}
-
 // Lanes whose probability x the fast path cannot take: outside [+0, 1], NaN, or subnormal (-0.0 too:
 // the exact path takes it).
 BCEKIT_INLINE vu8 bad_probabilities(vf8 x8) {
@@ -531,9 +524,9 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o,
 // One block of the probability loss. Returns false when an input is outside [0, 1], NaN or subnormal, or
 // a kept target is outside [0, 1] or NaN: the exact path redoes the block and reports range errors.
 // INTERIOR (mode 0 with the sum only) also returns false where x is 0 or 1: its logarithms need no clamp
-// at -100 (see log_pair_f), and a block that fails is redone without INTERIOR, which sets `has_edge` when
-// some x is 0 or 1 (the next block then starts without INTERIOR). Both give the same bits where both
-// apply.
+// at -100 (see log_pair_f), its range checks are one unsigned maximum per group and operand, and a block
+// that fails is redone without INTERIOR, which sets `has_edge` when some x is 0 or 1 (the next block then
+// starts without INTERIOR). Both give the same bits where both apply.
 template <class T, int MODE, bool SUM, bool GRAD, bool STREAM, bool INTERIOR = false>
 __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOptions& o, int64_t b, int groups, Scratch& s,
                          double& sum, int64_t& kept_count, bool& has_edge) {
@@ -544,7 +537,7 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
     const T* go = static_cast<const T*>(a.grad_output) + (a.grad_output ? b : 0);
     T* gi = GRAD ? static_cast<T*>(a.grad_input) + b : nullptr;
     const double scale0 = o.scale;
-    vu8 bad{}, edge{};
+    vu8 bad{}, edge{}, x_top{}, y_top{};
     vd acc0{}, acc1{}, acc2{}, acc3{};
     int64_t kept = 0;
 
@@ -552,10 +545,17 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
         prefetch(x + 8 * k, y + 8 * k);
         const vf8 x8 = Lanes<T>::load(x + 8 * k), y8 = Lanes<T>::load(y + 8 * k);
         const vu8 yb = (vu8)y8;
-        bad |= INTERIOR ? outside_interior(x8) : bad_probabilities(x8);
-        vu8 bad_y = (vu8)(yb > 0x3f800000u);  // outside [+0, 1] or NaN (-0.0 too: the exact path takes it)
-        if (!PLAIN && o.ignore) bad_y &= (vu8)((vi8)kept_lanes(o, y8) < 0);  // ignored targets: any value
-        bad |= bad_y;
+        if constexpr (INTERIOR) {
+            // the largest bits of x - 2^-126 and of y, as unsigned: checked once, after the block
+            const vu8 x_shifted = (vu8)x8 - 0x00800000u;
+            x_top = x_shifted > x_top ? x_shifted : x_top;
+            y_top = yb > y_top ? yb : y_top;
+        } else {
+            bad |= bad_probabilities(x8);
+            vu8 bad_y = (vu8)(yb > 0x3f800000u);  // outside [+0, 1] or NaN (-0.0 too: the exact path takes it)
+            if (!PLAIN && o.ignore) bad_y &= (vu8)((vi8)kept_lanes(o, y8) < 0);  // ignored targets: any value
+            bad |= bad_y;
+        }
         if constexpr (SUM) log_pair_f<INTERIOR>(x8, s.L1[k], s.L2[k], edge);
     };
     auto stage3 = [&](int k) __attribute__((always_inline)) {
@@ -599,6 +599,9 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
     for (; k < groups; ++k) { stage1(k); stage3(k - SKEW); }
     for (int j = std::max(0, groups - SKEW); j < groups; ++j) stage3(j);
     if constexpr (PLAIN && SUM && !INTERIOR) has_edge = any_set(edge);
+    // INTERIOR: every x a normal float below 1 (x - 2^-126 at most 1 - 2^-24 - 2^-126: smaller x wrap
+    // around), every y in [+0, 1]
+    if constexpr (INTERIOR) bad = (vu8)(x_top > 0x3f7fffffu - 0x00800000u) | (vu8)(y_top > 0x3f800000u);
     if (any_set(bad)) return false;
     const vd acc = PLAIN ? -((acc0 + acc1) + (acc2 + acc3)) : acc0 + acc1;
     double total = 0.0;
