@@ -93,8 +93,8 @@ ChunkFn select_kernel(int dtype) {
 //
 // Buffers of HUGE_MIN bytes and more start on a 2 MiB boundary, and on Linux their whole 2 MiB pages
 // are advised as transparent huge pages (MADV_HUGEPAGE, which the common THP setting "madvise" honours):
-// a pass streaming through a gradient then takes a TLB miss per 2 MiB instead of per 4 KiB, 5-7% of a
-// 2^24 float32 step on the CI machine. The header then sits at the end of a 2 MiB prefix of which only
+// a pass streaming through a gradient then takes a TLB miss per 2 MiB instead of per 4 KiB, 3-6% of a
+// 2^24 float32 pass on the CI machine. The header then sits at the end of a 2 MiB prefix of which only
 // its 4 KiB page is ever touched, and a tail short of a whole 2 MiB page keeps small pages, so resident
 // memory stays that of the data.
 class BufferCache {

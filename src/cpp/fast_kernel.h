@@ -450,24 +450,27 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o,
             vd keep = splat(-1.0);
             const vd yv = PLAIN ? (h ? hi4(y8) : lo4(y8)) : half_target(o, y8, kept8, h, keep);
             if constexpr (!WEIGHTED) {
-                if constexpr (SUM && BOUNDED) {
-                    // max(x, 0) - x y = c |x| below, exact (x y and x (1 - y) fit in a double)
-                    (h ? acc1 : acc0) = (max4(xv, splat(0.0)) - xv * yv) + (h ? acc1 : acc0);
-                    (h ? prod1 : prod0) *= r;
-                } else if constexpr (SUM) {
+                if constexpr (SUM) {
                     // c |x| with c = 1 - y (x >= 0) or y (x < 0), plus log1p(e) as below
-                    const vl tiny = e < 0x1p-27;
-                    const vd direct = (vd)((vl)e & tiny);  // log1p(e) = e to 2^-28
-                    const vd factor = tiny ? splat(1.0) : r;
                     vd& acc = h ? acc1 : acc0;
                     vd& prod = h ? prod1 : prod0;
-                    if (PLAIN) {
-                        acc = (max4(xv, splat(0.0)) - xv * yv) + (acc + direct);
-                        prod *= factor;
+                    // plain: c |x| = max(x, 0) - x y, exact (x y and x (1 - y) fit in a double)
+                    const vd linear = PLAIN ? max4(xv, splat(0.0)) - xv * yv : splat(0.0);
+                    if constexpr (BOUNDED) {  // no e below 2^-27
+                        acc = linear + acc;
+                        prod *= r;
                     } else {
-                        const vd c = pick_neg(xv, yv, 1.0 - yv);
-                        acc += pick_neg(keep, c * abs4(xv) + direct, splat(0.0));
-                        prod *= pick_neg(keep, factor, splat(1.0));
+                        const vl tiny = e < 0x1p-27;
+                        const vd direct = (vd)((vl)e & tiny);  // log1p(e) = e to 2^-28
+                        const vd factor = tiny ? splat(1.0) : r;
+                        if (PLAIN) {
+                            acc = linear + (acc + direct);
+                            prod *= factor;
+                        } else {
+                            const vd c = pick_neg(xv, yv, 1.0 - yv);
+                            acc += pick_neg(keep, c * abs4(xv) + direct, splat(0.0));
+                            prod *= pick_neg(keep, factor, splat(1.0));
+                        }
                     }
                 }
                 if constexpr (GRAD) {
