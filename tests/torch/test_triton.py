@@ -3,7 +3,7 @@
 ``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` on machines without CUDA before anything imports Triton,
 so ``_triton.run`` executes the kernel on CPU tensors (with ``log1p`` as ``log(u) z / (u - 1)``); on a
 machine with a GPU the same tests run the compiled kernel on CUDA copies of the data. Sizes are small (the
-interpreter is slow) but never multiples of ``_triton.BLOCK``, and span several programs.
+interpreter is slow) but never multiples of a block (``_triton.CONFIGS``), and span several programs.
 
 * ``_triton.run`` against the C++ kernels (``bcekit._native.run``) and against ``torch.nn.functional`` in
   float64: per-element and reduced losses, input and target gradients, every dtype, every broadcast form
@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import struct
 import warnings
 
 import numpy as np
@@ -38,7 +39,7 @@ from _reference import bce_exact, logits_exact, ulp_error  # noqa: E402
 from bcekit import _native, _semantics  # noqa: E402
 from bcekit._math import LossSpec  # noqa: E402
 from bcekit._semantics import MEAN, NONE, SUM  # noqa: E402
-from bcekit.torch import _ops, _triton  # noqa: E402
+from bcekit.torch import _ops, _range_check, _triton  # noqa: E402
 
 INTERPRETING = _triton._interpreting()
 #: Where the kernel runs: CPU tensors under the interpreter, else the GPU.
@@ -46,7 +47,7 @@ DEVICE = "cpu" if INTERPRETING else "cuda"
 if not INTERPRETING and not torch.cuda.is_available():  # pragma: no cover - a misconfigured environment
     pytest.skip("Triton is compiling (TRITON_INTERPRET unset) but there is no GPU", allow_module_level=True)
 
-BLOCK = _triton.BLOCK
+BLOCK = _triton.CONFIGS[torch.float32][0]  # float32's; the other dtypes' blocks are 2x or 0.5x
 SHAPE = (139, 15)  # 2085 = 2 * BLOCK + 37 elements: three programs, the last one partial
 N = SHAPE[0] * SHAPE[1]
 assert N == 2 * BLOCK + 37
@@ -117,29 +118,55 @@ def _on(tensor, device):
 
 
 def _triton_run(kind, x, y, w=None, p=None, reduction=NONE, *, loss=True, gi=True, gt=True, **options):
-    """``_triton.run`` with fresh (NaN-filled) outputs: ``(value, count, loss, grad_input, grad_target)``,
-    value a float or None for 'none', the tensors on the CPU (None where not asked for)."""
+    """What ``_ops`` asks of ``_triton.run``, with fresh (NaN-filled) outputs: a forward pass (the loss, and
+    the input gradient too when it is the only gradient asked for and there is no ``grad_output``: the
+    fused pass) and, for the other gradients, a backward pass (``grad_output``, or a one-element 1).
+    Returns ``(value, count, loss, grad_input, grad_target)``: value a float or None for 'none', the
+    tensors on the CPU (None where not asked for)."""
     x, y, w, p = (_on(t, DEVICE) for t in (x, y, w, p))
-    if options.get("grad_output") is not None:
-        options["grad_output"] = options["grad_output"].to(DEVICE)
+    grad_output = options.pop("grad_output", None)
+    grad_scale = options.pop("grad_scale", 1.0)
     output = lambda wanted: torch.full_like(x, math.nan) if wanted else None  # noqa: E731
     per_element = output(loss and reduction == NONE)
     grad_input, grad_target = output(gi), output(gt)
-    value, count = _triton.run(
-        kind,
+    fused = grad_input is not None and grad_target is None and grad_output is None
+    operands = (
         x,
         y,
         w,
         None if w is None else _native.broadcast_form(tuple(w.shape), tuple(x.shape)),
         p,
         None if p is None else _native.broadcast_form(tuple(p.shape), tuple(x.shape)),
+    )
+    value, count = _triton.run(
+        kind,
+        *operands,
         reduction=reduction,
         loss=per_element,
-        grad_input=grad_input,
-        grad_target=grad_target,
+        grad_input=grad_input if fused else None,
+        grad_scale=grad_scale,
         **options,
     )
-    assert count.dtype == torch.int64 and count.dim() == 0
+    if (grad_input is not None and not fused) or grad_target is not None:
+        if grad_output is None:
+            grad_output = torch.ones(1, dtype=x.dtype)
+        _, backward_count = _triton.run(
+            kind,
+            *operands,
+            reduction=reduction,
+            grad_input=None if fused else grad_input,
+            grad_target=grad_target,
+            grad_output=grad_output.to(DEVICE),
+            grad_scale=grad_scale,
+            **options,
+        )
+        assert int(backward_count) == int(count)
+    if options.get("ignore_index") is None:
+        assert type(count) is int  # known on the host: no device value
+    else:
+        assert count.dtype == torch.int64 and count.dim() == 0 and count.device == x.device
+    if DEVICE == "cuda":  # the [0, 1] check reports at a later call on a GPU: here, at once
+        _range_check.check_errors()
     if value is not None:
         assert value.dtype == x.dtype and value.dim() == 0 and value.device == x.device
         value = float(value)
@@ -232,6 +259,9 @@ def _magnitudes(kind, x, y, w, p, grad_output, grad_scale, torch_terms: bool = F
         loss = w * (x.abs() + p * y * sp_neg + (1 - y) * sp_pos)
         gi = w * ((1 - y) * torch.sigmoid(x) + p * y * torch.sigmoid(-x)) * scale
         gt = w * (x.abs() + p * sp_neg + sp_pos) * scale
+        if smoothing:  # a smoothed target is rounded in the compute dtype: its error times each derivative
+            loss = loss + w * y * (p * sp_neg + sp_pos)
+            gi = gi + w * y * (torch.sigmoid(x) + p * torch.sigmoid(-x)) * scale
         if torch_terms:
             loss = loss + w * (1 + p) * (x.abs() + 1)
             gi = gi + w * (1 + p) * scale
@@ -277,8 +307,8 @@ def _assert_value_close(got, expected, dtype, ulps, what):
 
 
 def _compute_eps(dtype: torch.dtype) -> float:
-    """The unit roundoff of the dtype the kernel computes in (float64 for float32/float64)."""
-    return 2.0**-53 if dtype in (torch.float32, torch.float64) else 2.0**-24
+    """The unit roundoff of the dtype the kernel computes in (float64 for float64, else float32)."""
+    return 2.0**-53 if dtype == torch.float64 else 2.0**-24
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -287,29 +317,27 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class _Launches:
-    """Records the grid and the arguments of each launch of ``_triton._bce_kernel`` (and launches it)."""
+    """Records each launch through ``_triton._launch`` (the kernel's name, grid and arguments by name) and
+    launches it."""
 
-    def __init__(self, kernel) -> None:
-        self.kernel = kernel
+    def __init__(self, launch) -> None:
+        self.launch = launch
+        self.kernels: list[str] = []
         self.grids: list[tuple] = []
         self.arguments: list[dict] = []
-        self.names = list(inspect.signature(kernel.fn).parameters)
 
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def record(*args, **kwargs):
-            self.grids.append(tuple(grid))
-            self.arguments.append({**dict(zip(self.names, args, strict=False)), **kwargs})
-            return launch(*args, **kwargs)
-
-        return record
+    def __call__(self, kernel, grid, *args, **kwargs):
+        names = list(inspect.signature(kernel.fn).parameters)
+        self.kernels.append(kernel.fn.__name__)
+        self.grids.append(tuple(grid))
+        self.arguments.append({**dict(zip(names, args, strict=False)), **kwargs})
+        return self.launch(kernel, grid, *args, **kwargs)
 
 
 @pytest.fixture
 def launches(monkeypatch) -> _Launches:
-    recorder = _Launches(_triton._bce_kernel)
-    monkeypatch.setattr(_triton, "_bce_kernel", recorder)
+    recorder = _Launches(_triton._launch)
+    monkeypatch.setattr(_triton, "_launch", recorder)
     return recorder
 
 
@@ -322,13 +350,12 @@ def test_the_kernel_is_interpreted_without_a_gpu() -> None:
     assert _triton.AVAILABLE
     if not torch.cuda.is_available():
         assert os.environ.get("TRITON_INTERPRET") == "1"
-        assert INTERPRETING and _triton.describe() == {
-            "available": True,
-            "interpreting": True,
-            "block": BLOCK,
-        }
+        description = _triton.describe()
+        assert INTERPRETING and description["available"] and description["interpreting"]
+        assert description["configs"]["float32"] == [BLOCK, 4]
         assert type(_triton._bce_kernel).__name__ == "InterpretedFunction"
-    assert BLOCK & (BLOCK - 1) == 0  # tl.arange needs a power of two
+    for block, warps in _triton.CONFIGS.values():  # tl.arange needs powers of two, as do warps
+        assert block & (block - 1) == 0 and warps & (warps - 1) == 0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -344,6 +371,24 @@ def _weights(kind: str, form: str, dtype: torch.dtype):
     return w, p
 
 
+def _cpu_tolerances(dtype: torch.dtype) -> tuple[float, float, float, float]:
+    """``(loss ulps, gradient ulps, gradient eps, reduced value ulps)`` of the Triton kernels against the
+    C++ kernels, whose results are within an ulp of exact.
+
+    * float64: the loss's terms are added in double-double on both sides (a few ulp); gradients in plain
+      double against the C++ kernel's long double differ where the terms cancel.
+    * float32 computes in float32 (the GPU contract): each loss within 4 ulp of exact, the C++ kernel's
+      within 1; gradients within a few float32 roundings of their terms (eps relative to _magnitudes);
+      the sum adds partial sums of float32 values.
+    * half types compute in float32 on both sides and round once.
+    """
+    if dtype == torch.float64:
+        return 4, 4, 4 * 2.0**-53, 4
+    if dtype == torch.float32:
+        return 5, 1, 8 * 2.0**-24, 16
+    return 1, 1, 4 * 2.0**-24, 1
+
+
 @KINDS
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("form", FORM_NAMES)
@@ -357,21 +402,17 @@ def test_matches_the_cpu_kernels(kind: str, dtype: str, form: str, reduction: st
     expected = _cpu_run(kind, x, y, w, p, enum, **options)
     assert got[1] == expected[1] == N
     magnitudes = _magnitudes(kind, x, y, w, p, **options)
-    if torch_dtype == torch.float64:
-        # the kernel adds the loss's terms in double-double (a few ulp); the gradients in plain double,
-        # where the C++ kernel has long double: they differ where the terms cancel
-        ulps, eps = 4, 4 * 2.0**-53
-    else:
-        # float32: both compute in double and round once; half types: float32 against double, rounded
-        ulps, eps = 1, (0.0 if torch_dtype == torch.float32 else 4 * 2.0**-24)
-    _assert_value_close(got[0], expected[0], torch_dtype, 1 if torch_dtype != torch.float64 else 4, "value")
+    loss_ulps, ulps, eps, value_ulps = _cpu_tolerances(torch_dtype)
+    _assert_value_close(got[0], expected[0], torch_dtype, value_ulps, "value")
     for index, name in ((2, "loss"), (3, "grad_input"), (4, "grad_target")):
         if expected[index] is None:
             assert got[index] is None
             continue
         assert got[index].dtype == torch_dtype
-        loss_eps = 0.0 if name == "loss" and torch_dtype != torch.float64 else eps
-        _assert_close(got[index], expected[index], torch_dtype, ulps, magnitudes[index - 2], loss_eps, name)
+        if name == "loss":
+            _assert_close(got[index], expected[index], torch_dtype, loss_ulps, 0.0, 0.0, name)
+        else:
+            _assert_close(got[index], expected[index], torch_dtype, ulps, magnitudes[index - 2], eps, name)
 
 
 @KINDS
@@ -384,8 +425,8 @@ def test_matches_torch_in_float64(kind: str, dtype: str, form: str) -> None:
     torch_dtype = DTYPES[dtype]
     x, y = _data(kind, torch_dtype, seed=5)
     w, p = _weights(kind, form, torch_dtype)
-    ulps = 4 if torch_dtype == torch.float64 else 1
-    eps = 16 * 2.0**-53 if torch_dtype in (torch.float32, torch.float64) else 4 * 2.0**-24
+    loss_ulps, ulps, eps, _ = _cpu_tolerances(torch_dtype)
+    eps += 16 * 2.0**-53  # torch's own rounding, relative to the terms of its formulas
     for reduction, enum in REDUCTIONS.items():
         options = {"grad_output": _grad_output(enum, torch_dtype, seed=6), "grad_scale": GRAD_SCALE}
         got = _triton_run(kind, x, y, w, p, enum, **options)
@@ -393,10 +434,12 @@ def test_matches_torch_in_float64(kind: str, dtype: str, form: str) -> None:
         magnitudes = _magnitudes(kind, x, y, w, p, torch_terms=True, **options)
         assert got[1] == count == N
         if enum != NONE:
-            relative = 4 * torch.finfo(torch_dtype).eps
+            relative = (16 if torch_dtype == torch.float32 else 4) * torch.finfo(torch_dtype).eps
             assert got[0] == pytest.approx(value, rel=relative, abs=0), reduction
         else:
-            _assert_close(got[2], loss.to(torch_dtype), torch_dtype, ulps, magnitudes[0], eps, "loss")
+            _assert_close(
+                got[2], loss.to(torch_dtype), torch_dtype, loss_ulps, magnitudes[0], 16 * 2.0**-53, "loss"
+            )
         _assert_close(got[3], gi.to(torch_dtype), torch_dtype, ulps, magnitudes[1], eps, "grad_input")
         _assert_close(got[4], gt.to(torch_dtype), torch_dtype, ulps, magnitudes[2], eps, "grad_target")
 
@@ -417,6 +460,48 @@ def test_float64_losses_within_a_few_ulp_of_exact(kind: str) -> None:
     assert max(errors) <= 4.0, max(errors)
 
 
+def _float32_contract_cases(kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Inputs where float32 arithmetic is hardest: logits across the whole range where the loss is
+    finite and non-zero (tiny, moderate, beyond exp's subnormal threshold), probabilities near 0 and 1 and
+    tiny; targets 0, 1 and soft (close to 0 and 1 too); pos_weight in [0, 4]."""
+    rng = np.random.default_rng(seed)
+    count = 700
+    if kind == "logits":
+        magnitude = np.concatenate(
+            [
+                rng.uniform(0, 1, 100),
+                rng.uniform(1, 20, 200),
+                rng.uniform(20, 110, 200),
+                10.0 ** rng.uniform(-30, 0, 200),
+            ]
+        )
+        x = magnitude * rng.choice([-1.0, 1.0], count)
+    else:
+        x = np.concatenate(
+            [rng.uniform(0, 1, 300), 10.0 ** rng.uniform(-38, 0, 200), 1 - 10.0 ** rng.uniform(-7.2, 0, 200)]
+        )
+    soft = np.where(rng.random(count) < 0.5, rng.random(count), 10.0 ** rng.uniform(-8, 0, count))
+    soft = np.where(rng.random(count) < 0.3, 1 - soft, soft)  # close to 1 too
+    y = np.where(rng.random(count) < 0.5, soft, rng.choice([0.0, 1.0, 0.5], count))
+    p = torch.tensor(rng.uniform(0.0, 4.0, count)).float() if kind == "logits" else None
+    return torch.tensor(x).float(), torch.tensor(y).float(), p
+
+
+@KINDS
+def test_float32_losses_within_4_ulp_of_exact(kind: str) -> None:
+    """The GPU contract for float32: each per-element loss within 4 ulp of exact (mpmath, 200 bits) for
+    targets in [0, 1] and non-negative weights. The kernel's float32 exp, log and log1p are float32
+    arithmetic, which the interpreter evaluates as the GPU does: this measures the compiled kernel too."""
+    x, y, p = _float32_contract_cases(kind, seed=27)
+    _, _, loss, _, _ = _triton_run(kind, x, y, None, p, NONE, gi=False, gt=False)
+    errors = []
+    for i in range(x.numel()):
+        xi, yi = float(x[i]), float(y[i])
+        exact = logits_exact(xi, yi, float(p[i])) if kind == "logits" else bce_exact(xi, yi)
+        errors.append(ulp_error(float(loss[i]), exact, np.float32))
+    assert max(errors) <= 4.0, (max(errors), int(np.argmax(errors)))
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_non_finite_logits_match_the_cpu_kernels(dtype: str) -> None:
     torch_dtype = DTYPES[dtype]
@@ -426,11 +511,15 @@ def test_non_finite_logits_match_the_cpu_kernels(dtype: str) -> None:
     x = torch.tensor([a for a, _ in grid] * 80, dtype=torch_dtype)[: BLOCK + 5]
     y = torch.tensor([b for _, b in grid] * 80, dtype=torch_dtype)[: BLOCK + 5]
     p = _weight((x.numel(),), torch_dtype, seed=9)
+    _, _, eps, _ = _cpu_tolerances(torch_dtype)
     for pos_weight in (None, p):
         got = _triton_run("logits", x, y, None, pos_weight, NONE)
         expected = _cpu_run("logits", x, y, None, pos_weight, NONE)
+        # the terms' sizes where they are finite (an infinite logit's gradients have no rounding error)
+        magnitudes = _magnitudes("logits", x.nan_to_num(0.0, 0.0, 0.0), y, None, pos_weight, None, 1.0)
         for index, name in ((2, "loss"), (3, "grad_input"), (4, "grad_target")):
-            _assert_close(got[index], expected[index], torch_dtype, 4, 0.0, 0.0, name)
+            magnitude = 0.0 if index == 2 else magnitudes[index - 2]
+            _assert_close(got[index], expected[index], torch_dtype, 4, magnitude, eps, name)
 
 
 @KINDS
@@ -466,10 +555,12 @@ def test_a_single_element(kind: str) -> None:
     for reduction in REDUCTIONS.values():
         got = _triton_run(kind, x, y, w, None, reduction, grad_output=go)
         expected = _cpu_run(kind, x, y, w, None, reduction, grad_output=go)
-        assert got[:2] == expected[:2]
+        assert got[1] == expected[1] == 1
+        loss_ulps, ulps, _, _ = _cpu_tolerances(torch.float32)
+        _assert_value_close(got[0], expected[0], torch.float32, loss_ulps, "value")
         for index in (2, 3, 4):
-            if expected[index] is not None:
-                assert torch.equal(got[index], expected[index])
+            if expected[index] is not None:  # one element: the gradients' terms are the result's size
+                _assert_close(got[index], expected[index], torch.float32, loss_ulps, 0.0, 0.0, str(index))
 
 
 @KINDS
@@ -498,13 +589,13 @@ def test_non_contiguous_operands_are_made_contiguous(kind: str, dtype: str) -> N
         else:
             loss = bce.binary_cross_entropy(leaf, yt, w, reduction=reduction)
         (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        loss_ulps, ulps, eps, value_ulps = _cpu_tolerances(torch_dtype)
         if enum == NONE:
-            _assert_close(got[2], loss.detach(), torch_dtype, 1, 0.0, 0.0, reduction)
+            _assert_close(got[2], loss.detach(), torch_dtype, loss_ulps, 0.0, 0.0, reduction)
         else:
-            _assert_value_close(got[0], float(loss.detach()), torch_dtype, 1, reduction)
+            _assert_value_close(got[0], float(loss.detach()), torch_dtype, value_ulps, reduction)
         magnitude = _magnitudes(kind, x, y, w, None, None, 1.0 / N if enum == MEAN else 1.0)[1]
-        eps = 0.0 if torch_dtype == torch.float32 else 4 * 2.0**-24
-        _assert_close(got[3], grad.to(torch_dtype), torch_dtype, 1, magnitude, eps, reduction)
+        _assert_close(got[3], grad.to(torch_dtype), torch_dtype, ulps, magnitude, eps, reduction)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -531,8 +622,7 @@ def test_options_match_the_cpu_kernels_and_torch(kind, dtype, ignore_index, smoo
     w, p = _weights(kind, "per-row", torch_dtype)
     kept = int(_kept(y, ignore_index).sum())
     assert 0 < kept < N or ignore_index is None
-    ulps = 4 if torch_dtype == torch.float64 else 1
-    eps = 4 * _compute_eps(torch_dtype)
+    loss_ulps, ulps, eps, _ = _cpu_tolerances(torch_dtype)
     for enum in (NONE, MEAN):
         options = {
             "grad_output": _grad_output(enum, torch_dtype, seed=16),
@@ -723,7 +813,7 @@ def test_the_grid_covers_every_element_once(launches, n: int) -> None:
     written (outputs start as NaN); offsets are computed in int64."""
     x, y = _data("logits", torch.float32, seed=23, shape=(n,))
     value, count, loss, gi, gt = _triton_run("logits", x, y, None, None, NONE)
-    assert launches.grids == [(_triton.launch_count(n),)] and count == n
+    assert launches.grids == [(_triton.launch_count(n),)] * 2 and count == n  # forward, backward
     assert _triton.launch_count(n) == -(-n // BLOCK)
     assert torch.isfinite(loss).all() and torch.isfinite(gi).all() and torch.isfinite(gt).all()
     assert launches.arguments[0]["n"] == n
@@ -739,7 +829,7 @@ def test_launch_count() -> None:
 def test_an_empty_input(launches, kind: str) -> None:
     x = torch.empty(0)
     value, count, *_ = _triton_run(kind, x, x, None, None, MEAN, loss=False)
-    assert count == 0 and math.isnan(value) and launches.grids == [(1,)]
+    assert count == 0 and math.isnan(value) and launches.grids == [(1,), (1,)]  # forward, backward
     assert _triton_run(kind, x, x, None, None, SUM, loss=False)[:2] == (0.0, 0)
     value, count, loss, gi, gt = _triton_run(kind, x, x, None, None, NONE)
     assert value is None and count == 0 and loss.numel() == gi.numel() == gt.numel() == 0
@@ -799,7 +889,7 @@ def test_non_cpu_outputs_and_grad_outputs(monkeypatch) -> None:
     meta = torch.empty(SHAPE[1], SHAPE[0], device="meta").t()
     out = _ops._output(meta)
     assert out.device.type == "meta" and out.shape == meta.shape and out.is_contiguous()
-    assert _ops._is_one(torch.ones((), device="meta"), N) is False  # .item() on meta would raise
+    assert _ops._is_one(torch.ones((), device="meta")) is False  # .item() on meta would raise
     assert _ops._form(torch.empty(SHAPE[0], 1), torch.empty(SHAPE)) == (_native.PER_ROW, SHAPE[1])
     assert _ops._form(None, torch.empty(SHAPE)) is None
 
@@ -809,33 +899,57 @@ def test_non_cpu_outputs_and_grad_outputs(monkeypatch) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _effective_scalar_types(kernel, arguments: dict) -> dict[str, str]:
-    """The type a compiled launch gives each Python float argument: its annotation, else Triton's default
-    for a float (``mangle_type``: fp32)."""
-    from triton.runtime.jit import JITFunction, mangle_type
+def test_float_parameters_reach_each_kernel_in_its_precision(launches) -> None:
+    """Triton passes a Python float argument to a compiled kernel as fp32 (the interpreter keeps it in
+    double, so only the arguments show it). So ``grad_scale``, ``label_smoothing`` and ``ignore_index``
+    reach the float64 kernels as the bit patterns of their float64 values in int64 arguments, and the
+    float32 kernels as their float32 roundings, no tensor carrying them (a per-call host-to-device copy);
+    an ignore_index that is not a float32 number is passed to the float32 kernels as NaN (equal to
+    nothing), as a float32 target can never equal it in the float64 comparison the C++ kernels make."""
+    from triton.runtime.jit import JITFunction
 
-    params = {param.name: param for param in JITFunction(kernel.fn).params}
-    return {
-        name: (params[name].annotation_type or mangle_type(value))
-        for name, value in arguments.items()
-        if isinstance(value, float) and not params[name].is_constexpr
-    }
+    params = {param.name: param for param in JITFunction(_triton._bce_kernel.fn).params}
+    for name in ("grad_scale_bits", "smoothing_bits", "ignore_bits"):
+        assert params[name].annotation_type in ("i64", "int64"), name
+    decode = lambda bits: struct.unpack("<d", struct.pack("<q", bits))[0]  # noqa: E731
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        x, y = _data("logits", dtype, seed=24, shape=(37,))
+        launches.arguments.clear()
+        _triton_run(
+            "logits", x, y, None, None, MEAN, grad_scale=GRAD_SCALE, label_smoothing=0.1, ignore_index=0.1
+        )
+        for arguments in launches.arguments:
+            assert [decode(arguments[n]) for n in ("grad_scale_bits", "smoothing_bits", "ignore_bits")] == [
+                GRAD_SCALE,
+                0.1,
+                0.1,
+            ]
+            assert arguments["grad_scale"] == float(np.float32(GRAD_SCALE))
+            assert arguments["smoothing"] == float(np.float32(0.1))
+            assert math.isnan(arguments["ignore_value"]) and arguments["ignore_nan"] == 0
+            assert all(type(v) in (int, float, bool, torch.Tensor) for v in arguments.values())
+            # data and outputs, the partial sums (in the compute dtype), kept counts and range flags
+            partial = torch.float64 if dtype == torch.float64 else torch.float32
+            tensors = [v for v in arguments.values() if isinstance(v, torch.Tensor)]
+            assert all(t.dtype in (dtype, partial, torch.int32) for t in tensors)
+    launches.arguments.clear()
+    _triton_run("logits", x, y, None, None, MEAN, ignore_index=0.25)
+    assert {a["ignore_value"] for a in launches.arguments} == {0.25}
 
 
-def test_no_float_scalar_reaches_the_kernel(launches) -> None:
-    """Triton passes a Python float argument to a compiled kernel as fp32 (the interpreter, which CI runs,
-    keeps it in double, so only the arguments show it): ``grad_scale``, ``label_smoothing`` and
-    ``ignore_index`` travel in a float64 tensor instead, else float64 gradients would carry a 2**-24 error
-    (the mean's 1/n), and a target equal to an ignore_index that is not a float32 (0.1, 2**24 + 1) would
-    not be ignored on the GPU while the C++ kernels (which compare in double) ignore it."""
-    x, y = _data("logits", torch.float64, seed=24, shape=(37,))
-    _triton_run(
-        "logits", x, y, None, None, MEAN, grad_scale=GRAD_SCALE, label_smoothing=0.1, ignore_index=0.1
-    )
-    assert _effective_scalar_types(launches.kernel, launches.arguments[0]) == {}
-    params = launches.arguments[0]["params_ptr"]
-    assert params.dtype == torch.float64
-    assert params.tolist() == [GRAD_SCALE, 0.1, 0.1]
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("ignore_index", [0.1, 0.25, 2.0**24 + 1, 1e300])
+def test_ignore_index_matches_the_cpu_kernels_comparison(dtype: str, ignore_index: float) -> None:
+    """A target is ignored where it equals ignore_index compared in float64 (the C++ kernels' rule): a
+    float32 target rounded from 0.1 is not ignored by ignore_index=0.1, a float64 one is."""
+    torch_dtype = DTYPES[dtype]
+    x, y = _data("logits", torch_dtype, seed=26)
+    y.view(-1)[::4] = torch.tensor(ignore_index, dtype=torch.float64).to(torch_dtype)
+    got = _triton_run("logits", x, y, None, None, MEAN, gt=False, ignore_index=ignore_index)
+    kept = int((y.double() != ignore_index).sum())
+    assert got[1] == kept
+    if _cpu_kernels(torch_dtype):
+        assert _cpu_run("logits", x, y, None, None, MEAN, gt=False, ignore_index=ignore_index)[1] == kept
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the interpreter keeps Python floats in double")
@@ -880,7 +994,7 @@ def test_device_branch_of_the_ops_matches_the_cpu_kernels(
     left on the device, the ignore_index mean scaled on the device, grad_output as a tensor), so the torch
     plumbing of the GPU path is tested here against the C++ kernels' results."""
     rng = np.random.default_rng(5)
-    shape = (2 * _triton.BLOCK // 7 + 3, 7)
+    shape = (2 * BLOCK // 7 + 3, 7)
     x = rng.normal(0, 3, shape) if logits else rng.uniform(0.01, 0.99, shape)
     y = rng.random(shape)
     y[::3] = 0.0  # some targets equal ignore_index

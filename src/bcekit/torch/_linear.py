@@ -237,8 +237,7 @@ class _LinearBCE(torch.autograd.Function):
             reduction, chunk, process_group, needs = ctx.options
             with torch.no_grad():
                 _, *grads = _fused_pass(*ctx.saved_tensors, reduction, chunk, process_group, needs)
-        size = max((g.numel() for g in grads if g is not None), default=0)
-        if not _ops._is_one(grad_output, size):
+        if not _ops._is_one(grad_output):  # on a GPU, scaled without asking (no host synchronisation)
             grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
         return (*grads, None, None, None, None, None)
 

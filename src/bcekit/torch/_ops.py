@@ -232,6 +232,20 @@ _warned_no_triton = False
 _TRITON_ON_CPU = False
 
 
+def _on_triton(tensor: Tensor) -> bool:
+    """Whether a kernel call on this tensor runs the Triton kernels (CUDA; CPU tensors in the tests that
+    set _TRITON_ON_CPU) rather than the C++ ones. On that route nothing reads device data on the host."""
+    return tensor.device.type == "cuda" or _TRITON_ON_CPU
+
+
+def _scalar_view(grad_output: Tensor) -> Tensor:
+    """A per-element grad_output that is one value expanded (``loss.sum().backward()`` of a ``'none'``
+    loss gives one): that value as a one-element view, so the kernel reads one number, not n."""
+    if grad_output.numel() > 1 and not any(grad_output.stride()):
+        return grad_output.as_strided((1,), (1,))
+    return grad_output
+
+
 def _gpu_kernels_available() -> bool:
     """Triton present; otherwise say once that CUDA tensors take the (slower) composed path."""
     global _warned_no_triton
@@ -297,9 +311,10 @@ def _kernel_pass(
     mean_unknown = reduction == MEAN and spec.ignore_index is not None  # count known after the pass
     if reduction == MEAN and not mean_unknown and x.numel():
         grad_scale = grad_scale / x.numel()
+    triton = _on_triton(x)
     if grad_output is not None:
-        grad_output = grad_output.to(x.dtype).contiguous()
-    if x.device.type == "cuda" or _TRITON_ON_CPU:  # Triton: the loss and the count stay on the device
+        grad_output = (_scalar_view(grad_output) if triton else grad_output).to(x.dtype).contiguous()
+    if triton:  # the loss and the count stay on the device
         value, kept = _triton.run(
             spec.kind,
             x,
@@ -318,7 +333,7 @@ def _kernel_pass(
             ignore_index=spec.ignore_index,
             loss_dtype=loss_dtype,
         )
-        count = kept.clamp_min(1)
+        count = kept.clamp_min(1) if mean_unknown else kept
     else:
         if grad_output is not None and grad_output.numel() == 1 and x.numel() != 1:
             grad_scale, grad_output = grad_scale * float(grad_output), None  # a reduced loss's grad_output
@@ -508,12 +523,10 @@ sigmoid_focal_loss.register_autograd(_focal_backward, setup_context=_focal_setup
 # --------------------------------------------------------------------------------------------------------
 
 
-def _is_one(grad_output: Tensor, size: int) -> bool:
-    """grad_output is exactly 1 (so the stored gradient is the answer). On a GPU, asking costs a host
-    synchronisation, worth it only where the multiplication it saves is large."""
-    if not _concrete(grad_output) or grad_output.numel() != 1:
-        return False
-    if grad_output.device.type != "cpu" and size < (1 << 20):
+def _is_one(grad_output: Tensor) -> bool:
+    """grad_output is exactly 1 (so the stored gradient is the answer): asked of CPU tensors only (on a
+    GPU the question is answered on the device, see :func:`_fused_backward_on_device`)."""
+    if not _concrete(grad_output) or grad_output.numel() != 1 or grad_output.device.type != "cpu":
         return False
     return grad_output.item() == 1.0
 
@@ -526,6 +539,7 @@ def _fused_setup_context(ctx, spec: LossSpec, tensors, output) -> None:
     ctx.save_for_backward(*tensors, grad)
     ctx.spec = spec
     ctx.kernel = True
+    ctx.stored_used = False
 
 
 def _fused_backward(ctx, grad_output: Tensor, _grad_of_grad: Optional[Tensor]):
@@ -537,8 +551,10 @@ def _fused_backward(ctx, grad_output: Tensor, _grad_of_grad: Optional[Tensor]):
         return None, None
     if torch.is_grad_enabled() or not _concrete(grad_output, *saved[:4]):
         return _gradients(ctx.spec, ctx, grad_output)  # differentiable (double backward) and traceable
+    if _on_triton(grad):
+        return _fused_backward_on_device(ctx, grad_output, saved)
     grad_input = None
-    if need_input and _is_one(grad_output, grad.numel()):
+    if need_input and _is_one(grad_output):
         grad_input = grad
     elif need_input and grad.dtype in (torch.float32, torch.float64):
         grad_input = grad * grad_output.to(grad.dtype)
@@ -558,6 +574,63 @@ def _fused_backward(ctx, grad_output: Tensor, _grad_of_grad: Optional[Tensor]):
         grad_output=grad_output,
     )
     return (recomputed if recompute_input else grad_input), grad_target
+
+
+def _fused_backward_on_device(ctx, grad_output: Tensor, saved) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """:func:`_fused_backward` on the Triton route, without reading grad_output on the host: the first
+    backward rewrites the stored gradient in place, a kernel that does nothing when grad_output is exactly
+    1 (``loss.backward()``) and otherwise scales it (float32, float64) or recomputes it from the inputs
+    (half types, where scaling the rounded gradient would round twice). Later backwards of the same graph
+    (``retain_graph=True``) recompute it into a fresh tensor, as do half types' means over kept elements
+    (whose in-place recomputation would need the forward's count)."""
+    input, target, weight, pos_weight, grad = saved
+    spec = ctx.spec
+    need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    go = grad_output.to(grad.dtype).reshape(1)
+    half = grad.dtype in (torch.float16, torch.bfloat16)
+    in_place = need_input and not ctx.stored_used and not (half and _mean_over_kept(spec))
+    grad_input = None
+    if in_place:
+        ctx.stored_used = True
+        if half:
+            _triton.run(
+                spec.kind,
+                *_kernel_operands(input, target, weight, pos_weight),
+                reduction=spec.reduction,
+                grad_input=grad,
+                grad_output=go,
+                grad_scale=1.0 / input.numel() if spec.reduction == MEAN else 1.0,
+                label_smoothing=spec.label_smoothing,
+                ignore_index=spec.ignore_index,
+                skip_if_one=True,
+            )
+        else:
+            _triton.scale_unless_one(grad, go)
+        grad_input = grad
+    if not (need_target or (need_input and not in_place)):
+        return grad_input, None
+    _, recomputed, grad_target = _kernel_pass(
+        spec,
+        input,
+        target,
+        weight,
+        pos_weight,
+        reduction=spec.reduction,
+        grad_input=need_input and not in_place,
+        grad_target=need_target,
+        grad_output=grad_output,
+    )
+    return (grad_input if in_place else recomputed), grad_target
+
+
+def _mean_over_kept(spec: LossSpec) -> bool:
+    return spec.reduction == MEAN and spec.ignore_index is not None
+
+
+def _kernel_operands(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor]):
+    """``(x, y, w, w's form, p, p's form)`` as the Triton launcher takes them."""
+    x, y, w, p = (_plain(t) for t in (input, target, weight, pos_weight))
+    return x, y, w, _form(w, x), p, _form(p, x)
 
 
 @torch.library.custom_op("bcekit::binary_cross_entropy_fused", mutates_args=())
@@ -647,7 +720,7 @@ class _EagerKernelLoss(torch.autograd.Function):
             spec, input, target, weight, pos_weight, reduction=spec.reduction, grad_input=fuse
         )
         ctx.save_for_backward(input, target, weight, pos_weight, grad)
-        ctx.spec, ctx.kernel, ctx.fused = spec, True, fuse
+        ctx.spec, ctx.kernel, ctx.fused, ctx.stored_used = spec, True, fuse, False
         return loss
 
     @staticmethod
@@ -723,7 +796,7 @@ class _PlainFusedLoss(torch.autograd.Function):
     def forward(ctx, input, target, spec: LossSpec, dtype: int):
         loss, grad = _plain_pass(spec, input, target, dtype, True)
         ctx.save_for_backward(input, target, None, None, grad)  # the layout _fused_backward reads
-        ctx.spec, ctx.kernel, ctx.spec_dtype = spec, True, input.dtype
+        ctx.spec, ctx.kernel, ctx.spec_dtype, ctx.stored_used = spec, True, input.dtype, False
         return loss
 
     @staticmethod
@@ -773,6 +846,7 @@ def eager_plain_loss(kind: str, input: Tensor, target: Tensor, reduction: str) -
         or torch._C._functorch.is_functorch_wrapped_tensor(input)
         or torch._C._functorch.is_functorch_wrapped_tensor(target)
         or torch.autograd.forward_ad._current_level >= 0
+        or _TRITON_ON_CPU
     ):
         return None
     spec = _PLAIN_SPECS[kind, enum]
