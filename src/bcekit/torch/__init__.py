@@ -6,6 +6,7 @@
 tensor(0.6931)
 """
 
+from bcekit.torch._range_check import check_errors, set_sync_checks
 from bcekit.torch.functional import (
     binary_cross_entropy,
     binary_cross_entropy_with_logits,
@@ -25,4 +26,6 @@ __all__ = [
     "linear_binary_cross_entropy_with_logits",
     "linear_topk",
     "LinearBCEWithLogitsLoss",
+    "check_errors",
+    "set_sync_checks",
 ]

@@ -536,27 +536,44 @@ def _fused_setup_context(ctx, spec: LossSpec, tensors, output) -> None:
     ctx.mark_non_differentiable(grad)
     # no zero-filled input-sized "gradient" for the gradient output, which nothing differentiates
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*tensors, grad)
+    ctx.save_for_backward(*tensors, grad)  # a registered op must save its tensors (torch.compile traces it)
     ctx.spec = spec
     ctx.kernel = True
-    ctx.stored_used = False
+    ctx.stored = _SAVED
+
+
+#: ``ctx.stored`` of the registered fused ops: the stored gradient is ``ctx.saved_tensors[4]``.
+_SAVED = object()
+
+
+def _take_stored(ctx, saved) -> Optional[Tensor]:
+    """The gradient the forward pass stored, handed over once: the first backward owns it (so autograd can
+    make it ``.grad`` without a copy, and scaling it in place is safe); a later backward of a retained graph
+    gets None and recomputes, so that nothing done to the first one's result reaches the second."""
+    stored = ctx.stored
+    ctx.stored = None
+    return saved[4] if stored is _SAVED else stored
 
 
 def _fused_backward(ctx, grad_output: Tensor, _grad_of_grad: Optional[Tensor]):
-    """The stored gradient times grad_output; target gradients (and double backward) as the plain ops."""
+    """The stored gradient times grad_output; target gradients (and double backward) as the plain ops.
+
+    The eager Functions below keep the stored gradient as ``ctx.stored`` rather than saving it, so that
+    no version check ties the first backward's result to a second backward."""
     saved = ctx.saved_tensors  # unpacking saved tensors costs microseconds: once
-    input, target, weight, pos_weight, grad = saved
+    input, target, weight, pos_weight = saved[:4]
     need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_output is None:  # the loss took no part in what is being differentiated
         return None, None
     if torch.is_grad_enabled() or not _concrete(grad_output, *saved[:4]):
         return _gradients(ctx.spec, ctx, grad_output)  # differentiable (double backward) and traceable
-    if _on_triton(grad):
-        return _fused_backward_on_device(ctx, grad_output, saved)
+    grad = _take_stored(ctx, saved)
+    if _on_triton(input):
+        return _fused_backward_on_device(ctx, grad_output, (input, target, weight, pos_weight), grad)
     grad_input = None
-    if need_input and _is_one(grad_output):
+    if need_input and grad is not None and _is_one(grad_output):
         grad_input = grad
-    elif need_input and grad.dtype in (torch.float32, torch.float64):
+    elif need_input and grad is not None and grad.dtype in (torch.float32, torch.float64):
         grad_input = grad * grad_output.to(grad.dtype)
     # half types: scaling the rounded gradient would round twice, so the backward kernel recomputes it
     recompute_input = need_input and grad_input is None
@@ -576,22 +593,22 @@ def _fused_backward(ctx, grad_output: Tensor, _grad_of_grad: Optional[Tensor]):
     return (recomputed if recompute_input else grad_input), grad_target
 
 
-def _fused_backward_on_device(ctx, grad_output: Tensor, saved) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """:func:`_fused_backward` on the Triton route, without reading grad_output on the host: the first
-    backward rewrites the stored gradient in place, a kernel that does nothing when grad_output is exactly
-    1 (``loss.backward()``) and otherwise scales it (float32, float64) or recomputes it from the inputs
-    (half types, where scaling the rounded gradient would round twice). Later backwards of the same graph
-    (``retain_graph=True``) recompute it into a fresh tensor, as do half types' means over kept elements
-    (whose in-place recomputation would need the forward's count)."""
-    input, target, weight, pos_weight, grad = saved
+def _fused_backward_on_device(
+    ctx, grad_output: Tensor, inputs, grad: Optional[Tensor]
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """:func:`_fused_backward` on the Triton route, without reading grad_output on the host: the stored
+    gradient (first backward) is rewritten in place by a kernel that does nothing when grad_output is
+    exactly 1 (``loss.backward()``) and otherwise scales it (float32, float64) or recomputes it from the
+    inputs (half types, where scaling the rounded gradient would round twice). Without a stored gradient
+    (a later backward of a retained graph), and for half types' means over kept elements (whose in-place
+    recomputation would need the forward's count), a backward pass computes a fresh one."""
+    input, target, weight, pos_weight = inputs
     spec = ctx.spec
     need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    go = grad_output.to(grad.dtype).reshape(1)
-    half = grad.dtype in (torch.float16, torch.bfloat16)
-    in_place = need_input and not ctx.stored_used and not (half and _mean_over_kept(spec))
-    grad_input = None
+    half = input.dtype in (torch.float16, torch.bfloat16)
+    in_place = need_input and grad is not None and not (half and _mean_over_kept(spec))
     if in_place:
-        ctx.stored_used = True
+        go = grad_output.to(grad.dtype).reshape(1)
         if half:
             _triton.run(
                 spec.kind,
@@ -606,9 +623,8 @@ def _fused_backward_on_device(ctx, grad_output: Tensor, saved) -> tuple[Optional
             )
         else:
             _triton.scale_unless_one(grad, go)
-        grad_input = grad
     if not (need_target or (need_input and not in_place)):
-        return grad_input, None
+        return (grad if in_place else None), None
     _, recomputed, grad_target = _kernel_pass(
         spec,
         input,
@@ -620,7 +636,7 @@ def _fused_backward_on_device(ctx, grad_output: Tensor, saved) -> tuple[Optional
         grad_target=need_target,
         grad_output=grad_output,
     )
-    return (grad_input if in_place else recomputed), grad_target
+    return (grad if in_place else recomputed), grad_target
 
 
 def _mean_over_kept(spec: LossSpec) -> bool:
@@ -719,8 +735,8 @@ class _EagerKernelLoss(torch.autograd.Function):
         loss, grad, _ = _kernel_pass(
             spec, input, target, weight, pos_weight, reduction=spec.reduction, grad_input=fuse
         )
-        ctx.save_for_backward(input, target, weight, pos_weight, grad)
-        ctx.spec, ctx.kernel, ctx.fused, ctx.stored_used = spec, True, fuse, False
+        ctx.save_for_backward(input, target, weight, pos_weight)
+        ctx.spec, ctx.kernel, ctx.fused, ctx.stored = spec, True, fuse, grad
         return loss
 
     @staticmethod
@@ -795,8 +811,8 @@ class _PlainFusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, spec: LossSpec, dtype: int):
         loss, grad = _plain_pass(spec, input, target, dtype, True)
-        ctx.save_for_backward(input, target, None, None, grad)  # the layout _fused_backward reads
-        ctx.spec, ctx.kernel, ctx.spec_dtype, ctx.stored_used = spec, True, input.dtype, False
+        ctx.save_for_backward(input, target, None, None)  # the layout _fused_backward reads
+        ctx.spec, ctx.kernel, ctx.spec_dtype, ctx.stored = spec, True, input.dtype, grad
         return loss
 
     @staticmethod
@@ -805,6 +821,7 @@ class _PlainFusedLoss(torch.autograd.Function):
         # fused backward; the answer is the same
         if (
             grad_output is not None
+            and ctx.stored is not None
             and type(grad_output) is Tensor
             and grad_output.dtype is ctx.spec_dtype
             and grad_output.is_cpu
@@ -812,7 +829,8 @@ class _PlainFusedLoss(torch.autograd.Function):
             and not torch.is_grad_enabled()
             and grad_output.item() == 1.0
         ):
-            return ctx.saved_tensors[4], None, None, None
+            grad, ctx.stored = ctx.stored, None
+            return grad, None, None, None
         return (*_fused_backward(ctx, grad_output, None), None, None)
 
 
