@@ -150,7 +150,7 @@ def _infer_size(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
 
 def _broadcast_shapes(shapes: Sequence[tuple[int, ...]], format_shape: ShapeFormatter) -> tuple[int, ...]:
     """Broadcast shapes the way ``torch.broadcast_shapes`` does, with its error text."""
-    common = [1] * max((len(s) for s in shapes), default=0)
+    common = [1] * max([0, *(len(s) for s in shapes)])  # (torch.compile cannot trace max's default=)
     for arg_index, shape in enumerate(shapes):
         for idx in range(-1, -1 - len(shape), -1):
             if shape[idx] == common[idx]:

@@ -87,7 +87,7 @@ class _Model(torch.nn.Module):
         super().__init__()
         self.linear = torch.nn.Linear(6, 3)
         self.logits_loss = bce.BCEWithLogitsLoss(weight=torch.rand(3), pos_weight=torch.rand(3) + 0.5)
-        self.probability_loss = bce.BCELoss(reduction="sum")
+        self.probability_loss = bce.BCELoss(weight=torch.rand(3) + 0.5, reduction="sum")
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = self.linear(x)
