@@ -72,14 +72,15 @@ __all__ = ["AVAILABLE", "CONFIGS", "run", "scale_unless_one", "launch_count", "c
 
 AVAILABLE: bool = triton is not None
 
-#: Elements per program and warps per program, by input dtype: 8 (float32) or 16 (half types) elements
-#: per thread, i.e. two 16-byte loads per operand, enough bytes in flight per SM to cover HBM's latency
-#: at the occupancy these register counts allow (the compile check reports them); float64 takes half the
-#: float32 block, its double-double arithmetic needs about twice the registers.
+#: Elements per program and warps per program, by input dtype: four elements per thread (a 16-byte load
+#: of each float32 operand, 8 bytes of a half one, two 16-byte loads of float64), which keeps the kernels
+#: under 100 registers per thread on sm_90 (``tools/compile_gpu_kernels.py`` reports them): room for three
+#: programs of 256 threads per SM. Chosen from the compiled code, not yet from timings on a GPU;
+#: ``python -m benchmarks.gpu --check`` times alternatives.
 CONFIGS: dict[torch.dtype, tuple[int, int]] = {
-    torch.float32: (1024, 4),
-    torch.bfloat16: (2048, 4),
-    torch.float16: (2048, 4),
+    torch.float32: (1024, 8),
+    torch.bfloat16: (1024, 8),
+    torch.float16: (1024, 8),
     torch.float64: (512, 4),
 }
 
