@@ -11,6 +11,10 @@ Without CUDA (``torch.cuda.is_available()`` False) it prints why and exits with 
 tiny sizes and fake memory numbers, and writes into a temporary folder unless ``--out`` is given: a check of
 the script itself; its numbers mean nothing.
 
+``python -m benchmarks.gpu --check [--dry-run] [--out DIR] [--budget-s SECONDS]`` runs instead the
+end-to-end check of bcekit's GPU path: correctness, torch.compile, CUDA graphs and the speed targets in one
+JSON and one table (``benchmarks/gpu_check.py`` says what it checks).
+
 What is timed. For each loss (logits, probabilities), dtype (float32, bfloat16), pass (forward,
 forward+backward) and size 2^k (``--min-log2`` to ``--max-log2``), each contender in turn gets its own
 runner (its own leaf, gradient and buffers, freed with ``torch.cuda.empty_cache()`` before the next
@@ -559,6 +563,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--check" in argv:  # the end-to-end check, benchmarks/gpu_check.py, with the other arguments
+        from benchmarks import gpu_check
+
+        sys.exit(gpu_check.main([a for a in argv if a != "--check"]))
     arguments = _arguments(argv)
     if not arguments.dry_run and not torch.cuda.is_available():
         print(NO_CUDA.format(version=torch.__version__, cuda=torch.version.cuda), file=sys.stderr)
