@@ -16,13 +16,21 @@ Logits points: magnitudes log-uniform in [1e-8, 1e4] with random signs, targets 
 uniform, log-uniform down to 1e-45 (float32's subnormals; 1e-320 for float64) and 1 - log-uniform, with
 hard or soft targets. A last row, "logits, hard cases", is float64 points built to scale a rounding error
 up (see :func:`hard_logits_groups`); random points almost never land there.
+
+"bcekit GPU" is bcekit.torch's Triton kernels, the path of CUDA tensors: on CUDA tensors where a GPU is
+present, else on CPU tensors under Triton's interpreter (set before bcekit is imported). The float32
+kernels compute in float32 arithmetic that the interpreter evaluates as the GPU does, so their column is
+the GPU's numbers either way; float64 kernels use libdevice on a GPU and NumPy under the interpreter, so
+that column is left empty without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -30,14 +38,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tests._reference import bce_exact, logits_exact, ulp_error
 
-import bcekit.numpy as bce_np
-import bcekit.torch as bce_torch
+if not torch.cuda.is_available():  # the Triton kernels run under the interpreter: chosen before import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+from tests._reference import bce_exact, logits_exact, ulp_error  # noqa: E402
+
+import bcekit.numpy as bce_np  # noqa: E402
+import bcekit.torch as bce_torch  # noqa: E402
+from bcekit.torch import _ops, _triton  # noqa: E402
 
 DTYPES = ("float32", "float64")
-IMPLEMENTATIONS = ("bcekit.torch", "bcekit.numpy", "torch")
+IMPLEMENTATIONS = ("bcekit.torch", "bcekit.numpy", "torch", "bcekit GPU")
+#: Where the Triton kernels run: the GPU, else CPU tensors through their branch under the interpreter.
+GPU = torch.cuda.is_available()
 MAX_ULP = 2.0
 
 LOGIT_MAGNITUDES = (0.0, 1e-30, 1e-8, 0.1, 1.0, 2.0, 10.0, 16.0, 17.0, 20.0, 30.0, 40.0, 88.0, 89.0, 100.0)
@@ -132,26 +147,46 @@ def probability_groups(points: int, rng: np.random.Generator, dtype: str) -> lis
 # --------------------------------------------------------------------------------------------------------
 
 
-def _t(a: np.ndarray | None) -> torch.Tensor | None:
-    return None if a is None else torch.from_numpy(a)
+def _t(a: np.ndarray | None, device: str = "cpu") -> torch.Tensor | None:
+    return None if a is None else torch.from_numpy(a).to(device)
+
+
+def measured(name: str, dtype: str) -> bool:
+    """Whether the implementation's column is measured in this run (see the module docstring)."""
+    return name != "bcekit GPU" or (_triton.AVAILABLE and (GPU or dtype == "float32"))
+
+
+@contextlib.contextmanager
+def _kernels(name: str):
+    """``bcekit GPU``: CPU tensors take the CUDA tensors' branch (Triton) unless a GPU runs it."""
+    if name != "bcekit GPU" or GPU:
+        yield "cuda" if name == "bcekit GPU" else "cpu"
+        return
+    _ops._TRITON_ON_CPU = True
+    try:
+        yield "cpu"
+    finally:
+        _ops._TRITON_ON_CPU = False
 
 
 def _logits(name: str, x: np.ndarray, y: np.ndarray, p: np.ndarray | None) -> np.ndarray:
     if name == "bcekit.numpy":
         return np.asarray(bce_np.binary_cross_entropy_with_logits(x, y, pos_weight=p, reduction="none"))
     function = (
-        bce_torch.binary_cross_entropy_with_logits
-        if name == "bcekit.torch"
-        else F.binary_cross_entropy_with_logits
+        F.binary_cross_entropy_with_logits if name == "torch" else bce_torch.binary_cross_entropy_with_logits
     )
-    return function(_t(x), _t(y), pos_weight=_t(p), reduction="none").numpy()
+    with _kernels(name) as device:
+        return (
+            function(_t(x, device), _t(y, device), pos_weight=_t(p, device), reduction="none").cpu().numpy()
+        )
 
 
 def _probabilities(name: str, x: np.ndarray, y: np.ndarray, p: np.ndarray | None) -> np.ndarray:
     if name == "bcekit.numpy":
         return np.asarray(bce_np.binary_cross_entropy(x, y, reduction="none"))
-    function = bce_torch.binary_cross_entropy if name == "bcekit.torch" else F.binary_cross_entropy
-    return function(_t(x), _t(y), reduction="none").numpy()
+    function = F.binary_cross_entropy if name == "torch" else bce_torch.binary_cross_entropy
+    with _kernels(name) as device:
+        return function(_t(x, device), _t(y, device), reduction="none").cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -182,6 +217,8 @@ def evaluate(
         exact = [exact_of(*a) for a in arguments]
         count += len(arguments)
         for name in IMPLEMENTATIONS:
+            if not measured(name, dtype):
+                continue
             results = loss(name, x, y, p).tolist()
             for value, e, a in zip(results, exact, arguments, strict=True):
                 error = ulp_error(value, e, dtype)
@@ -230,14 +267,18 @@ def main(argv: list[str] | None = None) -> None:
         else:
             groups, loss, exact_of = probability_groups(args.points, rng, dtype), _probabilities, bce_exact
         count, worst, worst_finite = evaluate(groups, dtype, loss, exact_of)
-        cells = [_cell(worst[name], dtype, with_argument=True) for name in IMPLEMENTATIONS]
+        cells = [
+            _cell(worst[name], dtype, with_argument=True) if measured(name, dtype) else "-"
+            for name in IMPLEMENTATIONS
+        ]
         finite = _cell(worst_finite["torch"], dtype, with_argument=True)
-        over = " / ".join(str(worst[name].over) for name in IMPLEMENTATIONS)
+        over = " / ".join(str(worst[name].over) if measured(name, dtype) else "-" for name in IMPLEMENTATIONS)
         rows.append([loss_name, dtype, str(count), *cells, finite, over])
 
     print(
         f"torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}, "
         f"{platform.machine()}; seed {args.seed}, {args.points} random points per row plus the grid; "
+        f"bcekit GPU: {torch.cuda.get_device_name() if GPU else 'Triton interpreter, CPU tensors'}; "
         f"{time.perf_counter() - start:.0f} s\n"
     )
     header = [
@@ -247,8 +288,9 @@ def main(argv: list[str] | None = None) -> None:
         "bcekit.torch max ulp",
         "bcekit.numpy max ulp",
         "torch max ulp",
+        "bcekit GPU max ulp",
         "torch max ulp, finite args",
-        f"points > {MAX_ULP:g} ulp (bcekit.torch / bcekit.numpy / torch)",
+        f"points > {MAX_ULP:g} ulp (bcekit.torch / bcekit.numpy / torch / bcekit GPU)",
     ]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
