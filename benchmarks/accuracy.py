@@ -14,8 +14,8 @@ table with each implementation's worst error, where it happens, and how many poi
 Logits points: magnitudes log-uniform in [1e-8, 1e4] with random signs, targets hard (0/1) or soft
 (uniform), half of them with a per-element ``pos_weight`` log-uniform in [0.01, 100]. Probability points:
 uniform, log-uniform down to 1e-45 (float32's subnormals; 1e-320 for float64) and 1 - log-uniform, with
-hard or soft targets. A last row, "logits, hard cases", is float64 points built to scale a rounding error
-up (see :func:`hard_logits_groups`); random points almost never land there.
+hard or soft targets. The last rows, "logits, hard cases", are points built to scale a rounding error up
+(see :func:`hard_logits_groups`); random points almost never land there.
 
 "bcekit GPU" is bcekit.torch's Triton kernels, the path of CUDA tensors: on CUDA tensors where a GPU is
 present, else on CPU tensors under Triton's interpreter (set before bcekit is imported). The float32
@@ -106,22 +106,26 @@ def logits_groups(points: int, rng: np.random.Generator) -> list[Group]:
     return groups
 
 
-def hard_logits_groups(points: int, rng: np.random.Generator) -> list[Group]:
-    """float64 points where a rounding error inside the computation is scaled up by ``pos_weight * y``:
+def hard_logits_groups(points: int, rng: np.random.Generator, dtype: str = "float64") -> list[Group]:
+    """Points where a rounding error inside the computation is scaled up by ``pos_weight * y``:
 
     * ``tail = log1p(exp(-x))`` just above 0.5 (bottom of its binade) and ``p * tail`` just below a power
       of two (top of its binade), so k ulp of error in the tail become nearly 2k ulp of the loss;
-    * ``exp(-|x|)`` subnormal (``|x| > 708.4``) times ``p`` up to 100;
-    * ``p * y`` subnormal (``y`` near or below 2**-1022) times ``sp(-x) >> 1``.
+    * ``exp(-|x|)`` subnormal (``|x| > 708.4``; float32: ``|x| > 87.4``) times ``p`` up to 100;
+    * ``p * y`` subnormal (``y`` near or below 2**-1022; float32: 2**-126) times ``sp(-x) >> 1``.
     """
     x = rng.uniform(0.39, 0.433, points)
     p = 2.0 ** rng.integers(0, 7, points) * (1.0 - rng.uniform(0.0, 0.01, points)) / np.log1p(np.exp(-x))
     n = max(points // 10, 1)
-    subnormal_tail = Group(rng.uniform(708.5, 745.0, n), np.ones(n), 10.0 ** rng.uniform(0.3, 2.0, n))
-    y = np.concatenate(
-        [rng.uniform(0.0, 2.0**-1022, n // 2), 2.0**-1022 * rng.uniform(1.0, 100.0, n - n // 2)]
+    low, high, smallest_normal = (
+        (708.5, 745.0, 2.0**-1022) if dtype == "float64" else (87.4, 103.9, 2.0**-126)
     )
-    subnormal_coefficient = Group(-(10.0 ** rng.uniform(0.0, 4.0, n)), y, 10.0 ** rng.uniform(-2.0, 0.0, n))
+    subnormal_tail = Group(rng.uniform(low, high, n), np.ones(n), 10.0 ** rng.uniform(0.3, 2.0, n))
+    y = np.concatenate(
+        [rng.uniform(0.0, smallest_normal, n // 2), smallest_normal * rng.uniform(1.0, 100.0, n - n // 2)]
+    )
+    reach = 4.0 if dtype == "float64" else 2.0
+    subnormal_coefficient = Group(-(10.0 ** rng.uniform(0.0, reach, n)), y, 10.0 ** rng.uniform(-2.0, 0.0, n))
     return [Group(x, np.ones(points), p), subnormal_tail, subnormal_coefficient]
 
 
@@ -257,13 +261,14 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     rows = []
-    cases = [*itertools.product(("probabilities", "logits"), DTYPES), ("logits, hard cases", "float64")]
+    cases = [*itertools.product(("probabilities", "logits"), DTYPES)]
+    cases += [("logits, hard cases", "float32"), ("logits, hard cases", "float64")]
     for row, (loss_name, dtype) in enumerate(cases):
         rng = np.random.default_rng([args.seed, row])
         if loss_name == "logits":
             groups, loss, exact_of = logits_groups(args.points, rng), _logits, logits_exact
         elif loss_name == "logits, hard cases":
-            groups, loss, exact_of = hard_logits_groups(args.points // 5, rng), _logits, logits_exact
+            groups, loss, exact_of = hard_logits_groups(args.points // 5, rng, dtype), _logits, logits_exact
         else:
             groups, loss, exact_of = probability_groups(args.points, rng, dtype), _probabilities, bce_exact
         count, worst, worst_finite = evaluate(groups, dtype, loss, exact_of)

@@ -463,7 +463,8 @@ def test_float64_losses_within_a_few_ulp_of_exact(kind: str) -> None:
 def _float32_contract_cases(kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Inputs where float32 arithmetic is hardest: logits across the whole range where the loss is
     finite and non-zero (tiny, moderate, beyond exp's subnormal threshold), probabilities near 0 and 1 and
-    tiny; targets 0, 1 and soft (close to 0 and 1 too); pos_weight in [0, 4]."""
+    tiny; targets 0, 1 and soft (close to 0 and 1 too); pos_weight in [0, 4]; and, for the logits loss,
+    points built to scale an inner rounding error up (as ``benchmarks/accuracy.py``'s hard cases)."""
     rng = np.random.default_rng(seed)
     count = 700
     if kind == "logits":
@@ -483,8 +484,22 @@ def _float32_contract_cases(kind: str, seed: int) -> tuple[torch.Tensor, torch.T
     soft = np.where(rng.random(count) < 0.5, rng.random(count), 10.0 ** rng.uniform(-8, 0, count))
     soft = np.where(rng.random(count) < 0.3, 1 - soft, soft)  # close to 1 too
     y = np.where(rng.random(count) < 0.5, soft, rng.choice([0.0, 1.0, 0.5], count))
-    p = torch.tensor(rng.uniform(0.0, 4.0, count)).float() if kind == "logits" else None
-    return torch.tensor(x).float(), torch.tensor(y).float(), p
+    if kind != "logits":
+        return torch.tensor(x).float(), torch.tensor(y).float(), None
+    p = rng.uniform(0.0, 4.0, count)
+    # and where an inner rounding is scaled up: log1p(e) at the bottom of its binade and p log1p(e) at the
+    # top of its; e subnormal times p up to 100; p y subnormal times |x| >> 1
+    hard = 150
+    binade = rng.uniform(0.39, 0.433, hard)
+    binade_p = 2.0 ** rng.integers(0, 7, hard) * (1 - rng.uniform(0, 0.01, hard)) / np.log1p(np.exp(-binade))
+    tail = rng.uniform(87.4, 110.0, hard)
+    tiny_y = np.concatenate(
+        [rng.uniform(0, 2.0**-126, hard // 2), 2.0**-126 * rng.uniform(1, 100, hard // 2)]
+    )
+    x = np.concatenate([x, binade, tail, -(10.0 ** rng.uniform(0, 2, hard))])
+    y = np.concatenate([y, np.ones(2 * hard), tiny_y])
+    p = np.concatenate([p, binade_p, 10.0 ** rng.uniform(0.3, 2, hard), 10.0 ** rng.uniform(-2, 0, hard)])
+    return torch.tensor(x).float(), torch.tensor(y).float(), torch.tensor(p).float()
 
 
 @KINDS

@@ -118,6 +118,8 @@ if triton is not None:
     _LN2_LO = tl.constexpr(-1.9046542121259336e-09)
     _SQRT2 = tl.constexpr(1.4142135381698608)
     _SMALLEST_NORMAL = tl.constexpr(1.1754943508222875e-38)
+    _TWO_64 = tl.constexpr(18446744073709551616.0)
+    _TWO_MINUS_64 = tl.constexpr(5.421010862427522e-20)
 
     # ----------------------------------------------------------------------------------------------------
     # exp, log, log1p. float32: written in float32 arithmetic (+, *, fma, correctly rounded division,
@@ -136,14 +138,17 @@ if triton is not None:
 
     @triton.jit
     def _exp_f32(t):
-        """``e^t`` for ``t <= 0``, within 1 ulp, subnormal results included.
+        """``(e^t, e^t 2^64)`` for ``t <= 0``: the first within 1 ulp, subnormal results included; the
+        second a normal number carrying every bit down to ``e^t = 2^-190`` (and rounded below), for
+        products with a large factor that are normal where e^t is not.
 
         ``t = k ln 2 + r`` with ``k = round(t / ln 2)``: ``t - k ln2_hi`` is exact (t and k ln2_hi are
         multiples of 2^-24 and the difference is below 1), so r carries one rounding of ``k ln2_lo``.
         ``e^r = 1 + (r + r^2 h(r))``, h the Taylor series to r^6 (truncation below 2^-31 for
-        ``|r| <= ln2 / 2``); ``2^k`` is applied in one exact step, or two where the result is subnormal
-        (then rounded once)."""
-        clamped = tl.maximum(t, -104.0)  # e^-104 < 2^-150: every smaller t gives 0
+        ``|r| <= ln2 / 2``). ``e^t 2^64 = e^r 2^(k + 64)`` in one exact step (two, rounded once, where it
+        is subnormal), and ``e^t`` is that times 2^-64, rounded once where subnormal. Below t = -150 both
+        round to 0."""
+        clamped = tl.maximum(t, -150.0)
         k = tl.floor(clamped * _LOG2E + 0.5)
         r = tl.fma(k, -_LN2_LO, tl.fma(k, -_LN2_HI, clamped))
         h = tl.fma(r, 2.4801587642286904e-05, 0.00019841270113829523)
@@ -153,12 +158,13 @@ if triton is not None:
         h = tl.fma(h, r, 0.1666666716337204)
         h = tl.fma(h, r, 0.5)
         exp_r = 1.0 + tl.fma(r * r, h, r)
-        scale = k.to(tl.int32)
+        scale = k.to(tl.int32) + 64
         subnormal = scale < -126
         scale = tl.where(subnormal, scale + 64, scale)
-        result = exp_r * ((scale + 127) << 23).to(tl.float32, bitcast=True)
-        result = tl.where(subnormal, result * 5.421010862427522e-20, result)  # 2^-64
-        return tl.where(t != t, t, result)
+        scaled = exp_r * ((scale + 127) << 23).to(tl.float32, bitcast=True)
+        scaled = tl.where(subnormal, scaled * _TWO_MINUS_64, scaled)
+        nan = t != t
+        return tl.where(nan, t, scaled * _TWO_MINUS_64), tl.where(nan, t, scaled)
 
     @triton.jit
     def _log1p_reduced(g):
@@ -209,12 +215,15 @@ if triton is not None:
 
     @triton.jit
     def _exp(t, LIBDEVICE: tl.constexpr):
+        """``(e^t, e^t 2^64)`` (float64: the second is the first's product, as precise)."""
         if t.dtype != tl.float64:
             return _exp_f32(t)
-        elif LIBDEVICE:
-            return libdevice.exp(t)
         else:
-            return tl.exp(t)
+            if LIBDEVICE:
+                value = libdevice.exp(t)
+            else:
+                value = tl.exp(t)
+            return value, value * _TWO_64
 
     @triton.jit
     def _log(u, LIBDEVICE: tl.constexpr):
@@ -270,12 +279,15 @@ if triton is not None:
         return tl.where(x > 0.0, x, tl.where(nan, x, 0.0)), tl.where(x < 0.0, -x, tl.where(nan, x, 0.0))
 
     @triton.jit
-    def _logits_loss(x, y, p, e, LIBDEVICE: tl.constexpr, F64: tl.constexpr):
+    def _logits_loss(x, y, p, e, e_big, LIBDEVICE: tl.constexpr, F64: tl.constexpr):
         """``p y softplus(-x) + (1 - y) softplus(x)``, each softplus ``max(±x, 0) + log1p(e)``.
 
         float32: gathered as ``(p y + 1 - y) log1p(e) + (x >= 0 ? (1 - y) x : p y |x|)``, a sum of two
         non-negative terms (for y in [0, 1] and p >= 0) in one FMA, fewer roundings than the two softplus
-        products; float64 combines the two softplus terms in double-double."""
+        products. Both terms are formed times 2^64 (``log1p(e) = e`` where e is subnormal, taken as
+        ``e 2^64``; ``p (y 2^64)``) and the sum scaled back, so that neither a subnormal e nor a subnormal
+        p y loses bits that a large factor would then multiply; where a term would overflow so scaled,
+        the loss is large and formed unscaled. float64 combines the two softplus terms in double-double."""
         tail = _log1p(e, LIBDEVICE)
         positive = p * y
         negative = 1.0 - y
@@ -291,17 +303,27 @@ if triton is not None:
             combined = _dot2(positive, pos_lo, neg_hi, neg_lo, one_hi, one_lo, pos_hi, pos_lo2)
             loss = tl.where(tl.abs(combined) < float("inf"), combined, loss)
         else:
-            linear = tl.where(x >= 0.0, _scaled(negative, x), _scaled(positive, -x))
-            loss = tl.fma(tl.fma(p, y, negative), tail, linear)
+            coefficient = tl.fma(p, y, negative)
+            nonneg = x >= 0.0
+            linear = tl.where(nonneg, _scaled(negative, x), _scaled(positive, -x))
+            positive_big = p * (y * _TWO_64)
+            linear_big = tl.where(nonneg, _scaled(negative, x) * _TWO_64, _scaled(positive_big, -x))
+            tail_big = tl.where(e < _SMALLEST_NORMAL, e_big, tail * _TWO_64)
+            scaled = tl.fma(coefficient, tail_big, linear_big) * _TWO_MINUS_64
+            loss = tl.where(linear_big < float("inf"), scaled, tl.fma(coefficient, tail, linear))
         return loss
 
     @triton.jit
-    def _logits_grad_input(x, y, p, e):
-        """``(1 - y) sigmoid(x) - p y sigmoid(-x)``, the sigmoids ``1 / (1 + e)`` and ``e / (1 + e)``."""
+    def _logits_grad_input(x, y, p, e, e_big):
+        """``(1 - y) sigmoid(x) - p y sigmoid(-x)``, the sigmoids ``1 / (1 + e)`` and ``e / (1 + e)``; the
+        small one's term is formed as ``e 2^64 / (1 + e)`` and scaled back inside the FMA that adds the
+        terms, so it keeps its bits where e is subnormal."""
         large = _divide(tl.full(e.shape, 1.0, e.dtype), 1.0 + e)
-        small = e * large
+        small_big = e_big * large
         nonneg = x >= 0.0
-        return (1.0 - y) * tl.where(nonneg, large, small) - (p * y) * tl.where(nonneg, small, large)
+        negative, positive = 1.0 - y, -(p * y)
+        with_large = tl.where(nonneg, negative, positive) * large
+        return tl.fma(tl.where(nonneg, positive, negative) * small_big, _TWO_MINUS_64, with_large)
 
     @triton.jit
     def _logits_grad_target(x, p, e, LIBDEVICE: tl.constexpr, P_MODE: tl.constexpr):
@@ -425,7 +447,7 @@ if triton is not None:
         w = _broadcast(w_ptr, offsets, mask, w_inner, W_MODE, CT)
         p = _broadcast(p_ptr, offsets, mask, p_inner, P_MODE, CT)
         if LOGITS:
-            e = _exp(-tl.abs(x), LIBDEVICE)
+            e, e_big = _exp(-tl.abs(x), LIBDEVICE)
         if G_MODE == 0:
             scale = grad_scale
         elif G_MODE == 1:
@@ -435,7 +457,7 @@ if triton is not None:
 
         if G_MODE == 0:
             if LOGITS:
-                loss = _logits_loss(x, y, p, e, LIBDEVICE, F64)
+                loss = _logits_loss(x, y, p, e, e_big, LIBDEVICE, F64)
             else:
                 loss = _bce_loss(x, y, LIBDEVICE, F64)
             if W_MODE != 0:
@@ -447,7 +469,7 @@ if triton is not None:
                 tl.store(part_ptr + pid, tl.sum(loss, axis=0))
         if write_gi != 0:
             if LOGITS:
-                gi = _logits_grad_input(x, y, p, e)
+                gi = _logits_grad_input(x, y, p, e, e_big)
             else:
                 gi = _bce_grad_input(x, y)
             if W_MODE != 0:
