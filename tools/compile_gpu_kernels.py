@@ -18,8 +18,9 @@ both kinds of backward, options, an odd element count, one element and a misalig
 tensors (nothing is allocated). The compile-time space, every ``(kernel, LOGITS, dtype, W_MODE, P_MODE,
 G_MODE)``, must be covered, so a specialisation added to the kernel and not reachable here fails.
 
-Targets: every specialisation reached is compiled for ``--full`` (sm_90); for the other targets, one per
-(kernel, loss, dtype, pass, index width). sm_100 and later take the bundled ``ptxas-blackwell``; a target
+Targets: for ``--full`` (sm_90), every compile-time combination and every argument specialisation
+Triton makes of each kernel group (see :func:`plan`); for the other targets, one per (kernel, loss, dtype,
+pass). sm_100 and later take the bundled ``ptxas-blackwell``; a target
 the installed Triton cannot compile for at all is reported as unsupported, not as an error.
 
 Reported per compiled kernel: PTX instructions in all, those of float64 type (``.f64``) and of float32
@@ -333,11 +334,19 @@ def _worker(arch: int, indices: list[int], cache: str) -> list[dict]:
 
 
 def plan(launches: list[Launch], targets: list[int], full: int) -> list[tuple[int, int]]:
-    """``(arch, launch index)`` pairs: all launches for ``full``, one per group for the other targets."""
-    pairs = [(full, index) for index in range(len(launches))] if full in targets else []
+    """``(arch, launch index)`` pairs. For ``full``: every compile-time combination (and index width)
+    once, and every kernel group with each specialisation of its arguments Triton makes (element count
+    divisible by 16 or not, one element, pointers aligned or not) once. For the other targets: one launch
+    per (kernel, loss, dtype, pass)."""
+    first: dict[tuple, int] = {}
+    for index, launch in enumerate(launches):
+        first.setdefault(("space", *launch.space(), launch.kwargs["INDEX64"]), index)
+        first.setdefault(("arguments", launch.group(), launch.key[2]), index)
+    pairs = [(full, index) for index in sorted(set(first.values()))] if full in targets else []
     representative: dict[tuple, int] = {}
     for index, launch in enumerate(launches):
-        representative.setdefault(launch.group(), index)
+        if not launch.kwargs["INDEX64"]:
+            representative.setdefault(launch.group(), index)
     for arch in targets:
         if arch != full:
             pairs += [(arch, index) for index in representative.values()]

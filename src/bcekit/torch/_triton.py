@@ -384,110 +384,6 @@ if triton is not None:
     # The kernel
     # ----------------------------------------------------------------------------------------------------
 
-    @triton.jit
-    def _pass(
-        x_ptr,
-        y_ptr,
-        w_ptr,
-        p_ptr,
-        g_ptr,
-        loss_ptr,
-        gi_ptr,
-        gt_ptr,
-        part_ptr,
-        kept_ptr,
-        bad_ptr,
-        n,
-        w_inner,
-        p_inner,
-        grad_scale,
-        smoothing,
-        ignore_value,
-        ignore_nan,
-        write_loss,
-        want_sum,
-        write_gi,
-        write_gt,
-        count_kept,
-        g_scalar,
-        LOGITS: tl.constexpr,
-        W_MODE: tl.constexpr,
-        P_MODE: tl.constexpr,
-        G_MODE: tl.constexpr,
-        F64: tl.constexpr,
-        INDEX64: tl.constexpr,
-        LIBDEVICE: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        CT: tl.constexpr = tl.float64 if F64 else tl.float32
-        pid = tl.program_id(0)
-        if INDEX64:
-            offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        else:
-            offsets = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < n
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.5).to(CT)
-        y = tl.load(y_ptr + offsets, mask=mask, other=0.5).to(CT)
-        # ignore_index: a target equal to ignore_value (NaN when there is none: equal to nothing), or any
-        # NaN target when ignore_nan
-        ignored = (y == ignore_value) | ((ignore_nan != 0) & (y != y))
-        kept = mask & ~ignored
-        y = tl.where(ignored, 0.0, y)
-        if count_kept != 0:
-            tl.store(kept_ptr + pid, tl.sum(kept.to(tl.int32), axis=0))
-        if not LOGITS:
-            if G_MODE == 0:  # the [0, 1] check (NaN fails both comparisons), in the passes that see the data
-                bad_x = tl.max((mask & ~((x >= 0.0) & (x <= 1.0))).to(tl.int32), axis=0)
-                bad_y = tl.max((kept & ~((y >= 0.0) & (y <= 1.0))).to(tl.int32), axis=0)
-                if (bad_x + bad_y) > 0:  # only a bad program touches the counters
-                    tl.atomic_add(bad_ptr, bad_x)
-                    tl.atomic_add(bad_ptr + 1, bad_y)
-        keep_share = 1.0 - smoothing
-        y = y * keep_share + 0.5 * smoothing  # label smoothing (exactly y when smoothing is 0)
-        w = _broadcast(w_ptr, offsets, mask, w_inner, W_MODE, CT)
-        p = _broadcast(p_ptr, offsets, mask, p_inner, P_MODE, CT)
-        if LOGITS:
-            e, e_big = _exp(-tl.abs(x), LIBDEVICE)
-        if G_MODE == 0:
-            scale = grad_scale
-        elif G_MODE == 1:
-            scale = g_scalar * grad_scale
-        else:
-            scale = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(CT) * grad_scale
-
-        if G_MODE == 0:
-            if LOGITS:
-                loss = _logits_loss(x, y, p, e, e_big, LIBDEVICE, F64)
-            else:
-                loss = _bce_loss(x, y, LIBDEVICE, F64)
-            if W_MODE != 0:
-                loss = loss * w
-            loss = tl.where(kept, loss, 0.0)
-            if write_loss != 0:
-                tl.store(loss_ptr + offsets, loss.to(loss_ptr.dtype.element_ty), mask=mask)
-            if want_sum != 0:
-                tl.store(part_ptr + pid, tl.sum(loss, axis=0))
-        if write_gi != 0:
-            if LOGITS:
-                gi = _logits_grad_input(x, y, p, e, e_big)
-            else:
-                gi = _bce_grad_input(x, y)
-            if W_MODE != 0:
-                gi = gi * w
-            gi = tl.where(kept, gi, 0.0) * scale
-            tl.store(gi_ptr + offsets, gi.to(gi_ptr.dtype.element_ty), mask=mask)
-        if G_MODE != 0:
-            if write_gt != 0:
-                if LOGITS:
-                    gt = _logits_grad_target(x, p, e, LIBDEVICE, P_MODE)
-                else:
-                    gt = _bce_grad_target(x, LIBDEVICE)
-                gt = gt * keep_share
-                if W_MODE != 0:
-                    gt = gt * w
-                gt = tl.where(kept, gt, 0.0) * scale
-                tl.store(gt_ptr + offsets, gt.to(gt_ptr.dtype.element_ty), mask=mask)
-
     @triton.jit(
         do_not_specialize=[
             "w_inner",
@@ -545,25 +441,83 @@ if triton is not None:
         float32 kernels' parameters, ``*_bits`` the float64 kernels'. With ``G_MODE`` 1, ``skip_if_one``
         makes the pass a no-op when grad_output is exactly 1 (it then rewrites, in place, a gradient
         stored for grad_output 1)."""
-        gs = _float_parameter(grad_scale, grad_scale_bits, F64)
-        s = _float_parameter(smoothing, smoothing_bits, F64)
-        ig = _float_parameter(ignore_value, ignore_bits, F64)
+        CT: tl.constexpr = tl.float64 if F64 else tl.float32
+        grad_scale = _float_parameter(grad_scale, grad_scale_bits, F64)
+        smoothing = _float_parameter(smoothing, smoothing_bits, F64)
+        ignore_value = _float_parameter(ignore_value, ignore_bits, F64)
         if G_MODE == 1:
-            CT: tl.constexpr = tl.float64 if F64 else tl.float32
-            g = tl.load(g_ptr).to(CT)
-            if (g != 1.0) | (skip_if_one == 0):
-                _pass(
-                    x_ptr, y_ptr, w_ptr, p_ptr, g_ptr, loss_ptr, gi_ptr, gt_ptr, part_ptr, kept_ptr,
-                    bad_ptr, n, w_inner, p_inner, gs, s, ig, ignore_nan, write_loss, want_sum,
-                    write_gi, write_gt, count_kept, g, LOGITS, W_MODE, P_MODE, G_MODE, F64, INDEX64,
-                    LIBDEVICE, BLOCK,
-                )  # fmt: skip
+            g_scalar = tl.load(g_ptr).to(CT)
+            active = (g_scalar != 1.0) | (skip_if_one == 0)
         else:
-            _pass(
-                x_ptr, y_ptr, w_ptr, p_ptr, g_ptr, loss_ptr, gi_ptr, gt_ptr, part_ptr, kept_ptr, bad_ptr,
-                n, w_inner, p_inner, gs, s, ig, ignore_nan, write_loss, want_sum, write_gi, write_gt,
-                count_kept, gs, LOGITS, W_MODE, P_MODE, G_MODE, F64, INDEX64, LIBDEVICE, BLOCK,
-            )  # fmt: skip
+            g_scalar = grad_scale
+            active = skip_if_one == 0  # always: skip_if_one is for one grad_output
+        if active:
+            pid = tl.program_id(0)
+            if INDEX64:
+                offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+            else:
+                offsets = pid * BLOCK + tl.arange(0, BLOCK)
+            mask = offsets < n
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.5).to(CT)
+            y = tl.load(y_ptr + offsets, mask=mask, other=0.5).to(CT)
+            # ignore_index: a target equal to ignore_value (NaN when there is none: equal to nothing), or
+            # any NaN target when ignore_nan
+            ignored = (y == ignore_value) | ((ignore_nan != 0) & (y != y))
+            kept = mask & ~ignored
+            y = tl.where(ignored, 0.0, y)
+            if count_kept != 0:
+                tl.store(kept_ptr + pid, tl.sum(kept.to(tl.int32), axis=0))
+            if not LOGITS and G_MODE == 0:  # the [0, 1] check (NaN fails both), where the data is new
+                bad_x = tl.max((mask & ~((x >= 0.0) & (x <= 1.0))).to(tl.int32), axis=0)
+                bad_y = tl.max((kept & ~((y >= 0.0) & (y <= 1.0))).to(tl.int32), axis=0)
+                if (bad_x + bad_y) > 0:  # only a bad program touches the counters
+                    tl.atomic_add(bad_ptr, bad_x)
+                    tl.atomic_add(bad_ptr + 1, bad_y)
+            keep_share = 1.0 - smoothing
+            y = y * keep_share + 0.5 * smoothing  # label smoothing (exactly y when smoothing is 0)
+            w = _broadcast(w_ptr, offsets, mask, w_inner, W_MODE, CT)
+            p = _broadcast(p_ptr, offsets, mask, p_inner, P_MODE, CT)
+            if LOGITS:
+                e, e_big = _exp(-tl.abs(x), LIBDEVICE)
+            if G_MODE == 0:
+                scale = grad_scale
+            elif G_MODE == 1:
+                scale = g_scalar * grad_scale
+            else:
+                scale = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(CT) * grad_scale
+
+            if G_MODE == 0:
+                if LOGITS:
+                    loss = _logits_loss(x, y, p, e, e_big, LIBDEVICE, F64)
+                else:
+                    loss = _bce_loss(x, y, LIBDEVICE, F64)
+                if W_MODE != 0:
+                    loss = loss * w
+                loss = tl.where(kept, loss, 0.0)
+                if write_loss != 0:
+                    tl.store(loss_ptr + offsets, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+                if want_sum != 0:
+                    tl.store(part_ptr + pid, tl.sum(loss, axis=0))
+            if write_gi != 0:
+                if LOGITS:
+                    gi = _logits_grad_input(x, y, p, e, e_big)
+                else:
+                    gi = _bce_grad_input(x, y)
+                if W_MODE != 0:
+                    gi = gi * w
+                gi = tl.where(kept, gi, 0.0) * scale
+                tl.store(gi_ptr + offsets, gi.to(gi_ptr.dtype.element_ty), mask=mask)
+            if G_MODE != 0:
+                if write_gt != 0:
+                    if LOGITS:
+                        gt = _logits_grad_target(x, p, e, LIBDEVICE, P_MODE)
+                    else:
+                        gt = _bce_grad_target(x, LIBDEVICE)
+                    gt = gt * keep_share
+                    if W_MODE != 0:
+                        gt = gt * w
+                    gt = tl.where(kept, gt, 0.0) * scale
+                    tl.store(gt_ptr + offsets, gt.to(gt_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _scale_kernel(g_ptr, s_ptr, n, INDEX64: tl.constexpr, BLOCK: tl.constexpr):
