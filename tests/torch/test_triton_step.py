@@ -275,3 +275,19 @@ def test_the_scale_kernel_writes_only_when_the_scale_is_not_one(triton_route) ->
         grad = torch.arange(3000, dtype=dtype)
         _triton.scale_unless_one(grad, torch.full((1,), -0.5, dtype=dtype))
         assert torch.equal(grad, torch.arange(3000, dtype=dtype) * -0.5)
+
+
+@pytest.mark.parametrize("kind", ["logits", "bce"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_tiny_losses_rewrite_the_stored_gradient_for_any_grad_output(triton_route, kind, dtype, n) -> None:
+    """One element: its grad_output is read as one per element (the kernel's other backward), where the
+    skip-when-1 rule does not apply; the gradient must still follow grad_output."""
+    torch_dtype = DTYPES[dtype]
+    x = torch.tensor([0.3, -1.2][:n]) if kind == "logits" else torch.tensor([0.3, 0.8][:n])
+    x, y = x.to(torch_dtype), torch.tensor([1.0, 0.25][:n]).to(torch_dtype)
+    for grad_output in (1.0, 2.5):
+        leaf = x.clone().requires_grad_(True)
+        _loss(kind, leaf, y, None, None, "mean", {}).backward(torch.tensor(grad_output, dtype=torch_dtype))
+        expected = _reference_step(kind, x, y, None, None, "mean", {}, grad_output)
+        torch.testing.assert_close(leaf.grad.double(), expected, rtol=1e-2, atol=1e-6)

@@ -300,13 +300,18 @@ def _kernel_pass(
     grad_output: Optional[Tensor] = None,
     grad_scale: float = 1.0,
     loss_dtype: Optional[torch.dtype] = None,
+    rewrite: Optional[Tensor] = None,
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """One kernel pass: ``(loss, grad_input, grad_target)``, each None unless asked for. The loss is 0-d
     unless ``reduction`` is NONE; a reduced one is returned in ``loss_dtype`` (default: the input's).
-    Gradients of a mean include the 1/count factor."""
+    Gradients of a mean include the 1/count factor.
+
+    ``rewrite`` (Triton route, a one-element grad_output, no mean over kept elements): the input gradient
+    the forward pass stored for grad_output 1, rewritten in place, and only where grad_output is not 1
+    (decided on the device)."""
     x, y, w, p = (_plain(t) for t in (input, target, weight, pos_weight))
     per_element = _output(x) if reduction == NONE else None
-    gi = _output(x) if grad_input else None
+    gi = rewrite if rewrite is not None else _output(x) if grad_input else None
     gt = _output(x) if grad_target else None
     mean_unknown = reduction == MEAN and spec.ignore_index is not None  # count known after the pass
     if reduction == MEAN and not mean_unknown and x.numel():
@@ -332,8 +337,9 @@ def _kernel_pass(
             label_smoothing=spec.label_smoothing,
             ignore_index=spec.ignore_index,
             loss_dtype=loss_dtype,
+            skip_if_one=rewrite is not None,
         )
-        count = kept.clamp_min(1) if mean_unknown else kept
+        count = kept.clamp_min(1) if isinstance(kept, Tensor) else max(kept, 1)
     else:
         if grad_output is not None and grad_output.numel() == 1 and x.numel() != 1:
             grad_scale, grad_output = grad_scale * float(grad_output), None  # a reduced loss's grad_output
@@ -606,23 +612,12 @@ def _fused_backward_on_device(
     spec = ctx.spec
     need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     half = input.dtype in (torch.float16, torch.bfloat16)
-    in_place = need_input and grad is not None and not (half and _mean_over_kept(spec))
-    if in_place:
-        go = grad_output.to(grad.dtype).reshape(1)
-        if half:
-            _triton.run(
-                spec.kind,
-                *_kernel_operands(input, target, weight, pos_weight),
-                reduction=spec.reduction,
-                grad_input=grad,
-                grad_output=go,
-                grad_scale=1.0 / input.numel() if spec.reduction == MEAN else 1.0,
-                label_smoothing=spec.label_smoothing,
-                ignore_index=spec.ignore_index,
-                skip_if_one=True,
-            )
-        else:
-            _triton.scale_unless_one(grad, go)
+    mean_over_kept = spec.reduction == MEAN and spec.ignore_index is not None
+    in_place = need_input and grad is not None and not (half and mean_over_kept)
+    if in_place and half:
+        _kernel_pass(spec, *inputs, reduction=spec.reduction, grad_output=grad_output, rewrite=grad)
+    elif in_place:
+        _triton.scale_unless_one(grad, grad_output.to(grad.dtype).reshape(1))
     if not (need_target or (need_input and not in_place)):
         return (grad if in_place else None), None
     _, recomputed, grad_target = _kernel_pass(
@@ -637,16 +632,6 @@ def _fused_backward_on_device(
         grad_output=grad_output,
     )
     return (grad if in_place else recomputed), grad_target
-
-
-def _mean_over_kept(spec: LossSpec) -> bool:
-    return spec.reduction == MEAN and spec.ignore_index is not None
-
-
-def _kernel_operands(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor]):
-    """``(x, y, w, w's form, p, p's form)`` as the Triton launcher takes them."""
-    x, y, w, p = (_plain(t) for t in (input, target, weight, pos_weight))
-    return x, y, w, _form(w, x), p, _form(p, x)
 
 
 @torch.library.custom_op("bcekit::binary_cross_entropy_fused", mutates_args=())

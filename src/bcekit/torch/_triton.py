@@ -450,7 +450,7 @@ if triton is not None:
             active = (g_scalar != 1.0) | (skip_if_one == 0)
         else:
             g_scalar = grad_scale
-            active = skip_if_one == 0  # always: skip_if_one is for one grad_output
+            active = True  # skip_if_one is for one grad_output shared by every element
         if active:
             pid = tl.program_id(0)
             if INDEX64:
