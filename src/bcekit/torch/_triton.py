@@ -68,7 +68,7 @@ try:
 except ImportError:  # pragma: no cover - exercised where Triton is not installed
     triton = None
 
-__all__ = ["AVAILABLE", "CONFIGS", "run", "scale_unless_one", "launch_count", "config", "describe"]
+__all__ = ["AVAILABLE", "CONFIGS", "run", "scale_unless_one", "launch_count", "describe"]
 
 AVAILABLE: bool = triton is not None
 
@@ -546,11 +546,6 @@ def _launch(kernel, grid: tuple[int], *args: Any, **kwargs: Any) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def config(dtype: torch.dtype) -> tuple[int, int]:
-    """``(elements per program, warps)`` for inputs of ``dtype``."""
-    return CONFIGS[dtype]
-
-
 def launch_count(n: int, dtype: torch.dtype = torch.float32) -> int:
     """Programs a pass over ``n`` elements of ``dtype`` launches."""
     return max(1, -(-n // CONFIGS[dtype][0]))
@@ -632,7 +627,7 @@ def run(
     _range_check.poll(device)
     n = input.numel()
     block, warps = CONFIGS[input.dtype]
-    programs = max(1, -(-n // block))
+    programs = launch_count(n, input.dtype)
     f64 = input.dtype == torch.float64
     forward = grad_output is None
     if forward:
@@ -714,7 +709,7 @@ def scale_unless_one(grad: Tensor, scale: Tensor) -> None:
     with _on(grad.device):
         _launch(
             _scale_kernel,
-            (max(1, -(-n // block)),),
+            (launch_count(n, grad.dtype),),
             grad,
             scale,
             n,
