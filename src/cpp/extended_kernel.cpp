@@ -5,6 +5,7 @@
 // long double path of bcekit._numpy_core. The Python layer sends float64 here only where long double has
 // a 64-bit significand (see core.cpp: extended_float64); elsewhere float64 takes the composed path.
 #include <cmath>
+#include <cstring>
 
 #include "kernel_api.h"
 
@@ -15,20 +16,32 @@ namespace {
 using R = long double;
 constexpr R GRAD_EPSILON = 9.999999960041972e-13L;  // float32(1e-12): torch's clamp of x (1 - x)
 
+// Element i of float64 data at any address: the operands may be misaligned (a NumPy view at an odd
+// byte offset, a tensor over a byte buffer), where reading through a double* is undefined; memcpy is
+// defined for any address and compiles to the same single move.
+inline double load(const void* data, int64_t i) {
+    double v;
+    std::memcpy(&v, static_cast<const char*>(data) + i * int64_t(sizeof v), sizeof v);
+    return v;
+}
+inline void store(void* data, int64_t i, double v) {
+    std::memcpy(static_cast<char*>(data) + i * int64_t(sizeof v), &v, sizeof v);
+}
+
 struct BroadcastReader {
-    const double* data;
+    const void* data;
     int mode;
     int64_t inner, col, row;
     BroadcastReader(const void* p, int mode_, int64_t inner_, int64_t begin)
-        : data(static_cast<const double*>(p)), mode(p ? mode_ : ABSENT), inner(inner_ > 0 ? inner_ : 1),
-          col(begin % inner), row(begin / inner) {}
+        : data(p), mode(p ? mode_ : ABSENT), inner(inner_ > 0 ? inner_ : 1), col(begin % inner),
+          row(begin / inner) {}
     R next(int64_t i) {
         R v = 1.0L;
         switch (mode) {
-            case SCALAR: v = data[0]; break;
-            case FULL: v = data[i]; break;
-            case PER_CLASS: v = data[col]; break;
-            case PER_ROW: v = data[row]; break;
+            case SCALAR: v = load(data, 0); break;
+            case FULL: v = load(data, i); break;
+            case PER_CLASS: v = load(data, col); break;
+            case PER_ROW: v = load(data, row); break;
             default: break;
         }
         if (++col == inner) { col = 0; ++row; }
@@ -41,12 +54,10 @@ inline R scaled(R c, R v) { return (c == 0 && std::isinf(v)) ? R(0) : c * v; }
 }  // namespace
 
 ChunkResult extended_chunk(const Args& a, int64_t begin, int64_t end) {
-    const double* x = static_cast<const double*>(a.x);
-    const double* y = static_cast<const double*>(a.y);
-    const double* g = static_cast<const double*>(a.grad_output);
-    double* loss_out = static_cast<double*>(a.loss);
-    double* gi_out = static_cast<double*>(a.grad_input);
-    double* gt_out = static_cast<double*>(a.grad_target);
+    const void* g = a.grad_output;
+    void* const loss_out = a.loss;
+    void* const gi_out = a.grad_input;
+    void* const gt_out = a.grad_target;
     const bool logits = a.kind == LOGITS;
     const bool need_loss = loss_out || a.want_sum;
     const bool has_w = a.w != nullptr, has_p = a.p != nullptr;
@@ -57,11 +68,12 @@ ChunkResult extended_chunk(const Args& a, int64_t begin, int64_t end) {
     int64_t kept_count = 0;
 
     for (int64_t i = begin; i < end; ++i) {
-        R xv = x[i], yv = y[i];
+        const double x_i = load(a.x, i), y_i = load(a.y, i);
+        R xv = x_i, yv = y_i;
         const R wv = wr.next(i), pv = pr.next(i);
         bool kept = true;
         if (a.has_ignore) {
-            kept = nan_ignore ? !std::isnan(y[i]) : y[i] != a.ignore_index;
+            kept = nan_ignore ? !std::isnan(y_i) : y_i != a.ignore_index;
             if (!kept) yv = 0;
         }
         kept_count += kept;
@@ -85,16 +97,16 @@ ChunkResult extended_chunk(const Args& a, int64_t begin, int64_t end) {
             }
             if (has_w) loss *= wv;
             if (!kept) loss = 0;
-            if (loss_out) loss_out[i] = double(loss);
+            if (loss_out) store(loss_out, i, double(loss));
             result.sum += loss;
         }
         if (gi_out || gt_out) {
             // Gradients carry no accuracy promise beyond torch's: they are the composed float64 formulas
             // (bcekit._math), evaluated in double in the same order, so they agree with them bitwise.
-            const double xd = x[i], wd = has_w ? double(wv) : 1.0, pd = has_p ? double(pv) : 1.0;
-            double yd = kept ? y[i] : 0.0;
+            const double xd = x_i, wd = has_w ? double(wv) : 1.0, pd = has_p ? double(pv) : 1.0;
+            double yd = kept ? y_i : 0.0;
             if (a.label_smoothing != 0.0) yd = yd * (1.0 - a.label_smoothing) + 0.5 * a.label_smoothing;
-            const double scale = g ? g[i] * a.grad_scale : a.grad_scale;
+            const double scale = g ? load(g, i) * a.grad_scale : a.grad_scale;
             double gi = 0, gt = 0;
             if (logits) {
                 const double e = std::exp(-std::fabs(xd));
@@ -121,12 +133,12 @@ ChunkResult extended_chunk(const Args& a, int64_t begin, int64_t end) {
             }
             if (gi_out) {
                 if (has_w) gi *= wd;
-                gi_out[i] = (kept ? gi : 0.0) * scale;
+                store(gi_out, i, (kept ? gi : 0.0) * scale);
             }
             if (gt_out) {
                 if (a.label_smoothing != 0.0) gt *= 1.0 - a.label_smoothing;
                 if (has_w) gt *= wd;
-                gt_out[i] = (kept ? gt : 0.0) * scale;
+                store(gt_out, i, (kept ? gt : 0.0) * scale);
             }
         }
     }

@@ -100,7 +100,9 @@ template <> struct Lanes<float> {
     template <bool STREAM>
     BCEKIT_INLINE static void store8(float* p, vf8 v) {
 #if defined(__AVX2__)
-        if constexpr (STREAM) _mm256_stream_ps(p, (__m256)v);  // the caller checked the 32-byte alignment
+        // Streaming stores need a 32-byte aligned p: Args::stream_outputs is only set for a 32-byte
+        // aligned grad_input (core.cpp), and the groups start a multiple of 8 floats past it.
+        if constexpr (STREAM) _mm256_stream_ps(p, (__m256)v);
         else _mm256_storeu_ps(p, (__m256)v);
 #else
         std::memcpy(p, &v, sizeof v);
@@ -124,8 +126,10 @@ template <> struct Lanes<half_t> : HalfStores<half_t> {
 #if defined(__AVX2__)
         return (vf8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
+        uint16_t bits[8];
+        std::memcpy(bits, p, sizeof bits);
         vf8 v;
-        for (int j = 0; j < 8; ++j) v[j] = half_to_float(p[j].bits);
+        for (int j = 0; j < 8; ++j) v[j] = half_to_float(bits[j]);
         return v;
 #endif
     }
@@ -136,8 +140,10 @@ template <> struct Lanes<bf16_t> : HalfStores<bf16_t> {
         const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
         return (vf8)_mm256_slli_epi32(wide, 16);
 #else
+        uint16_t bits[8];
+        std::memcpy(bits, p, sizeof bits);
         vf8 v;
-        for (int j = 0; j < 8; ++j) v[j] = bf16_to_float(p[j].bits);
+        for (int j = 0; j < 8; ++j) v[j] = bf16_to_float(bits[j]);
         return v;
 #endif
     }

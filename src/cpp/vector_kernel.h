@@ -156,6 +156,15 @@ inline void log_pair(vd x, vd& log_x, vd& log_1mx) {
 // Storage types
 // ---------------------------------------------------------------------------------------------------
 
+// The operands may sit at any address: a NumPy view at an odd byte offset, a tensor over a byte buffer.
+// Elements are therefore never read or written through a typed pointer (which requires the type's
+// alignment) but through memcpy, which is defined for any address and compiles to the same single move
+// (vector loads and stores likewise go through memcpy or the unaligned intrinsics). Pointers to the
+// storage types serve for address arithmetic only.
+template <class U> BCEKIT_INLINE U load_bits(const void* p) { U v; std::memcpy(&v, p, sizeof v); return v; }
+template <class U> BCEKIT_INLINE void store_bits(void* p, U v) { std::memcpy(p, &v, sizeof v); }
+
+// float16 and bfloat16 storage: 16 bits each, read and written with load_bits and store_bits.
 struct half_t { uint16_t bits; };
 struct bf16_t { uint16_t bits; };
 
@@ -202,15 +211,15 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept qui
 
 template <class T> struct Storage;
 template <> struct Storage<float> {
-    static double get(const float* p) { return *p; }
-    static void put(float* p, double v) { *p = float(v); }
+    static double get(const float* p) { return load_bits<float>(p); }
+    static void put(float* p, double v) { store_bits(p, float(v)); }
     static vd loadw(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return __builtin_convertvector(v, vd); }
     static void storew(float* p, vd v) { vf f = __builtin_convertvector(v, vf); std::memcpy(p, &f, sizeof f); }
 };
 template <> struct Storage<half_t> {
-    static double get(const half_t* p) { return half_to_float(p->bits); }
+    static double get(const half_t* p) { return half_to_float(load_bits<uint16_t>(p)); }
     // half results are computed as float32 values, then rounded (as torch rounds its float32 math)
-    static void put(half_t* p, double v) { p->bits = float_to_half(float(v)); }
+    static void put(half_t* p, double v) { store_bits(p, float_to_half(float(v))); }
     static vd loadw(const half_t* p) {
         vd v;
         for (int j = 0; j < W; ++j) v[j] = get(p + j);
@@ -219,8 +228,8 @@ template <> struct Storage<half_t> {
     static void storew(half_t* p, vd v) { for (int j = 0; j < W; ++j) put(p + j, v[j]); }
 };
 template <> struct Storage<bf16_t> {
-    static double get(const bf16_t* p) { return bf16_to_float(p->bits); }
-    static void put(bf16_t* p, double v) { p->bits = float_to_bf16(float(v)); }
+    static double get(const bf16_t* p) { return bf16_to_float(load_bits<uint16_t>(p)); }
+    static void put(bf16_t* p, double v) { store_bits(p, float_to_bf16(float(v))); }
     typedef uint16_t vh __attribute__((vector_size(2 * W)));
     static vd loadw(const bf16_t* p) {
         vh h;
@@ -443,9 +452,9 @@ inline bool elementwise_impl(const char* name, const double* in, double* out, in
     for (int64_t i = 0; i < n; i += W) {
         vd v = splat(0.5);
         const int64_t lanes = n - i < W ? n - i : W;
-        for (int64_t j = 0; j < lanes; ++j) v[j] = in[i + j];
+        for (int64_t j = 0; j < lanes; ++j) v[j] = load_bits<double>(in + i + j);
         v = fn(v);
-        for (int64_t j = 0; j < lanes; ++j) out[i + j] = v[j];
+        for (int64_t j = 0; j < lanes; ++j) store_bits(out + i + j, double(v[j]));
     }
     return true;
 }
