@@ -9,6 +9,9 @@ must reproduce that map exactly, with the number of weight elements the kernel e
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -261,6 +264,165 @@ def test_default_threads_follow_the_environment(monkeypatch) -> None:
     assert _native._default_threads() == 1
     monkeypatch.delenv("BCEKIT_NUM_THREADS")
     assert _native._default_threads() >= 1
+
+
+# A memory limit under which the system refuses most of the threads a call asks
+# for, while other Python threads' passes hold the worker pool (so the call starts its own threads).
+_THREAD_LIMIT_SCRIPT = """
+import resource, sys, threading
+import numpy as np
+if sys.argv[1] == "limit":
+    resource.setrlimit(resource.RLIMIT_AS, (2_500_000_000, 2_500_000_000))
+import bcekit, bcekit.numpy as bnp
+from bcekit import _native
+if sys.argv[1] == "hook":
+    _native._core._fail_thread_starts(10**9)
+rng = np.random.default_rng(5)
+x = rng.normal(0, 3, 2**22).astype(np.float32)
+y = rng.random(2**22).astype(np.float32)
+bcekit.set_num_threads(512)
+results = []
+def step():
+    for _ in range(2):
+        results.append(bnp.binary_cross_entropy_with_logits(x, y, reduction="sum"))
+threads = [threading.Thread(target=step) for _ in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+_native._core._fail_thread_starts(0)
+bcekit.set_num_threads(1)
+loss = bnp.binary_cross_entropy_with_logits(x, y, reduction="sum")
+assert len(results) == 6
+assert all(r.tobytes() == loss.tobytes() for r in results)
+print("same bits")
+"""
+
+
+def _sanitized() -> bool:
+    return "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
+@pytest.mark.parametrize("how", ["limit", "hook"])
+def test_a_pass_refused_threads_runs_on_those_it_has(how: str) -> None:
+    """When the system refuses a thread (here under a 2.5 GB address-space limit with 512 threads asked
+    for, or with every start made to fail), both the worker pool and a pass that starts its own threads
+    carry on with the threads they got: no abort, and the single-threaded result's bits."""
+    if how == "limit" and _sanitized():
+        pytest.skip("AddressSanitizer reserves terabytes of address space: the 'hook' case covers this path")
+    done = subprocess.run(
+        [sys.executable, "-c", _THREAD_LIMIT_SCRIPT, how], capture_output=True, text=True, timeout=300
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "same bits"), done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------------
+# the buffer cache
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache_on():
+    """The cache on with its default limit (the sanitizer run turns it off), emptied before and after."""
+    bcekit.empty_cache()
+    _native._core.set_cache_limit(2**30)
+    yield
+    _native._core.set_cache_limit(int(os.environ.get("BCEKIT_CACHE_BYTES") or 2**30))
+    bcekit.empty_cache()
+
+
+def _buffer(nbytes: int) -> np.ndarray:
+    return _native.empty((nbytes // 4,), "float32", torch=False)
+
+
+def test_cache_hands_a_buffer_to_a_request_at_most_an_eighth_smaller(cache_on) -> None:
+    size = 8 * 2**20
+    first = _buffer(size)
+    address = first.ctypes.data
+    del first
+    near = _buffer(size - size // 8)
+    assert near.ctypes.data == address
+    del near
+    assert _native._core.cached_bytes() == size  # back at its own size
+    far = _buffer(size - size // 8 - 4096)
+    assert far.ctypes.data != address
+    assert _native._core.cached_bytes() == size
+
+
+def test_cache_releases_the_least_recently_returned_beyond_its_limit(cache_on) -> None:
+    sizes = [2**20, 2**20 + 2**18, 2**20 + 2**19]  # more than 1/8 apart: no buffer serves another size
+    _native._core.set_cache_limit(sizes[1] + sizes[2])
+    buffers = [_buffer(s) for s in sizes]
+    addresses = [b.ctypes.data for b in buffers]
+    for index in range(3):
+        buffers[index] = None  # returned in this order: the first is the least recent
+    assert _native._core.cached_bytes() == sizes[1] + sizes[2]
+    assert [_buffer(s).ctypes.data == a for s, a in zip(sizes[1:], addresses[1:], strict=True)] == [
+        True,
+        True,
+    ]
+    _native._core.set_cache_limit(0)
+    assert _native._core.cached_bytes() == 0
+
+
+def test_lowering_the_limit_releases_down_to_it(cache_on) -> None:
+    buffers = [_buffer(2**20 * (8 + 2 * i)) for i in range(4)]
+    total = sum(b.nbytes for b in buffers)
+    del buffers
+    assert _native._core.cached_bytes() == total
+    _native._core.set_cache_limit(total // 2)
+    assert 0 < _native._core.cached_bytes() <= total // 2
+
+
+def test_cache_releases_a_buffer_no_request_takes_within_its_age(cache_on) -> None:
+    """A buffer returned and then not handed out for CACHE_MAX_AGE requests of other sizes is released,
+    so a workload whose sizes vary keeps only what its recent requests could use."""
+    age = _native._core.CACHE_MAX_AGE
+    old = _buffer(64 * 2**20)
+    del old
+    for _ in range(age):
+        _buffer(2**20)  # requests of another size (one buffer, handed out and returned each time)
+    assert _native._core.cached_bytes() == 64 * 2**20 + 2**20
+    held = _buffer(2**20)
+    assert _native._core.cached_bytes() == 0  # the 64 MiB one has waited more than `age` requests
+    del held
+
+
+_MEMORY_SCRIPT = """
+import numpy as np, bcekit, bcekit.numpy as bnp
+from bcekit import _native
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+rng = np.random.default_rng(0)
+x = rng.normal(0, 2, 2**21).astype(np.float32)
+y = rng.random(2**21).astype(np.float32)
+bnp.binary_cross_entropy_with_logits_and_grad(x[:2**18], y[:2**18], reduction="none")
+bcekit.empty_cache()
+start = rss()
+kept = 0
+for n in rng.integers(2**18, 2**21, 400):  # per-element losses and gradients of 1-8 MiB each
+    loss, grad = bnp.binary_cross_entropy_with_logits_and_grad(x[:n], y[:n], reduction="none")
+    del loss, grad
+    kept = max(kept, _native._core.cached_bytes())
+bcekit.empty_cache()
+print(kept, rss() - start)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the resident size from /proc")
+def test_varying_sizes_keep_a_bounded_cache_and_empty_cache_gives_memory_back() -> None:
+    """400 steps whose outputs vary between 1 and 8 MiB: the cache never holds more than what its last
+    CACHE_MAX_AGE requests could use (each 8 MiB at most), far below its 1 GiB limit, and after
+    empty_cache() the process's resident memory is back within 32 MiB of where it started."""
+    environment = {**os.environ, "BCEKIT_CACHE_BYTES": str(2**30)}
+    done = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT], env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    kept, grown = (int(v) for v in done.stdout.split())
+    assert kept <= _native._core.CACHE_MAX_AGE * 8 * 2**20
+    assert grown <= 32 * 2**20
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -12,9 +12,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <pthread.h>
-#if defined(__linux__)
 #include <sys/mman.h>
-#endif
 
 #include <algorithm>
 #include <atomic>
@@ -27,13 +25,16 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <list>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kernel_api.h"
@@ -88,36 +89,49 @@ ChunkFn select_kernel(int dtype) {
 // A cache of output buffers. A training step allocates a fresh input-sized gradient every time and the
 // kernel's stores then fault its pages in one by one: for 2^24 float32 that costs about twice the pass
 // itself. Buffers come back here when the tensor or array that owns them is freed (its storage, so
-// views keep a buffer alive) and are handed out again for the same size, already mapped. The cache
-// holds at most `limit` bytes (BCEKIT_CACHE_BYTES, default 1 GiB; 0 disables it); empty_cache() frees it.
+// views keep a buffer alive) and are handed out again, already mapped, for a request of their size or
+// up to 1/8 smaller.
+//
+// What it keeps is bounded three ways: at most `limit` bytes (BCEKIT_CACHE_BYTES, default 1 GiB; 0
+// disables it), the least recently returned buffers going first; a buffer not handed out again within
+// the next MAX_AGE requests is released (so a workload whose sizes vary keeps only what its recent
+// requests could use, not one buffer per size it ever asked for); empty_cache() releases everything.
+// Every buffer is its own anonymous mapping (mmap), so releasing one gives its pages back to the
+// system at once rather than to the C heap, which may keep them.
 //
 // Buffers of HUGE_MIN bytes and more start on a 2 MiB boundary, and on Linux their whole 2 MiB pages
 // are advised as transparent huge pages (MADV_HUGEPAGE, which the common THP setting "madvise" honours):
 // a pass streaming through a gradient then takes a TLB miss per 2 MiB instead of per 4 KiB, 3-6% of a
 // 2^24 float32 pass on the CI machine. The header then sits at the end of a 2 MiB prefix of which only
 // its 4 KiB page is ever touched, and a tail short of a whole 2 MiB page keeps small pages, so resident
-// memory stays that of the data.
+// memory stays that of the data. Smaller buffers start one page after their mapping's start.
 class BufferCache {
   public:
     static constexpr size_t HEADER = 64;  // the size is kept just before the data (64-byte aligned)
+    static constexpr size_t PAGE = size_t(1) << 12;
     static constexpr size_t HUGE = size_t(1) << 21;
     static constexpr size_t HUGE_MIN = size_t(1) << 22;
+    static constexpr uint64_t MAX_AGE = 32;  // requests a cached buffer waits for before it is released
 
     void* get(size_t bytes) {
         {
             std::lock_guard<std::mutex> lock(mutex_);
-            auto it = free_.find(bytes);
-            if (it != free_.end()) {
-                char* data = it->second + prefix(bytes);
-                free_.erase(it);
-                cached_ -= bytes;
+            ++clock_;
+            release_old();
+            // the smallest cached buffer that fits, if it wastes at most 1/8 of itself
+            auto it = by_size_.lower_bound(bytes);
+            if (it != by_size_.end() && it->first - bytes <= it->first / 8) {
+                Entry entry = *it->second;
+                lru_.erase(it->second);
+                by_size_.erase(it);
+                cached_ -= entry.bytes;
+                char* data = entry.block + prefix(entry.bytes);
                 BCEKIT_UNPOISON(data, bytes);
                 return data;
             }
         }
         const size_t before = prefix(bytes);
-        char* block = static_cast<char*>(std::aligned_alloc(before, span(bytes)));
-        if (!block) throw std::bad_alloc();
+        char* block = map(bytes);
         char* data = block + before;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
         if (bytes >= HUGE_MIN) madvise(data, bytes / HUGE * HUGE, MADV_HUGEPAGE);  // advice: failure is harmless
@@ -137,24 +151,20 @@ class BufferCache {
         BCEKIT_POISON(header, HEADER);
         char* block = static_cast<char*>(data) - prefix(bytes);
         std::lock_guard<std::mutex> lock(mutex_);
-        if (cached_ + bytes <= limit_) {
-            BCEKIT_POISON(data, bytes);  // a cached buffer is not to be touched until handed out
-            free_.emplace(bytes, block);
-            cached_ += bytes;
-        } else {
-            BCEKIT_UNPOISON(block, span(bytes));
-            std::free(block);
+        if (bytes > limit_) {
+            unmap(block, bytes);
+            return;
         }
+        BCEKIT_POISON(data, bytes);  // a cached buffer is not to be touched until handed out
+        lru_.push_front(Entry{bytes, block, clock_});
+        by_size_.emplace(bytes, lru_.begin());
+        cached_ += bytes;
+        while (cached_ > limit_) release_last();
     }
 
     void clear() noexcept {
         std::lock_guard<std::mutex> lock(mutex_);
-        for (auto& entry : free_) {
-            BCEKIT_UNPOISON(entry.second, span(entry.first));
-            std::free(entry.second);
-        }
-        free_.clear();
-        cached_ = 0;
+        while (!lru_.empty()) release_last();
     }
 
     size_t cached() {
@@ -162,29 +172,100 @@ class BufferCache {
         return cached_;
     }
     void set_limit(size_t limit) {
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            limit_ = limit;
-        }
-        if (limit == 0) clear();
+        std::lock_guard<std::mutex> lock(mutex_);
+        limit_ = limit;
+        while (cached_ > limit_) release_last();
     }
 
   private:
-    // the bytes before the data (the header last among them), and the whole allocation
-    static size_t prefix(size_t bytes) { return bytes >= HUGE_MIN ? HUGE : HEADER; }
-    static size_t span(size_t bytes) {
-        const size_t unit = prefix(bytes);
-        return unit + (bytes + unit - 1) / unit * unit;
+    struct Entry {
+        size_t bytes;
+        char* block;
+        uint64_t returned;  // clock_ when it came back
+    };
+
+    // the bytes before the data (the header last among them), and the whole mapping
+    static size_t prefix(size_t bytes) { return bytes >= HUGE_MIN ? HUGE : PAGE; }
+    static size_t span(size_t bytes) { return prefix(bytes) + (bytes + PAGE - 1) / PAGE * PAGE; }
+
+    // A mapping of span(bytes) whose data part starts on a multiple of prefix(bytes): for the 2 MiB
+    // alignment, one HUGE more is mapped and the excess before and after is unmapped again.
+    static char* map(size_t bytes) {
+        const size_t length = span(bytes);
+        const size_t extra = bytes >= HUGE_MIN ? HUGE : 0;
+        void* raw =
+            mmap(nullptr, length + extra, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (raw == MAP_FAILED) throw std::bad_alloc();
+        char* start = static_cast<char*>(raw);
+        if (!extra) return start;
+        const uintptr_t address = reinterpret_cast<uintptr_t>(start);
+        char* block = start + (HUGE - address % HUGE) % HUGE;
+        if (block > start) munmap(start, size_t(block - start));
+        munmap(block + length, size_t(start + extra - block));  // what lies past block + length
+        return block;
     }
+    static void unmap(char* block, size_t bytes) noexcept {
+        BCEKIT_UNPOISON(block, span(bytes));
+        munmap(block, span(bytes));
+    }
+
+    // under mutex_
+    void release_last() noexcept {
+        const Entry& entry = lru_.back();
+        auto range = by_size_.equal_range(entry.bytes);
+        for (auto it = range.first; it != range.second; ++it) {
+            if (it->second == std::prev(lru_.end())) {
+                by_size_.erase(it);
+                break;
+            }
+        }
+        cached_ -= entry.bytes;
+        unmap(entry.block, entry.bytes);
+        lru_.pop_back();
+    }
+    void release_old() noexcept {
+        while (!lru_.empty() && clock_ - lru_.back().returned > MAX_AGE) release_last();
+    }
+
     std::mutex mutex_;
-    std::multimap<size_t, char*> free_;
+    std::list<Entry> lru_;  // most recently returned first
+    std::multimap<size_t, std::list<Entry>::iterator> by_size_;
     size_t cached_ = 0;
     size_t limit_ = size_t(1) << 30;
+    uint64_t clock_ = 0;  // requests so far
 };
 
 BufferCache& cache() {
     static BufferCache* instance = new BufferCache();  // never destroyed: buffers may outlive the module
     return *instance;
+}
+
+// Starts a thread running f(args...), or returns false when the system refuses one (a memory, process
+// or thread limit): a pass then runs on the threads it already has, which changes only its speed.
+// fail_thread_starts(k) makes the next k starts fail, so tests can take that path anywhere.
+std::atomic<int64_t> failing_starts{0};
+
+bool take_failing_start() noexcept {
+    for (int64_t left = failing_starts.load(); left > 0;)
+        if (failing_starts.compare_exchange_weak(left, left - 1)) return true;
+    return false;
+}
+
+template <class F, class... A>
+bool start_thread(std::vector<std::thread>* joinable, F&& f, A&&... args) noexcept {
+    try {
+        if (take_failing_start())
+            throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again));
+        std::thread thread(std::forward<F>(f), std::forward<A>(args)...);
+        if (joinable) {
+            joinable->push_back(std::move(thread));  // reserved by the caller: cannot throw
+        } else {
+            thread.detach();
+        }
+        return true;
+    } catch (const std::exception&) {  // std::system_error (EAGAIN), or std::bad_alloc for its state
+        return false;
+    }
 }
 
 // Worker threads kept between passes. Starting a thread and joining it costs ~80 us on the machines we
@@ -209,12 +290,11 @@ class WorkerPool {
         if (!busy.owns_lock()) return false;
         {
             std::lock_guard<std::mutex> lock(mutex_);
-            while (int64_t(threads_) < helpers) {
-                std::thread(&WorkerPool::loop, this, int64_t(threads_) + 1).detach();
+            while (int64_t(threads_) < helpers &&
+                   start_thread(nullptr, &WorkerPool::loop, this, int64_t(threads_) + 1))
                 ++threads_;
-            }
             work_ = &work;
-            helpers_ = helpers;
+            helpers_ = std::min(helpers, int64_t(threads_));
             open_ = true;
             generation_.fetch_add(1, std::memory_order_release);
         }
@@ -327,7 +407,8 @@ RunResult run(Args args, int threads) {
     } else if (!pool().run(t - 1, work)) {  // the pool is busy with another caller's pass
         std::vector<std::thread> helpers;
         helpers.reserve(size_t(t - 1));
-        for (int64_t w = 1; w < t; ++w) helpers.emplace_back(work, w);
+        for (int64_t w = 1; w < t && start_thread(&helpers, work, w); ++w) {
+        }
         work(0);
         for (auto& th : helpers) th.join();
     }
@@ -407,6 +488,7 @@ NB_MODULE(_core, m) {
     m.doc() = "bcekit's CPU kernels. Use bcekit._native, not this module.";
     m.attr("CHUNK") = CHUNK;
     m.attr("ISA") = isa_name();
+    m.attr("CACHE_MAX_AGE") = BufferCache::MAX_AGE;
     // float64 is computed in long double only where it has a 64-bit significand (x87); elsewhere the
     // Python layer keeps float64 on its composed double-double path.
     m.attr("EXTENDED_FLOAT64") = LDBL_MANT_DIG >= 64 && LDBL_MANT_DIG < 113;
@@ -432,6 +514,8 @@ NB_MODULE(_core, m) {
         nb::arg("shape"), nb::arg("dtype"), nb::arg("torch"),
         "An uninitialised C-contiguous array (NumPy) or CPU tensor (torch) from the buffer cache.");
     m.def("empty_cache", []() { cache().clear(); }, "Free the cached buffers.");
+    m.def("_fail_thread_starts", [](int64_t count) { failing_starts.store(count); }, nb::arg("count"),
+          "For tests: the next `count` thread starts fail as under a memory or thread limit.");
     m.def("cached_bytes", []() { return cache().cached(); }, "Bytes held by the buffer cache.");
     m.def("set_cache_limit", [](size_t bytes) { cache().set_limit(bytes); }, nb::arg("bytes"),
           "Most bytes the cache keeps (0: keep none).");
