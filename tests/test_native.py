@@ -260,10 +260,67 @@ def test_set_num_threads_rejects_non_positive(restore_threads, bad: int) -> None
 def test_default_threads_follow_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("BCEKIT_NUM_THREADS", "5")
     assert _native._default_threads() == 5
-    monkeypatch.setenv("BCEKIT_NUM_THREADS", "0")
-    assert _native._default_threads() == 1
+    monkeypatch.setenv("BCEKIT_NUM_THREADS", " 2 ")
+    assert _native._default_threads() == 2
+    monkeypatch.setenv("BCEKIT_NUM_THREADS", "")
+    assert _native._default_threads() >= 1
     monkeypatch.delenv("BCEKIT_NUM_THREADS")
     assert _native._default_threads() >= 1
+
+
+def _import_with(variable: str, value: str, module: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, variable: value}
+    return subprocess.run(
+        [sys.executable, "-c", f"import {module}"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "accepts"),
+    [
+        ("BCEKIT_NUM_THREADS", "abc", "a positive whole number of threads"),
+        ("BCEKIT_NUM_THREADS", "0", "a positive whole number of threads"),
+        ("BCEKIT_NUM_THREADS", "-2", "a positive whole number of threads"),
+        ("BCEKIT_NUM_THREADS", "2.5", "a positive whole number of threads"),
+        ("BCEKIT_CACHE_BYTES", "1GB", "a whole number of bytes"),
+        ("BCEKIT_CACHE_BYTES", "-1", "a whole number of bytes"),
+    ],
+)
+def test_a_malformed_environment_variable_is_named_with_what_it_accepts(
+    variable: str, value: str, accepts: str
+) -> None:
+    """Like set_num_threads(0), which raises: the import of what computes fails with one ValueError that
+    names the variable, its value and what it accepts; the package itself (and so the command line's
+    parser, which turns the error into one line) still imports."""
+    failed = _import_with(variable, value, "bcekit.numpy")
+    assert failed.returncode != 0
+    assert (
+        failed.stderr.strip().splitlines()[-1]
+        == f"ValueError: {variable}={value!r}: must be "
+        + (failed.stderr.strip().splitlines()[-1].split(": must be ", 1)[1])
+    )
+    assert accepts in failed.stderr.strip().splitlines()[-1]
+    assert _import_with(variable, value, "bcekit").returncode == 0
+
+
+def test_accepted_environment_values_take_effect() -> None:
+    script = (
+        "import bcekit; from bcekit import _native; print(bcekit.get_num_threads(), _native._CACHE_BYTES)"
+    )
+    environment = {**os.environ, "BCEKIT_NUM_THREADS": "3", "BCEKIT_CACHE_BYTES": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.split() == ["3", "0"]
 
 
 # A memory limit under which the system refuses most of the threads a call asks
@@ -327,7 +384,8 @@ def cache_on():
     bcekit.empty_cache()
     _native._core.set_cache_limit(2**30)
     yield
-    _native._core.set_cache_limit(int(os.environ.get("BCEKIT_CACHE_BYTES") or 2**30))
+    limit = _native._CACHE_BYTES
+    _native._core.set_cache_limit(2**30 if limit is None else limit)
     bcekit.empty_cache()
 
 

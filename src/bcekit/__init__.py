@@ -15,7 +15,26 @@ On the CPU the probability and logits losses run in C++ kernels (``bcekit._core`
 fault in a fresh gradient's pages every time); :func:`empty_cache` releases it.
 """
 
-from bcekit._native import empty_cache, get_num_threads, set_num_threads
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "empty_cache", "get_num_threads", "set_num_threads"]
+
+_FROM_NATIVE = ("empty_cache", "get_num_threads", "set_num_threads")
+
+
+def __getattr__(name: str) -> Any:
+    # bcekit._native is imported on first use, so that importing a part that does not compute (the
+    # command line's argument parser) cannot fail on a malformed BCEKIT_* variable; the part that
+    # computes then raises the error naming it.
+    if name in _FROM_NATIVE:
+        from bcekit import _native
+
+        return getattr(_native, name)
+    raise AttributeError(f"module 'bcekit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_FROM_NATIVE))

@@ -76,8 +76,27 @@ _ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 #: Outputs smaller than this are allocated as usual; larger ones come from the buffer cache.
 CACHED_MIN_BYTES = 1 << 20
 
-if _core is not None and os.environ.get("BCEKIT_CACHE_BYTES"):
-    _core.set_cache_limit(int(os.environ["BCEKIT_CACHE_BYTES"]))
+
+def _environment_count(name: str, minimum: int, accepts: str) -> int | None:
+    """The whole number in the environment variable ``name`` (None when unset or blank); a ValueError
+    naming the variable, its value and what it accepts when it is not one, or is below ``minimum``."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r}: must be {accepts}")
+    return value
+
+
+_CACHE_BYTES = _environment_count(
+    "BCEKIT_CACHE_BYTES", 0, "a whole number of bytes the buffer cache may keep (0 turns it off)"
+)
+if _core is not None and _CACHE_BYTES is not None:
+    _core.set_cache_limit(_CACHE_BYTES)
 
 
 def empty(shape: Sequence[int], dtype: str, torch: bool) -> Any | None:
@@ -95,9 +114,11 @@ def empty_cache() -> None:
 
 
 def _default_threads() -> int:
-    configured = os.environ.get("BCEKIT_NUM_THREADS")
-    if configured:
-        return max(1, int(configured))
+    configured = _environment_count(
+        "BCEKIT_NUM_THREADS", 1, "a positive whole number of threads for the kernels on NumPy arrays"
+    )
+    if configured is not None:
+        return configured
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
