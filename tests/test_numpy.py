@@ -179,3 +179,119 @@ def test_numpy_backend_works_without_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# --------------------------------------------------------------------------------------------------------
+# arrays in the other byte order, and masked arrays
+# --------------------------------------------------------------------------------------------------------
+
+_SWAPPED = ">" if sys.byteorder == "little" else "<"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("swapped", ["all", "weight", "pos_weight"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_arrays_in_the_other_byte_order_give_the_native_results(
+    dtype: str, swapped: str, reduction: str
+) -> None:
+    rng = np.random.default_rng(11)
+    x = rng.normal(0, 2, (6, 5)).astype(dtype)
+    y = rng.random((6, 5)).astype(dtype)
+    w = rng.random(5).astype(dtype)
+    p = (rng.random(5) * 3).astype(dtype)
+    probabilities = (1 / (1 + np.exp(-x.astype(np.float64)))).astype(dtype)
+
+    def other(a: np.ndarray, role: str) -> np.ndarray:
+        return a.astype(a.dtype.newbyteorder(_SWAPPED)) if swapped in ("all", role) else a
+
+    calls = [
+        (bnp.binary_cross_entropy_with_logits_and_grad, dict(reduction=reduction, pos_weight=p), "x", x),
+        (bnp.binary_cross_entropy_and_grad, dict(reduction=reduction), "x", probabilities),
+    ]
+    for function, options, _, input in calls:
+        native = function(input, y, w, **options)
+        options = {k: other(v, k) if isinstance(v, np.ndarray) else v for k, v in options.items()}
+        got = function(other(input, "input"), other(y, "target"), other(w, "weight"), **options)
+        for a, b in zip(got, native, strict=True):
+            assert a.dtype == b.dtype and a.dtype.isnative
+            assert a.tobytes() == b.tobytes()
+    swapped_x = other(x, "input")
+    assert (
+        bnp.sigmoid_focal_loss(swapped_x, other(y, "target")).tobytes()
+        == bnp.sigmoid_focal_loss(x, y).tobytes()
+    )
+
+
+def _masked_case(loss: str) -> tuple[np.ma.MaskedArray, np.ma.MaskedArray, np.ma.MaskedArray, np.ndarray]:
+    rng = np.random.default_rng(12)
+    x = rng.normal(0, 2, (7, 4))
+    if loss == "bce":
+        x = 1 / (1 + np.exp(-x))
+    y = rng.random((7, 4))
+    w = rng.random(4) + 0.5
+    x_mask = rng.random((7, 4)) < 0.2
+    y_mask = rng.random((7, 4)) < 0.2
+    w_mask = np.array([False, False, True, False])
+    # what lies under a mask is garbage the loss must never see: out of range, NaN
+    x_data = np.where(x_mask, 7.0, x)
+    y_data = np.where(y_mask, np.nan, y)
+    w_data = np.where(w_mask, np.nan, w)
+    masked = x_mask | y_mask | w_mask[None, :]
+    return (
+        np.ma.MaskedArray(x_data, mask=x_mask),
+        np.ma.MaskedArray(y_data, mask=y_mask),
+        np.ma.MaskedArray(w_data, mask=w_mask),
+        masked,
+    )
+
+
+@pytest.mark.parametrize("loss", ["bce", "logits"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_masked_elements_are_left_out_as_if_absent(loss: str, reduction: str) -> None:
+    """torch on the elements no mask covers is the reference: masked input, target and weight entries
+    (a masked weight leaving out its whole column) add no loss and no gradient, and 'mean' does not count
+    them; per-element results are masked arrays with the combined mask."""
+    x, y, w, masked = _masked_case(loss)
+    keep = ~masked
+    xt = torch.tensor(np.ma.getdata(x)[keep], requires_grad=True)
+    yt = torch.tensor(np.ma.getdata(y)[keep])
+    wt = torch.tensor(np.broadcast_to(np.ma.getdata(w), x.shape)[keep])
+    if loss == "bce":
+        expected = F.binary_cross_entropy(xt, yt, wt, reduction=reduction)
+        value, grad = bnp.binary_cross_entropy_and_grad(x, y, w, reduction=reduction)
+        plain = bnp.binary_cross_entropy(x, y, w, reduction=reduction)
+    else:
+        expected = F.binary_cross_entropy_with_logits(xt, yt, wt, reduction=reduction)
+        value, grad = bnp.binary_cross_entropy_with_logits_and_grad(x, y, w, reduction=reduction)
+        plain = bnp.binary_cross_entropy_with_logits(x, y, w, reduction=reduction)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), xt)
+    for got in (value, plain):
+        if reduction == "none":
+            assert isinstance(got, np.ma.MaskedArray)
+            np.testing.assert_array_equal(np.ma.getmaskarray(got), masked)
+            np.testing.assert_allclose(got.compressed(), expected.detach().numpy(), rtol=1e-14)
+        else:
+            assert not isinstance(got, np.ma.MaskedArray) and got.shape == ()
+            np.testing.assert_allclose(got, expected.item(), rtol=1e-14)
+    assert isinstance(grad, np.ma.MaskedArray)
+    np.testing.assert_array_equal(np.ma.getmaskarray(grad), masked)
+    np.testing.assert_array_equal(np.ma.getdata(grad)[masked], 0.0)
+    np.testing.assert_allclose(grad.compressed(), expected_grad.numpy(), rtol=1e-12)
+
+
+def test_masked_focal_loss_and_masks_with_nothing_masked() -> None:
+    x, y, _, _ = _masked_case("logits")
+    keep = ~(np.ma.getmaskarray(x) | np.ma.getmaskarray(y))  # no weight here
+    focal = bnp.sigmoid_focal_loss(x, y, reduction="mean")
+    np.testing.assert_allclose(
+        focal,
+        bnp.sigmoid_focal_loss(np.ma.getdata(x)[keep], np.ma.getdata(y)[keep], reduction="mean"),
+        rtol=1e-15,
+    )
+    # a masked array that masks nothing is its data; every element masked leaves an empty mean (NaN)
+    data = np.ma.getdata(x)[keep], np.ma.getdata(y)[keep]
+    nothing = bnp.binary_cross_entropy_with_logits(np.ma.MaskedArray(data[0]), data[1], reduction="none")
+    assert nothing.tobytes() == bnp.binary_cross_entropy_with_logits(*data, reduction="none").tobytes()
+    everything = np.ma.MaskedArray(data[0], mask=True)
+    assert np.isnan(bnp.binary_cross_entropy_with_logits(everything, data[1]))
+    assert bnp.binary_cross_entropy_with_logits(everything, data[1], reduction="sum") == 0.0

@@ -11,6 +11,12 @@ every array has the same dtype and each weight broadcasts as a scalar, ``(C,)``,
 shape; the threads they use are :func:`bcekit.set_num_threads`'s. Other calls take the composed NumPy path,
 with the same results.
 
+Masked arrays (:class:`numpy.ma.MaskedArray`, as input, target or a weight) are honoured: a masked
+element (or one a masked weight broadcasts to) is left out as if it were not there, ``'mean'`` counting
+only the others; per-element losses and gradients come back as masked arrays with the same mask (and 0
+under it). Arrays in the other byte order (``'>f4'`` on a little-endian machine) are read through a
+byte-swapped copy; results are in the machine's order.
+
 The ``*_and_grad`` variants return ``(loss, gradient of the loss with respect to input)``, the
 ``jac=True`` convention of :func:`scipy.optimize.minimize`. With ``reduction='none'`` the gradient is the
 elementwise derivative of each element's loss.
@@ -43,7 +49,62 @@ __all__ = [
 
 
 def _as_array(value: ArrayLike) -> np.ndarray:
-    return value if isinstance(value, np.ndarray) else np.asarray(value)
+    """``value`` as an array in the machine's byte order (a byte-swapped copy of a big-endian one on a
+    little-endian machine); a masked array stays one."""
+    array = value if isinstance(value, np.ndarray) else np.asarray(value)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array
+
+
+def _mask(x: np.ndarray, *others: np.ndarray | None) -> np.ndarray | None:
+    """Where any operand is masked (a weight's mask broadcast to the input's shape), or None when no
+    element is."""
+    masks = [np.ma.getmask(a) for a in (x, *others) if isinstance(a, np.ma.MaskedArray)]
+    masks = [m for m in masks if m is not np.ma.nomask]
+    if not masks:
+        return None
+    combined = np.zeros(x.shape, dtype=bool)
+    for m in masks:
+        combined |= np.broadcast_to(m, np.broadcast_shapes(m.shape, x.shape)).reshape(x.shape)
+    return combined if combined.any() else None
+
+
+def _evaluate_masked(
+    spec: _math.LossSpec,
+    x: np.ndarray,
+    y: np.ndarray,
+    weight: np.ndarray | None,
+    pos_weight: np.ndarray | None,
+    result: np.dtype,
+    with_grad: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`_evaluate`, honouring masked arrays: masked elements are left out, exactly as
+    if the call had been made on the others alone (``'mean'`` counts only those); per-element results
+    and gradients are masked arrays of the input's shape, with the mask and 0 where it is set."""
+    if not any(isinstance(a, np.ma.MaskedArray) for a in (x, y, weight, pos_weight)):
+        return _evaluate(spec, x, y, weight, pos_weight, result, with_grad)
+    masked = _mask(x, y, weight, pos_weight)
+    data = [None if a is None else np.ma.getdata(a) for a in (x, y, weight, pos_weight)]
+    if masked is None:
+        return _evaluate(spec, *data, result, with_grad)
+    keep = ~masked
+    x_kept, y_kept, w_kept, p_kept = (
+        None
+        if a is None
+        else np.broadcast_to(a, np.broadcast_shapes(a.shape, x.shape)).reshape(x.shape)[keep]
+        for a in data
+    )
+    loss, grad = _evaluate(spec, x_kept, y_kept, w_kept, p_kept, result, with_grad)
+
+    def spread(values: np.ndarray) -> np.ndarray:
+        full = np.zeros(x.shape, dtype=values.dtype)
+        full[keep] = values
+        return np.ma.MaskedArray(full, mask=masked)
+
+    if spec.reduction == NONE:
+        loss = spread(loss)
+    return loss, None if grad is None else spread(grad)
 
 
 def _spec(array: np.ndarray) -> ArraySpec:
@@ -149,7 +210,7 @@ def _bce(
     x, y = _as_array(input), _as_array(target)
     w = None if weight is None else _as_array(weight)
     _semantics.check_binary_cross_entropy(_spec(x), _spec(y), None if w is None else _spec(w))
-    return _evaluate(spec, x, y, w, None, x.dtype, with_grad)
+    return _evaluate_masked(spec, x, y, w, None, x.dtype, with_grad)
 
 
 def _bce_with_logits(
@@ -167,7 +228,7 @@ def _bce_with_logits(
     _semantics.check_binary_cross_entropy_with_logits(
         _spec(x), _spec(y), None if w is None else _spec(w), None if p is None else _spec(p)
     )
-    return _evaluate(spec, x, y, w, p, y.dtype, with_grad)
+    return _evaluate_masked(spec, x, y, w, p, y.dtype, with_grad)
 
 
 def binary_cross_entropy(
@@ -321,4 +382,4 @@ def sigmoid_focal_loss(
     spec = _math.LossSpec("focal", _semantics.reduction_enum(reduction), alpha=alpha, gamma=gamma)
     x, y = _as_array(input), _as_array(target)
     _semantics.check_binary_cross_entropy_with_logits(_spec(x), _spec(y), None, None)
-    return _evaluate(spec, x, y, None, None, y.dtype, with_grad=False)[0]
+    return _evaluate_masked(spec, x, y, None, None, y.dtype, with_grad=False)[0]
