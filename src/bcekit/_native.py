@@ -16,15 +16,18 @@ Outputs (gradients, per-element losses) of at least :data:`CACHED_MIN_BYTES` com
 kept by the C++ core: a training step frees its gradient and allocates the next one of the same size, and
 a fresh allocation would have its pages faulted in by the kernel's stores one 4 KiB page at a time, which
 at 2^24 float32 elements costs more than the pass. A buffer returns to the cache when the tensor or array
-storage owning it is freed (views keep it alive). Buffers of 4 MiB and more start on a 2 MiB boundary and
-are advised as transparent huge pages (Linux), so a pass streaming through one misses the TLB once per
-2 MiB. The cache keeps at most ``BCEKIT_CACHE_BYTES`` bytes (default 1 GiB, 0 disables it);
-:func:`empty_cache` frees what it holds.
+storage owning it is freed (views keep it alive), and serves a request of its size or up to 1/8 smaller.
+Buffers of 4 MiB and more start on a 2 MiB boundary and are advised as transparent huge pages (Linux), so
+a pass streaming through one misses the TLB once per 2 MiB. The cache keeps at most ``BCEKIT_CACHE_BYTES``
+bytes (default 1 GiB, 0 disables it), the least recently returned going first, and releases a buffer no
+request takes within ``_core.CACHE_MAX_AGE`` requests; each buffer is its own memory mapping, so
+:func:`empty_cache` gives what it holds back to the system.
 
 Threads: torch tensors use ``torch.get_num_threads()``; NumPy arrays use :func:`get_num_threads`, which is
 ``BCEKIT_NUM_THREADS`` from the environment if set, else the CPUs this process may run on, and which
 :func:`set_num_threads` changes. The helper threads are kept between passes. Results do not depend on the
-count: the kernels cut the data into fixed chunks and add the chunks' sums in a fixed order.
+count: the kernels cut the data into fixed chunks and add the chunks' sums in a fixed order (a thread the
+system refuses to start only leaves the pass to fewer threads).
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def empty(shape: Sequence[int], dtype: str, torch: bool) -> Any | None:
 
 
 def empty_cache() -> None:
-    """Free the buffers the kernels keep for reuse (see the module docstring)."""
+    """Give the buffers the kernels keep for reuse back to the system (see the module docstring)."""
     if _core is not None:
         _core.empty_cache()
 
