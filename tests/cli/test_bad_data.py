@@ -14,6 +14,8 @@ import json
 import math
 import os
 import re
+import warnings
+import zipfile
 
 import numpy as np
 import pyarrow as pa
@@ -709,3 +711,226 @@ def test_no_row_dropped_large_csv_several_labels(tmp_path):
         total = _loss_sum(columns["p"], columns["y"]) + _loss_sum(other["p"], other["y"])
         assert document["loss"] == pytest.approx(total / (2 * n), rel=1e-12)
         assert document["per_label"]["p2"]["elements"] == n
+
+
+# -- duplicate column names ----------------------------------------------------------------------------------
+
+
+def _csv_text(header: str, columns: list[np.ndarray]) -> bytes:
+    rows = zip(*columns, strict=True)
+    return ("\n".join([header, *(",".join(repr(float(v)) for v in row) for row in rows)]) + "\n").encode()
+
+
+def _compressed(data: bytes, suffix: str) -> bytes:
+    import bz2
+
+    return {"": lambda d: d, ".gz": gzip.compress, ".bz2": bz2.compress}[suffix](data)
+
+
+def _npz_members(path, members: list[tuple[str, np.ndarray]]) -> str:
+    """An NPZ whose zip holds ``members`` in this order; a name may come twice (zipfile allows it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name" warning
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, values in members:
+                buffer = io.BytesIO()
+                np.save(buffer, np.asarray(values), allow_pickle=False)
+                archive.writestr(name + ".npy", buffer.getvalue())
+    return os.fspath(path)
+
+
+def _parquet_named(path, names: list[str], columns: list[np.ndarray]) -> str:
+    pq.write_table(pa.Table.from_arrays([pa.array(c) for c in columns], names=names), path)
+    return os.fspath(path)
+
+
+# header, the duplicated column the command reads
+DUPLICATE_HEADERS = {
+    "prediction twice": ("w,y,p,p", "p"),
+    "target twice": ("y,p,y,w", "y"),
+    "weight twice": ("w,y,p,w", "w"),
+}
+
+
+@pytest.mark.parametrize("suffix", ("", ".gz", ".bz2"))
+@pytest.mark.parametrize("case", list(DUPLICATE_HEADERS))
+def test_csv_duplicate_column_name(tmp_path, case, suffix):
+    header, column = DUPLICATE_HEADERS[case]
+    data = _data(9)
+    names = header.split(",")
+    values = [data[name] if k == names.index(name) else data[name][::-1] for k, name in enumerate(names)]
+    args = ["--target", "y", "--pred", "p", "--weight", "w", "--format", "json"]
+    path = tmp_path / f"dup.csv{suffix}"
+    path.write_bytes(_compressed(_csv_text(header, values), suffix))
+    line = _bad(_run(path, *args), file=os.fspath(path), column=column)
+    assert "twice" in line or "more than once" in line, line
+    # the file with the second copy renamed is good, and scored on the first copy
+    renamed = header.split(",")
+    renamed[len(renamed) - 1 - renamed[::-1].index(column)] = "other"
+    fixed = tmp_path / f"fixed.csv{suffix}"
+    fixed.write_bytes(_compressed(_csv_text(",".join(renamed), values), suffix))
+    document = _ok(_run(fixed, *args, "--reduction", "sum"))
+    assert document["loss"] == pytest.approx(_loss_sum(data["p"], data["y"], weight=data["w"]), rel=1e-12)
+
+
+def test_duplicate_column_name_beside_other_files(tmp_path):
+    """Side by side: the predictions file names ``p`` twice, the targets come from another file."""
+    data = _data(7)
+    targets = _write(tmp_path / "targets.csv", {"y": data["y"]})
+    preds = tmp_path / "preds.csv"
+    preds.write_bytes(_csv_text("p,p", [data["p"], data["p"][::-1]]))
+    _bad(_run(preds, targets, "--target", "y", "--pred", "p"), file=os.fspath(preds), column="p")
+    # stacked: the second of two files
+    good = _write(tmp_path / "good.csv", {"y": data["y"], "p": data["p"]})
+    second = tmp_path / "second.csv"
+    second.write_bytes(_csv_text("y,p,y", [data["y"], data["p"], data["y"][::-1]]))
+    _bad(_run(good, second, "--target", "y", "--pred", "p"), file=os.fspath(second), column="y")
+
+
+@pytest.mark.parametrize("fmt", ("csv", "parquet", "npz"))
+def test_duplicate_column_the_command_does_not_read(tmp_path, fmt):
+    """A duplicated column that is not read (an ``id`` column twice, say) does not matter."""
+    data = _data(11)
+    names = ["id", "y", "id", "p"]
+    values = [np.arange(11.0), data["y"], np.arange(11.0) + 1, data["p"]]
+    if fmt == "csv":
+        path = tmp_path / "data.csv"
+        path.write_bytes(_csv_text(",".join(names), values))
+    elif fmt == "parquet":
+        path = _parquet_named(tmp_path / "data.parquet", names, values)
+    else:
+        path = _npz_members(tmp_path / "data.npz", list(zip(names, values, strict=True)))
+    document = _ok(_run(path, "--target", "y", "--pred", "p", "--format", "json", "--reduction", "sum"))
+    assert document["rows"] == 11
+    assert document["loss"] == pytest.approx(_loss_sum(data["p"], data["y"]), rel=1e-12)
+
+
+@pytest.mark.parametrize("column", ("p", "y"))
+def test_npz_duplicate_member(tmp_path, column):
+    data = _data(8)
+    members = [("y", data["y"]), ("p", data["p"]), (column, data[column][::-1])]
+    path = _npz_members(tmp_path / "dup.npz", members)
+    _bad(_run(path, "--target", "y", "--pred", "p", "--format", "json"), file=path, column=column)
+    good = _npz_members(tmp_path / "good.npz", members[:2])
+    document = _ok(_run(good, "--target", "y", "--pred", "p", "--format", "json", "--reduction", "sum"))
+    assert document["loss"] == pytest.approx(_loss_sum(data["p"], data["y"]), rel=1e-12)
+
+
+def test_parquet_duplicate_column(tmp_path):
+    data = _data(6)
+    path = _parquet_named(tmp_path / "dup.parquet", ["y", "p", "p"], [data["y"], data["p"], data["p"][::-1]])
+    _bad(_run(path, "--target", "y", "--pred", "p"), file=path, column="p")
+
+
+# -- integers float64 cannot hold exactly --------------------------------------------------------------------
+
+INEXACT = [("int64", 2**53 + 1), ("int64", -(2**53) - 1), ("int64", 2**63 - 1), ("uint64", 2**64 - 1)]
+EXACT = [("int64", 2**53), ("int64", 2**60 + 2**8), ("int64", -(2**63)), ("uint64", 2**63)]
+
+
+def _integer_file(path, dtype: str, z: list[int], y: np.ndarray) -> str:
+    """``y`` (float64) and integer logits ``z`` of ``dtype``, in the format of ``path``'s suffix."""
+    path = os.fspath(path)
+    logits = np.array(z, dtype=dtype)
+    if path.endswith(".parquet"):
+        pq.write_table(pa.table({"y": pa.array(y), "z": pa.array(logits)}), path, row_group_size=5)
+    elif path.endswith(".npy"):
+        array = np.empty(len(y), dtype=[("y", np.float64), ("z", dtype)])
+        array["y"], array["z"] = y, logits
+        with open(path, "wb") as stream:
+            np.save(stream, array, allow_pickle=False)
+    else:
+        with open(path, "wb") as stream:
+            np.savez(stream, y=y, z=logits)
+    return path
+
+
+@pytest.mark.parametrize(("dtype", "value"), INEXACT)
+@pytest.mark.parametrize("fmt", ("parquet", "npy", "npz"))
+def test_integer_without_an_exact_float64_value(tmp_path, fmt, dtype, value):
+    """An integer column (here logits) holding a value float64 would round is refused at that row."""
+    n, row = 12, 8
+    y = _data(n)["y"]
+    z = [k % 5 for k in range(n)]
+    z[row - 1] = value
+    args = ["--target", "y", "--pred", "z", "--logits", "--format", "json", "--batch-rows", "3"]
+    path = _integer_file(tmp_path / f"bad.{fmt}", dtype, z, y)
+    line = _bad(_run(path, *args), file=path, column="z", row=row)
+    assert str(value) in line, line
+
+
+@pytest.mark.parametrize(("dtype", "value"), EXACT)
+@pytest.mark.parametrize("fmt", ("parquet", "npy", "npz"))
+def test_large_integer_with_an_exact_float64_value(tmp_path, fmt, dtype, value):
+    n, row = 12, 8
+    y = _data(n)["y"]
+    z = [k % 5 for k in range(n)]
+    z[row - 1] = value
+    args = ["--target", "y", "--pred", "z", "--logits", "--format", "json", "--reduction", "sum"]
+    path = _integer_file(tmp_path / f"good.{fmt}", dtype, z, y)
+    document = _ok(_run(path, *args, "--batch-rows", "3"))
+    expected = _loss_sum(np.array([float(v) for v in z]), y, logits=True)
+    assert document["loss"] == pytest.approx(expected, rel=1e-12)
+
+
+# -- NPY arrays whose fields are not columns -----------------------------------------------------------------
+
+
+def test_npy_sub_array_field(tmp_path):
+    """A field holding an array per row (``('p', '<f8', (2,))``) is not a column of numbers."""
+    data = _data(5)
+    array = np.zeros(5, dtype=[("y", "<f8"), ("p", "<f8", (2,)), ("q", "<f8")])
+    array["y"], array["p"], array["q"] = data["y"], data["p"][:, None], data["p"]
+    path = os.fspath(tmp_path / "sub.npy")
+    np.save(path, array)
+    _bad(_run(path, "--target", "y", "--pred", "p"), file=path, column="p", row=1)
+    # the other fields of the same file are read
+    document = _ok(_run(path, "--target", "y", "--pred", "q", "--format", "json", "--reduction", "sum"))
+    assert document["loss"] == pytest.approx(_loss_sum(data["p"], data["y"]), rel=1e-12)
+
+
+def test_npy_structured_array_of_two_dimensions(tmp_path):
+    array = np.zeros((4, 2), dtype=[("y", "<f8"), ("p", "<f8")])
+    array["p"] = 0.5
+    path = os.fspath(tmp_path / "grid.npy")
+    np.save(path, array)
+    line = _bad(_run(path, "--target", "y", "--pred", "p"), file=path)
+    assert "(4, 2)" in line, line
+
+
+# -- files that are not regular files ------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_named_pipe_is_not_a_file(tmp_path):
+    path = tmp_path / "pipe.csv"
+    os.mkfifo(path)
+    line = _bad(_run(path, "--target", "y", "--pred", "p"), file=os.fspath(path))
+    assert "not a regular file" in line, line
+
+
+def test_broken_symbolic_link(tmp_path):
+    path = tmp_path / "gone.csv"
+    try:
+        os.symlink(tmp_path / "absent.csv", path)
+    except (OSError, NotImplementedError):
+        pytest.skip("cannot make symbolic links here")
+    line = _bad(_run(path, "--target", "y", "--pred", "p"), file=os.fspath(path))
+    assert "broken symbolic link" in line, line
+
+
+def test_a_malformed_setting_is_one_line(tmp_path):
+    """The kernels' module refuses a malformed BCEKIT_* variable with a ValueError naming it; the command
+    prints that as its one error line."""
+    import subprocess
+    import sys
+
+    good = _write(tmp_path / "good.csv", _data(5))
+    environment = {**os.environ, "BCEKIT_NUM_THREADS": "many"}
+    command = [sys.executable, "-m", "bcekit", "score", good, "--target", "y", "--pred", "p"]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.splitlines() == [
+        "bcekit score: error: BCEKIT_NUM_THREADS='many': must be a positive whole number of threads for the "
+        "kernels on NumPy arrays"
+    ]

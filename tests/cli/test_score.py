@@ -9,13 +9,16 @@ output: the whole data stacked into ``(rows, labels)`` float64 matrices, the wei
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -665,6 +668,84 @@ def test_plot(tmp_path, write, run, logits, labels, fmt):
     assert image.std() > 0.05  # not blank
 
 
+def _one_error_line(code: int, out: str, err: str) -> str:
+    assert (code, out) == (2, ""), err
+    assert err.startswith("bcekit score: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("name", ["plot.foo", "plot.png.bak", "plot.docx"])
+def test_plot_unknown_extension_fails_before_reading(tmp_path, write, run, name):
+    """The image type is checked first: with bad data too, the error is about --plot, and no file is made."""
+    x, y, _ = make_data(17, 30, 1, logits=False)
+    good = write(tmp_path, "good.npz", columns(x, y))
+    bad = write(tmp_path, "bad.csv", columns(x, 2 + y))  # targets out of [0, 1]
+    target = tmp_path / name
+    for path in (good, bad):
+        err = _one_error_line(*run(*score_argv([path], 1, Options()), "--plot", target))
+        assert f"--plot {target}" in err and ".png" in err, err
+        assert not target.exists()
+
+
+@pytest.mark.parametrize("where", ["missing folder", "a folder", "under a file"])
+def test_plot_unwritable_path_fails_before_reading(tmp_path, write, run, where):
+    x, y, _ = make_data(18, 30, 1, logits=False)
+    bad = write(tmp_path, "bad.csv", columns(x, 2 + y))
+    (tmp_path / "folder.png").mkdir()
+    target = {
+        "missing folder": tmp_path / "absent" / "plot.png",
+        "a folder": tmp_path / "folder.png",
+        "under a file": tmp_path / "bad.csv" / "plot.png",
+    }[where]
+    err = _one_error_line(*run(*score_argv([bad], 1, Options()), "--plot", target))
+    assert f"--plot {target}" in err, err
+    assert not (tmp_path / "absent").exists()
+
+
+def test_plot_check_leaves_no_file_behind(tmp_path, write, run):
+    x, y, _ = make_data(19, 30, 1, logits=False)
+    bad = write(tmp_path, "bad.csv", columns(x, 2 + y))
+    target = tmp_path / "plot.png"
+    err = _one_error_line(*run(*score_argv([bad], 1, Options()), "--plot", target))
+    assert "bad.csv" in err and "--plot" not in err
+    assert not target.exists()
+
+
+def test_plot_without_extension_is_a_png_at_that_path(tmp_path, write, run):
+    x, y, w = make_data(20, 40, 1, logits=False)
+    path = write(tmp_path, "d.csv", columns(x, y, w))
+    target = tmp_path / "calibration"
+    code, out, err = run(*score_argv([path], 1, Options()), "--plot", target, "--format", "json")
+    assert (code, err) == (0, ""), err
+    check(strict_json(out), Options().reference(x, y, w), Options())
+    assert target.read_bytes()[:8] == PNG_MAGIC
+    assert not (tmp_path / "calibration.png").exists()
+
+
+@pytest.mark.parametrize(
+    "error, shown",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+        (RuntimeError("LaTeX was not able to process\nthe following string"), "process the following"),
+    ],
+    ids=["disk-full", "two-line-message"],
+)
+def test_plot_write_failing_at_the_end(tmp_path, write, run, monkeypatch, error, shown):
+    """A write that fails after the data was read (a full disk, say): one line and status 2, no result."""
+    import matplotlib.figure
+
+    def failing(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", failing)
+    x, y, _ = make_data(21, 30, 1, logits=False)
+    path = write(tmp_path, "d.csv", columns(x, y))
+    for fmt in ("json", "table"):
+        target = tmp_path / "plot.png"
+        err = _one_error_line(*run(*score_argv([path], 1, Options()), "--plot", target, "--format", fmt))
+        assert f"--plot {target}" in err and shown in err, err
+
+
 # -- progress ----------------------------------------------------------------------------------------------
 
 
@@ -787,3 +868,41 @@ def test_folder_files_are_read_in_sorted_path_order(tmp_path, write, run):
     code, stdout, stderr = run("score", dataset, "--target", "y", "--pred", "p")
     assert (code, stdout) == (2, "")
     assert os.path.join("dataset", "part-1.csv: column 'y': row 2") in stderr
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="watches /proc for the data file being open")
+def test_interrupt_prints_one_line_and_exits_130(tmp_path):
+    """Ctrl-C (SIGINT) while scoring: one line on stderr, nothing on stdout, exit status 130."""
+    path = tmp_path / "big.csv"
+    path.write_text("y,p\n" + "1,0.5\n0,0.25\n" * 100_000)  # one row a batch: far longer than the test waits
+    command = [sys.executable, "-m", "bcekit", "score", str(path), "--target", "y", "--pred", "p"]
+    process = subprocess.Popen(
+        [*command, "--batch-rows", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _has_open(process.pid, path):  # the command is reading the file: past start-up
+            assert process.poll() is None and time.monotonic() < deadline, "the command did not start"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert (process.returncode, out, err) == (130, "", "bcekit score: interrupted\n")
+
+
+def _has_open(pid: int, path: os.PathLike[str]) -> bool:
+    target = os.path.realpath(path)
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for descriptor in descriptors:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{descriptor}") == target:
+                return True
+        except OSError:
+            continue
+    return False

@@ -10,9 +10,20 @@ Files are read in batches of ``--batch-rows`` rows, so memory does not grow with
 :mod:`bcekit.numpy`'s, per element, summed exactly (see :mod:`bcekit.cli._scoring`); several
 ``--target``/``--pred`` pairs are several labels, reported together and one by one. Bad data (a missing
 column or value, a non-number, NaN, a probability or target outside [0, 1], files of different lengths, an
-empty file) stops the command with exit status 2 and one line naming the file, the column and the first
-offending row: no row is dropped silently. Needs ``pip install 'bcekit[cli]'`` (pyarrow, rich, matplotlib);
-the Dask engine needs ``'bcekit[dask]'``.
+empty file, a column name a file repeats, an integer float64 cannot hold exactly) stops the command with exit
+status 2 and one line naming the file, the column and the first offending row: no row is dropped silently.
+So does an unusable ``--plot`` path, checked before any data is read. Ctrl-C prints one line and exits with
+status 130. Needs ``pip install 'bcekit[cli]'`` (pyarrow, rich, matplotlib); the Dask engine needs
+``'bcekit[dask]'``.
+
+A folder stands for every data file below it, at any depth, that the command would read if it were named
+directly (``.csv``, ``.csv.gz``/``.bz2``/``.lz4``/``.zst``, ``.parquet``, ``.pq``, ``.npy``, ``.npz``), in
+sorted path order. Symbolic links to files and to folders are followed alike, wherever they point. Names
+starting with ``.`` or ``_`` are skipped (``_SUCCESS``, ``_metadata``, ``.crc`` checksums, ``_temporary``
+folders), as are files whose name names no data format (``README.txt``). A file named as data in a form the
+command does not read (``part.csv.xz``, ``part.tsv``) is an error, as it is named directly, and so is a
+folder or file reached twice (a symbolic-link loop, two links to one folder): rows are never skipped or
+read twice.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from typing import IO
 __all__ = ["main"]
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
             "Score predictions against targets with bcekit's binary cross-entropy, reading the files in "
             "batches. Several --target/--pred pairs are several labels. Files that each hold every column "
             "are read one after another; files that hold different columns are read side by side, row by "
-            "row. Bad data exits with status 2 and names the file, the column and the first bad row."
+            "row. Bad data exits with status 2 and names the file, the column and the first bad row. "
+            "A folder stands for every data file below it that would be read if named directly, in sorted "
+            "path order; symbolic links to files and folders are followed; names starting with '.' or '_' "
+            "(_SUCCESS, .crc) are skipped, and so are files whose name names no data format; a data file "
+            "of a form not read (.csv.xz, .tsv) or a folder or file reached twice is an error."
         ),
     )
     score.add_argument(
@@ -76,7 +92,11 @@ def _parser() -> argparse.ArgumentParser:
         help="skip elements whose target equals V (nan skips NaN targets); the mean counts the others",
     )
     score.add_argument("--format", choices=("table", "json"), default="table", help="output on stdout")
-    score.add_argument("--plot", metavar="FILE.png", help="write a reliability diagram and a loss histogram")
+    score.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="write a reliability diagram and a loss histogram (.png, .pdf, .svg, ...; no extension: PNG)",
+    )
     score.add_argument(
         "--batch-rows", type=int, default=1 << 16, metavar="N", help="rows read at a time (default 65536)"
     )
@@ -105,17 +125,26 @@ def main(
             args = parser.parse_args(argv)  # --help, --version and usage errors print to the given streams
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    return _score(args, stdout, stderr)
+    try:
+        return _score(args, stdout, stderr)
+    except KeyboardInterrupt:
+        print("bcekit score: interrupted", file=stderr)
+        return EXIT_INTERRUPTED
 
 
 def _fail(stderr: IO[str], message: str) -> int:
+    if "\n" in message:  # library messages may span lines; the error is one
+        message = " ".join(line.strip() for line in message.splitlines() if line.strip())
     print(f"bcekit score: error: {message}", file=stderr)
     return EXIT_BAD_INPUT
 
 
 def _score(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
-    from bcekit.cli._scoring import Job, combine, score_partition
-    from bcekit.cli._sources import DataError, expand, open_table, plan
+    try:
+        from bcekit.cli._scoring import Job, combine, score_partition
+        from bcekit.cli._sources import DataError, expand, open_table, plan
+    except ValueError as error:  # a malformed BCEKIT_* variable, raised where the kernels are loaded
+        return _fail(stderr, str(error))
 
     if args.scheduler is not None and args.engine != "dask":
         return _fail(stderr, "--scheduler needs --engine dask")
@@ -138,6 +167,14 @@ def _score(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
     if missing:
         extra = "dask" if {"dask", "distributed"} & set(missing) else "cli"
         return _fail(stderr, f"needs {', '.join(missing)}: pip install 'bcekit[{extra}]'")
+    image_format = None
+    if args.plot is not None:
+        from bcekit.cli._report import plot_format
+
+        try:
+            image_format = plot_format(args.plot)
+        except ValueError as error:
+            return _fail(stderr, str(error))
     try:
         tables = [open_table(path) for path in expand(args.files)]
         layout, partitions = plan(tables, job.columns)
@@ -166,6 +203,14 @@ def _score(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
         result = combine(job, partials)
     except DataError as error:
         return _fail(stderr, str(error))
+    if image_format is not None:
+        # written before the result is printed, so that a failed write leaves stdout empty, as bad data does
+        from bcekit.cli._report import write_plot
+
+        try:
+            write_plot(result, args.plot, image_format)
+        except Exception as error:  # OSError, or matplotlib's own (a format needing LaTeX, say)
+            return _fail(stderr, f"--plot {args.plot}: cannot write it: {error}")
     if args.format == "json":
         from bcekit.cli._report import as_json
 
@@ -174,12 +219,8 @@ def _score(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
         from bcekit.cli._report import write_table
 
         write_table(result, stdout)
-    if args.plot is not None:
-        from bcekit.cli._report import write_plot
-
-        write_plot(result, args.plot)
-        if args.format == "table":
-            print(f"plot written to {args.plot}", file=stderr)
+    if image_format is not None and args.format == "table":
+        print(f"plot written to {args.plot}", file=stderr)
     return 0
 
 

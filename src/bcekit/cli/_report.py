@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import IO, Any
 
 import numpy as np
 
 from bcekit.cli._scoring import CALIBRATION_BINS, LOSS_EDGES, Result
 
-__all__ = ["as_json", "write_table", "write_plot"]
+__all__ = ["as_json", "write_table", "plot_format", "write_plot"]
 
 
 def _number(value: float) -> float | str:
@@ -58,9 +59,34 @@ def write_table(result: Result, stream: IO[str]) -> None:
     console.print(table)
 
 
-def write_plot(result: Result, path: str) -> None:
+def plot_format(path: str) -> str:
+    """The image format of ``path``, from its extension (PNG without one), checked before any data is read:
+    raises ``ValueError`` (its message one line) for an extension matplotlib does not write, or a path that
+    cannot be written (a missing folder, a folder, no permission). Creates no file."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    extension = os.path.splitext(path)[1][1:].lower()
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if extension and extension not in supported:
+        expected = ", ".join("." + name for name in sorted(supported))
+        raise ValueError(f"--plot {path}: unknown image type '.{extension}' (expected {expected})")
+    if os.path.isdir(path):
+        raise ValueError(f"--plot {path}: is a folder")
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "ab"):  # appending nothing: an existing file is left as it is
+            pass
+    except OSError as error:
+        raise ValueError(f"--plot {path}: cannot write it: {error.strerror or error}") from None
+    if not existed:
+        os.remove(path)
+    return extension or "png"
+
+
+def write_plot(result: Result, path: str, image_format: str = "png") -> None:
     """A reliability diagram (mean target against mean predicted probability, per probability bin) and a
-    histogram of per-element losses on a logarithmic axis; one curve per label (up to 8, else all pooled)."""
+    histogram of per-element losses on a logarithmic axis; one curve per label (up to 8, else all pooled).
+    Written to ``path`` as it is, in ``image_format`` (see :func:`plot_format`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,5 +122,7 @@ def write_plot(result: Result, path: str) -> None:
         title=f"Per-element loss, {result.elements:,} elements",
     )
     right.legend(loc="upper right", fontsize="small")
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=110, format=image_format)
+    finally:
+        plt.close(figure)

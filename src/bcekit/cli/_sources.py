@@ -113,35 +113,91 @@ class Partition:
 
 
 def expand(paths: Sequence[str]) -> list[str]:
-    """The files named, with each folder replaced by the data files under it (a partitioned data set, as
-    Spark, Dask or pyarrow write them), in sorted path order; other files there (``_SUCCESS``, ``.crc``,
-    hidden ones) are skipped. Raises :class:`DataError` for a folder with no data file."""
+    """The files named, with each folder replaced by the data files below it (a partitioned data set, as
+    Spark, Dask or pyarrow write them), in sorted path order.
+
+    A folder stands for every file below it, at any depth, whose name the command reads when named directly
+    (:func:`file_format`). Symbolic links to files and to folders are followed alike, wherever they point;
+    names starting with ``.`` or ``_`` (``_SUCCESS``, ``.crc`` checksums, ``_temporary`` folders, hidden
+    files) are skipped, as pyarrow's datasets skip them, and so are files whose name names no data format
+    (``README.txt``). Raises :class:`DataError` for a file whose name names a data format in a form the
+    command does not read (``part.csv.xz``, ``part.tsv``), as naming it directly would; for a folder or file
+    reached twice below one folder (a symbolic-link loop, two links to one place), whose rows would be read
+    twice; for a folder that cannot be listed; and for a folder with no data file.
+    """
     files: list[str] = []
     for path in paths:
-        if not os.path.isdir(path):
+        if os.path.isdir(path):
+            files.extend(_data_files(path))
+        else:
             files.append(path)
-            continue
-        found = []
-        for folder, subfolders, names in os.walk(path):
-            subfolders[:] = [name for name in subfolders if not name.startswith((".", "_"))]
-            for name in names:
-                if name.startswith((".", "_")):
-                    continue
-                try:
-                    file_format(name)
-                except DataError:
-                    continue
-                found.append(os.path.join(folder, name))
-        if not found:
-            raise DataError(path, "a folder with no .csv, .parquet, .npy or .npz file under it")
-        files.extend(sorted(found))
     return files
+
+
+# Name parts that say a file holds data: a file of a folder named so is read, or refused when it is in a
+# form the command does not read, rather than skipped.
+_DATA_SUFFIXES = frozenset(("csv", "tsv", "parquet", "pq", "npy", "npz"))
+
+
+def _data_files(folder: str) -> list[str]:
+    found: list[str] = []
+    # (device, inode) of each folder and file met -> the path it was met by
+    seen: dict[tuple[int, int], str] = {}
+    pending = [folder]
+    while pending:
+        directory = pending.pop()
+        _visit(directory, seen)
+        try:
+            with os.scandir(directory) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            raise DataError(directory, f"cannot list the folder: {error.strerror or error}") from None
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith((".", "_")):
+                continue
+            path = os.path.join(directory, entry.name)
+            if entry.is_dir():  # through a symbolic link too
+                subfolders.append(path)
+                continue
+            try:
+                file_format(entry.name)
+            except DataError as error:
+                if _DATA_SUFFIXES & set(entry.name.lower().split(".")[1:]):
+                    raise DataError(path, error.message) from None
+                continue
+            if os.path.exists(path):  # else open_table reports the broken link
+                _visit(path, seen)
+            found.append(path)
+        pending.extend(reversed(subfolders))
+    if not found:
+        raise DataError(folder, "a folder with no .csv, .parquet, .npy or .npz file under it")
+    return sorted(found)
+
+
+def _visit(path: str, seen: dict[tuple[int, int], str]) -> None:
+    """Record that ``path`` (a file or folder, symbolic links followed) is read; an error the second time."""
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        raise DataError(path, f"cannot read it: {error.strerror or error}") from None
+    key = (status.st_dev, status.st_ino)
+    first = seen.setdefault(key, path)
+    if first != path:
+        kind = "folder" if os.path.isdir(path) else "file"
+        message = f"the same {kind} as {first}, reached again through a link: its rows would be read twice"
+        raise DataError(path, message)
 
 
 def open_table(path: str) -> Table:
     """Read a file's metadata (not its data). Raises :class:`DataError` when it cannot be read."""
     fmt = file_format(path)
     if not os.path.isfile(path):
+        if os.path.islink(path) and not os.path.exists(path):
+            raise DataError(path, "a broken symbolic link: no such file")
+        if os.path.exists(path):
+            # its columns are read first and its rows after: a pipe or a device cannot be read twice
+            raise DataError(path, "not a regular file (a pipe or a device)")
         raise DataError(path, "no such file")
     try:
         return _OPENERS[fmt](path)
@@ -176,6 +232,10 @@ def _open_parquet(path: str) -> Table:
 
 def _npy_columns(array: np.ndarray) -> tuple[str, ...]:
     if array.dtype.names:
+        if array.ndim != 1:
+            raise ValueError(
+                f"a structured array must be 1-D (its fields are the columns), got shape {array.shape}"
+            )
         return tuple(array.dtype.names)
     if array.ndim == 1:
         return ("0",)
@@ -232,8 +292,9 @@ _OPENERS = {"csv": _open_csv, "parquet": _open_parquet, "npy": _open_npy, "npz":
 def plan(tables: Sequence[Table], columns: Sequence[str]) -> tuple[str, list[Partition]]:
     """The layout (``'stacked'`` or ``'side by side'``) of ``tables`` and their partitions.
 
-    Raises :class:`DataError` for a column no file holds, a layout that is neither, a file with no rows, or
-    side-by-side files whose recorded row counts differ.
+    Raises :class:`DataError` for a column no file holds, a column a file has more than once (CSV headers and
+    NPZ archives can repeat a name), a layout that is neither, a file with no rows, or side-by-side files
+    whose recorded row counts differ.
     """
     needed = tuple(dict.fromkeys(columns))
     holders = {column: [t for t in tables if column in t.columns] for column in needed}
@@ -241,6 +302,14 @@ def plan(tables: Sequence[Table], columns: Sequence[str]) -> tuple[str, list[Par
         if not found:
             listing = "; ".join(f"{t.path} has {', '.join(t.columns) or 'no columns'}" for t in tables)
             raise DataError(tables[0].path if len(tables) == 1 else "input", f"not found ({listing})", column)
+    for table in tables:
+        for column in needed:
+            count = table.columns.count(column)
+            if count > 1:
+                message = (
+                    f"appears more than once in the file ({count} times): which one to read is ambiguous"
+                )
+                raise DataError(table.path, message, column)
     for table in tables:
         if table.num_rows == 0:
             raise DataError(table.path, "the file has no rows")
@@ -507,8 +576,28 @@ def _next(piece: Piece, stream: Iterator[dict[str, object]]) -> dict[str, object
 _NUMERIC_KINDS = "biuf"
 
 
+def _inexact_integers(values: np.ndarray) -> np.ndarray:
+    """Where an integer array's values have no exact float64 value (only 64-bit integers can lack one)."""
+    if values.dtype.itemsize < 8:
+        return np.zeros(values.shape, bool)
+    floats = values.astype(np.float64)
+    # 2^63 (2^64 unsigned): the float nearest the largest values, itself out of the integer type's range
+    fits = floats < float(np.iinfo(values.dtype).max) + 1.0
+    back = np.where(fits, floats, 0.0).astype(values.dtype)
+    return ~fits | (back != values)
+
+
+def _inexact_problem(values: np.ndarray) -> tuple[int, str] | None:
+    hits = np.flatnonzero(_inexact_integers(values))
+    if not hits.size:
+        return None
+    row = int(hits[0])
+    return row, f"integer {int(values[row])} cannot be converted to float64 exactly"
+
+
 def to_float64(raw: object) -> tuple[np.ndarray, tuple[int, str] | None]:
-    """The values as float64, up to the first missing or non-numeric one.
+    """The values as float64, up to the first missing or non-numeric one, or the first integer that float64
+    cannot hold exactly (beyond 2^53 in magnitude, and odd enough).
 
     Returns ``(values, None)``, or ``(values before the problem, (its index, message))``: the caller checks
     the values before it too, so that the earliest bad row of all wins.
@@ -516,6 +605,11 @@ def to_float64(raw: object) -> tuple[np.ndarray, tuple[int, str] | None]:
     if isinstance(raw, np.ndarray):
         if raw.dtype.kind not in _NUMERIC_KINDS:
             return np.empty(0), (0, f"values of type {raw.dtype} are not numbers")
+        if raw.ndim != 1:  # a field of a structured NPY array holding an array per row
+            return np.empty(0), (0, f"each value is an array of shape {raw.shape[1:]}, not a number")
+        problem = _inexact_problem(raw) if raw.dtype.kind in "iu" else None
+        if problem is not None:
+            return raw[: problem[0]].astype(np.float64), problem
         return raw.astype(np.float64), None
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -533,12 +627,19 @@ def to_float64(raw: object) -> tuple[np.ndarray, tuple[int, str] | None]:
         except pa.ArrowInvalid:
             row, text = _first_non_number(array)
             problems.append((row, f"{text!r} is not a number"))
-    elif not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+    elif pa.types.is_integer(kind):
+        # pyarrow's safe cast refuses every integer beyond 2^53, exact or not: checked here instead
+        before_null = array.slice(0, problems[0][0]) if problems else array
+        inexact = _inexact_problem(before_null.to_numpy(zero_copy_only=False))
+        if inexact is not None:
+            problems.append(inexact)
+    elif not (pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
         return np.empty(0), (0, f"values of type {kind} are not numbers")
     problem = min(problems) if problems else None
     if problem is not None:
         array = array.slice(0, problem[0])
-    values = np.asarray(pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+    converted = pc.cast(array, pa.float64(), safe=not pa.types.is_integer(kind))
+    values = np.asarray(converted.to_numpy(zero_copy_only=False), dtype=np.float64)
     return values, problem
 
 
