@@ -17,7 +17,10 @@ fault in a fresh gradient's pages every time); :func:`empty_cache` releases it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers and editors
+    from bcekit._native import empty_cache, get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "empty_cache", "get_num_threads", "set_num_threads"]
