@@ -480,7 +480,8 @@ def test_varying_sizes_keep_a_bounded_cache_and_empty_cache_gives_memory_back() 
     assert done.returncode == 0, done.stderr[-2000:]
     kept, grown = (int(v) for v in done.stdout.split())
     assert kept <= _native._core.CACHE_MAX_AGE * 8 * 2**20
-    assert grown <= 32 * 2**20
+    if not _sanitized():  # AddressSanitizer's shadow of the unmapped buffers stays resident
+        assert grown <= 32 * 2**20
 
 
 # --------------------------------------------------------------------------------------------------------
