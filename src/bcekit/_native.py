@@ -21,12 +21,12 @@ Buffers of 4 MiB and more start on a 2 MiB boundary and are advised as transpare
 a pass streaming through one misses the TLB once per 2 MiB. The cache keeps at most ``BCEKIT_CACHE_BYTES``
 bytes (default 1 GiB, 0 disables it), the least recently returned going first, and releases a buffer no
 request takes within ``_core.CACHE_MAX_AGE`` requests; each buffer is its own memory mapping, so
-:func:`empty_cache` gives what it holds back to the system.
+:func:`bcekit.empty_cache` gives what it holds back to the system.
 
-Threads: torch tensors use ``torch.get_num_threads()``; NumPy arrays use :func:`get_num_threads`, which is
-``BCEKIT_NUM_THREADS`` from the environment if set, else the CPUs this process may run on, and which
-:func:`set_num_threads` changes. The helper threads are kept between passes. Results do not depend on the
-count: the kernels cut the data into fixed chunks and add the chunks' sums in a fixed order (a thread the
+Threads: torch tensors use ``torch.get_num_threads()``; NumPy arrays use :func:`bcekit.get_num_threads`, which
+is ``BCEKIT_NUM_THREADS`` from the environment if set, else the CPUs this process may run on, and which
+:func:`bcekit.set_num_threads` changes. The helper threads are kept between passes. Results do not depend on
+the count: the kernels cut the data into fixed chunks and add the chunks' sums in a fixed order (a thread the
 system refuses to start only leaves the pass to fewer threads).
 """
 

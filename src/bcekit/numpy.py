@@ -318,10 +318,12 @@ def binary_cross_entropy_and_grad(
     label_smoothing: float = 0.0,
     ignore_index: float | None = None,
 ) -> tuple[NDArray[np.floating], NDArray[np.floating]]:
-    """:func:`binary_cross_entropy` and its gradient with respect to ``input``, in one pass.
+    r""":func:`binary_cross_entropy` and its gradient with respect to ``input``, in one pass.
 
-    The gradient is torch's ``w (x - y) / max(x (1 - x), 1e-12)`` (divided by the element count for
-    ``'mean'``), in ``input``'s dtype and shape.
+    The gradient is torch's (divided by the element count for ``'mean'``), in ``input``'s dtype and shape:
+
+    .. math::
+        \frac{\partial \ell_n}{\partial x_n} = w_n \frac{x_n - y_n}{\max(x_n (1 - x_n), 10^{-12})}
     """
     spec = _math.LossSpec("bce", _semantics.reduction_enum(reduction), label_smoothing, ignore_index)
     loss, grad = _bce(input, target, weight, spec, with_grad=True)
@@ -339,10 +341,14 @@ def binary_cross_entropy_with_logits_and_grad(
     label_smoothing: float = 0.0,
     ignore_index: float | None = None,
 ) -> tuple[NDArray[np.floating], NDArray[np.floating]]:
-    """:func:`binary_cross_entropy_with_logits` and its gradient with respect to ``input``.
+    r""":func:`binary_cross_entropy_with_logits` and its gradient with respect to ``input``.
 
-    The gradient is ``w [(1 - y) sigmoid(x) - p y sigmoid(-x)]`` (divided by the element count for
-    ``'mean'``), in ``input``'s dtype and shape; finite for infinite logits.
+    The gradient (divided by the element count for ``'mean'``), in ``input``'s dtype and shape, finite for
+    infinite logits:
+
+    .. math::
+        \frac{\partial \ell_n}{\partial x_n}
+            = w_n \left[ (1 - y_n)\, \sigma(x_n) - p\, y_n\, \sigma(-x_n) \right]
 
     >>> import numpy as np
     >>> loss, grad = binary_cross_entropy_with_logits_and_grad(np.zeros(2), np.array([0.0, 1.0]))

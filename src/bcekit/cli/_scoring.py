@@ -8,9 +8,9 @@ so the result does not depend on the batch size, the partitioning or the engine 
 batch's sum (a few units in the last place). ``mean`` divides by the number of elements kept (all of them
 unless ``ignore_index`` drops some), as :func:`bcekit.numpy.binary_cross_entropy_with_logits` does.
 
-Values are checked before the loss sees them; the first bad one raises :class:`DataError` with its file,
-column and row. For the plot, each partition also counts predictions and targets in probability bins (the
-reliability diagram) and per-element losses in logarithmic bins; these counts add across partitions.
+Values are checked before the loss sees them; the first bad one raises :class:`~bcekit.cli._sources.DataError`
+with its file, column and row. For the plot, each partition also counts predictions and targets in probability
+bins (the reliability diagram) and per-element losses in logarithmic bins; these counts add across partitions.
 """
 
 from __future__ import annotations

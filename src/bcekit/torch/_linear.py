@@ -273,7 +273,8 @@ def linear_binary_cross_entropy_with_logits(
         bias: ``(C,)`` or None.
         pos_weight: weight of positive targets, ``(C,)`` (per label), ``(1,)`` or 0-d. Not differentiable.
         reduction: ``'mean'`` (over all N C elements) or ``'sum'``; ``'none'`` raises a ValueError.
-        chunk_size: labels per chunk; None picks one from N and the dtype (see :func:`default_chunk_size`).
+        chunk_size: labels per chunk; None picks one from N and the dtype (see
+            :func:`~bcekit.torch._linear.default_chunk_size`).
         process_group: a ``torch.distributed`` group over which the labels are sharded (contiguous shards
             of ``weight``, ``bias``, ``pos_weight`` and the target's columns, one per rank). Every rank gets
             the unsharded loss and input gradient and its own shard's weight and bias gradients. The input

@@ -16,14 +16,14 @@ When the error surfaces, exactly:
 * else at the first bcekit call on that device that starts after the GPU has finished the bad call's
   kernel, typically the same step's backward or the next step's forward; the losses returned in between
   are garbage, as the per-element losses of a bad call are;
-* at :func:`check_errors`, which waits for the GPU: call it where a step must be known good (after the
-  last step of an epoch, before saving a checkpoint);
+* at :func:`bcekit.torch.check_errors`, which waits for the GPU: call it where a step must be known
+  good (after the last step of an epoch, before saving a checkpoint);
 * at the call itself, with a host synchronisation per call, in synchronous mode:
-  ``BCEKIT_SYNC_CHECKS=1`` in the environment or :func:`set_sync_checks`, for debugging.
+  ``BCEKIT_SYNC_CHECKS=1`` in the environment or :func:`bcekit.torch.set_sync_checks`, for debugging.
 
 During CUDA graph capture nothing is copied or asked (a capture must not synchronise, and a captured copy
 would be replayed unread): the kernel still counts, and the next call outside the graph, or
-:func:`check_errors`, reports what replays counted. The counters are made at a device's first
+:func:`bcekit.torch.check_errors`, reports what replays counted. The counters are made at a device's first
 probability loss, which must not be inside a capture (run the step once before capturing it, as CUDA
 graphs require anyway).
 """
@@ -164,7 +164,7 @@ def check_errors(device: torch.device | str | int | None = None) -> None:
 def set_sync_checks(enabled: bool) -> None:
     """Synchronous [0, 1] checks (``True``): each probability loss on a GPU waits for its kernel and
     raises at the call, at the cost of a host synchronisation per call; ``False`` (the default, unless
-    ``BCEKIT_SYNC_CHECKS=1``): errors surface at a later call or at :func:`check_errors`."""
+    ``BCEKIT_SYNC_CHECKS=1``): errors surface at a later call or at :func:`bcekit.torch.check_errors`."""
     global _sync
     _sync = bool(enabled)
 

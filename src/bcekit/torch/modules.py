@@ -172,6 +172,9 @@ class LinearBCEWithLogitsLoss(nn.Module):
     ``(N, out_features)`` logits are never built. See
     :func:`bcekit.torch.linear_binary_cross_entropy_with_logits`.
 
+    .. math::
+        \ell = \operatorname{BCEWithLogits}(z, Y), \qquad z = X W^\top + b
+
     The module owns the classifier's ``weight`` ``(out_features, in_features)`` and ``bias``
     ``(out_features,)``, initialised as ``nn.Linear`` initialises them (the same values for the same random
     state); ``pos_weight`` is a buffer. ``forward(input, target)`` returns the loss; :meth:`topk` gives the
