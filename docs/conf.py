@@ -26,6 +26,8 @@ source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 exclude_patterns = ["_build", "_ext"]
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
+# "--target" stays two hyphens (option names), not an en dash
+smartquotes = False
 
 # Broken references are errors (the build runs with -W -n); names from other projects cannot be resolved
 # without fetching their inventories, which the build must not do, so only those are let through.

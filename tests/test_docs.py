@@ -303,3 +303,27 @@ def test_a_public_name_without_an_entry_fails_the_build(tmp_path: Path) -> None:
         status = sphinx.build_main(["-W", "-n", "-q", "-E", "-b", "html", str(pages), str(tmp_path / "out")])
     assert status != 0
     assert "public name bcekit.torch.linear_topk has no entry" in log.getvalue()
+
+
+def _github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", ["README.md", "CONTRIBUTING.md", "benchmarks/README.md"])
+def test_links_outside_the_site_lead_somewhere(page: str) -> None:
+    """The Markdown pages read on the repository's front page (not built by Sphinx) link to files that
+    exist and to headings they have."""
+    path = ROOT / page
+    text = path.read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert links or page != "README.md"
+    for link in links:
+        target, _, anchor = link.partition("#")
+        if re.match(r"[a-z]+://", target):
+            continue
+        linked = path.parent / target if target else path
+        assert linked.exists(), f"{page}: {link} leads to no file"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", linked.read_text(encoding="utf-8"), re.M)
+            assert anchor in {_github_anchor(h) for h in headings}, f"{page}: no heading for #{anchor}"

@@ -86,7 +86,7 @@ class CommandLine(Directive):
             usage = subparser.format_usage().replace("usage: ", "", 1).strip()
             sections += [
                 nodes.paragraph("", "", nodes.strong("", f"bcekit {command}")),
-                nodes.literal_block(usage, usage),
+                nodes.literal_block(usage, usage, language="text"),
                 nodes.paragraph("", subparser.description or ""),
                 items,
             ]
