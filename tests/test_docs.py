@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from _chdir import chdir
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md")) + [ROOT / "CONTRIBUTING.md", ROOT / "benchmarks" / "README.md"]
@@ -62,16 +64,6 @@ def _cases(pages: list[Path], languages: set[str]) -> list:
     ]
 
 
-@contextlib.contextmanager
-def _chdir(path: Path) -> Iterator[None]:  # contextlib.chdir needs Python >= 3.11
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
 def test_every_block_says_its_language() -> None:
     unchecked = [
         f"{page.relative_to(ROOT)}: ```{language or '(none)'}"
@@ -89,7 +81,7 @@ def test_the_pages_have_blocks() -> None:
 
 @pytest.mark.parametrize(("language", "code"), _cases(PAGES, {"python"}))
 def test_python_block_runs(language: str, code: str) -> None:
-    with _chdir(ROOT):
+    with chdir(ROOT):
         exec(compile(code, "docs block", "exec"), {"__name__": "__docs__"})
 
 
@@ -100,7 +92,7 @@ def _run_bcekit(argv: list[str], tmp_path: Path) -> tuple[int, str]:
         at = argv.index("--plot") + 1
         argv = [*argv[:at], str(tmp_path / Path(argv[at]).name), *argv[at + 1 :]]
     stdout, stderr = io.StringIO(), io.StringIO()
-    with _chdir(ROOT):
+    with chdir(ROOT):
         status = main(argv, stdout=stdout, stderr=stderr)
     return status, stdout.getvalue() + stderr.getvalue()
 
@@ -135,7 +127,7 @@ def _parse_only(argv: list[str]) -> Iterator[None]:
     argparse.ArgumentParser.parse_args = parse_args
     sys.argv = argv
     try:
-        with _chdir(ROOT), pytest.raises(_Parsed):
+        with chdir(ROOT), pytest.raises(_Parsed):
             yield
     finally:
         argparse.ArgumentParser.parse_args = original

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from _chdir import chdir
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
@@ -43,7 +43,7 @@ def test_setup_command_scores_the_example(tmp_path: Path) -> None:
     plot = argv.index("--plot")
     argv[plot + 1] = str(tmp_path / argv[plot + 1])
     stdout, stderr = io.StringIO(), io.StringIO()
-    with _chdir(README.parent):
+    with chdir(README.parent):
         assert main([*argv, "--format", "json"], stdout=stdout, stderr=stderr) == 0, stderr.getvalue()
         table = pq.read_table(argv[1])
     result = json.loads(stdout.getvalue())
@@ -55,13 +55,3 @@ def test_setup_command_scores_the_example(tmp_path: Path) -> None:
     assert result["rows"] == table.num_rows == 569
     assert abs(result["loss"] - expected) <= 1e-12 * expected
     assert os.path.getsize(tmp_path / "calibration.png") > 10_000
-
-
-@contextlib.contextmanager
-def _chdir(path: Path) -> Iterator[None]:  # contextlib.chdir needs Python >= 3.11
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
