@@ -275,6 +275,34 @@ def test_non_tensor_arguments_get_a_type_error() -> None:
         bce.binary_cross_entropy(torch.rand(2), [0.0, 1.0])
 
 
+@pytest.mark.parametrize("argument", ["input", "target", "weight", "pos_weight"])
+@pytest.mark.parametrize("value", [None, [0.5, 0.5]], ids=["None", "list"])
+def test_a_missing_or_non_tensor_argument_is_named(argument, value) -> None:
+    """torch fails on these with an AttributeError from inside; bcekit names the argument and its place in
+    the signature. None is refused only where the argument is not optional."""
+    arguments = {"input": torch.rand(2), "target": torch.rand(2), "weight": None, "pos_weight": None}
+    arguments[argument] = value
+    positions = {"input": 1, "target": 2, "weight": 3, "pos_weight": 7}
+    for fn in (bce.binary_cross_entropy, bce.binary_cross_entropy_with_logits):
+        given = {
+            k: v for k, v in arguments.items() if not (fn is bce.binary_cross_entropy and k == "pos_weight")
+        }
+        if argument not in given:
+            continue
+        if value is None and argument in ("weight", "pos_weight"):
+            fn(**given)  # optional: None is its default
+            continue
+        name = type(value).__name__
+        place = f"argument '{argument}' \\(position {positions[argument]}\\)"
+        pattern = f"{fn.__name__}\\(\\): {place} must be Tensor, not {name}"
+        with pytest.raises(TypeError, match=pattern):
+            fn(**given)
+        if value is None:  # torch's own failure, for the record: not a TypeError naming the argument
+            torch_fn = getattr(F, fn.__name__)
+            with pytest.raises(AttributeError):
+                torch_fn(**given)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Where torch is wrong: infinite logits, autocast
 # --------------------------------------------------------------------------------------------------------

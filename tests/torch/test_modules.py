@@ -36,6 +36,18 @@ def test_buffers_and_state_dict_match_torch(ours_cls, torch_cls) -> None:
 
 
 @pytest.mark.parametrize(("ours_cls", "torch_cls"), PAIRS)
+def test_is_a_torch_loss_module_as_torchs_is(ours_cls, torch_cls) -> None:
+    """Frameworks look for ``torch.nn.modules.loss._Loss`` to find a model's criterion."""
+    assert isinstance(torch_cls(), torch.nn.modules.loss._Loss)
+    assert isinstance(ours_cls(), torch.nn.modules.loss._Loss)
+
+
+def test_the_focal_loss_module_is_a_torch_loss_module_too() -> None:
+    focal = bce.SigmoidFocalLoss(reduction="sum")
+    assert isinstance(focal, torch.nn.modules.loss._Loss) and focal.reduction == "sum"
+
+
+@pytest.mark.parametrize(("ours_cls", "torch_cls"), PAIRS)
 def test_without_weights_state_dict_is_empty_like_torch(ours_cls, torch_cls) -> None:
     assert ours_cls().state_dict().keys() == torch_cls().state_dict().keys() == set()
 

@@ -122,3 +122,68 @@ def test_meta_tensors_give_shapes_and_dtypes() -> None:
     assert bce.binary_cross_entropy_with_logits(x, x, reduction="none").shape == (5, 4)
     out = bce.binary_cross_entropy(x, x)
     assert out.shape == () and out.dtype == torch.bfloat16 and out.device.type == "meta"
+
+
+@pytest.mark.parametrize(
+    "legacy", [{"size_average": False}, {"reduce": False}, {"reduction": "elementwise_mean"}]
+)
+@pytest.mark.parametrize("loss", ["logits", "probabilities"])
+def test_legacy_arguments_compile_with_torchs_warning(legacy, loss) -> None:
+    """The legacy reduction arguments trace under fullgraph, as torch's do: the same values as torch's
+    compiled loss, and the same deprecation warning, raised while tracing."""
+    torch._dynamo.reset()
+    x, y = torch.rand(4, 3), torch.rand(4, 3)
+    ours_fn, torch_fn = (
+        (bce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits)
+        if loss == "logits"
+        else (bce.binary_cross_entropy, F.binary_cross_entropy)
+    )
+    results, messages = [], []
+    for fn in (torch_fn, ours_fn):
+        with pytest.warns(UserWarning) as record:
+            results.append(torch.compile(lambda x, y, fn=fn: fn(x, y, **legacy), fullgraph=True)(x, y))
+        messages.append({str(w.message) for w in record if "reduction=" in str(w.message)})
+    torch.testing.assert_close(results[1], results[0])
+    assert messages[1] == messages[0] and messages[0]
+
+
+@pytest.mark.parametrize("loss", ["logits", "probabilities"])
+@pytest.mark.parametrize("transform", ["grad", "vmap(grad)"])
+def test_compiled_torch_func_transforms_match_torch(loss, transform) -> None:
+    """torch.compile(torch.func.grad(loss)) and of vmap(grad(loss)) (per-sample gradients) give torch's."""
+    torch._dynamo.reset()
+    x, y, w = torch.randn(4, 3), torch.rand(4, 3), torch.rand(3) + 0.5
+
+    def make(fn, squash):
+        return lambda x, y: fn(torch.sigmoid(x) if squash else x, y, weight=w)
+
+    pairs = {
+        "logits": (bce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, False),
+        "probabilities": (bce.binary_cross_entropy, F.binary_cross_entropy, True),
+    }
+    ours_fn, torch_fn, squash = pairs[loss]
+
+    def transformed(fn):
+        gradient = torch.func.grad(make(fn, squash))
+        return gradient if transform == "grad" else torch.func.vmap(gradient)
+
+    torch.testing.assert_close(torch.compile(transformed(ours_fn))(x, y), transformed(torch_fn)(x, y))
+
+
+@pytest.mark.parametrize("meta", ["input", "target", "weight", "pos_weight"])
+@pytest.mark.parametrize("loss", ["logits", "probabilities"])
+def test_a_meta_tensor_beside_cpu_ones_is_refused_as_torch_refuses_it(meta, loss) -> None:
+    if loss == "probabilities" and meta == "pos_weight":
+        return
+    ours_fn, torch_fn = (
+        (bce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits)
+        if loss == "logits"
+        else (bce.binary_cross_entropy, F.binary_cross_entropy)
+    )
+    arguments = {"input": torch.rand(4, 3), "target": torch.rand(4, 3), "weight": torch.rand(3)}
+    if loss == "logits":
+        arguments["pos_weight"] = torch.rand(3)
+    arguments[meta] = arguments[meta].to("meta")
+    for fn in (torch_fn, ours_fn):
+        with pytest.raises(RuntimeError, match="is not on the expected device"):
+            fn(**arguments)

@@ -29,8 +29,11 @@ __all__ = ["active", "loss"]
 
 def active(*tensors: Tensor | None) -> bool:
     """Whether this call runs under a torch.func transform or carries forward-mode tangents."""
-    if torch.compiler.is_compiling():  # compiled graphs use the custom ops (no transform can be active)
-        return False
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace the per-tensor checks below, but it can read the current functorch level:
+        # a plain compiled call keeps the custom ops, a transform compiled with torch.compile (say
+        # torch.compile(torch.func.grad(f))) takes the transformable Function.
+        return torch._C._functorch.maybe_current_level() is not None
     for tensor in tensors:
         if tensor is None:
             continue

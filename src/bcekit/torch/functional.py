@@ -58,13 +58,44 @@ def _format_shape(shape: tuple[int, ...]) -> str:
     return str(torch.Size(shape))
 
 
+#: Where each tensor argument stands in the functionals' signatures (torch's order), for the error text.
+_POSITIONS = {"input": 1, "target": 2, "weight": 3, "pos_weight": 7}
+_OPTIONAL = {"weight", "pos_weight"}
+
+
 def _require_tensors(function: str, **arguments: Any) -> None:
-    for position, (name, value) in enumerate(arguments.items()):
-        if value is not None and not isinstance(value, Tensor):
+    """A ``TypeError`` naming the first argument that is not a tensor (``None`` only where it is optional),
+    where torch would fail later with an ``AttributeError``."""
+    for name, value in arguments.items():
+        if not isinstance(value, Tensor) and not (value is None and name in _OPTIONAL):
             raise TypeError(
-                f"{function}(): argument '{name}' (position {position + 1}) must be Tensor, "
+                f"{function}(): argument '{name}' (position {_POSITIONS[name]}) must be Tensor, "
                 f"not {type(value).__name__}"
             )
+
+
+def _check_devices(*tensors: Tensor | None) -> None:
+    """torch's error for meta tensors mixed with tensors that hold data (the composed path would otherwise
+    return a tensor of uninitialised memory). Other mixes are left to the operators, which refuse them as
+    torch does, 0-d CPU tensors beside CUDA ones allowed."""
+    present = [t for t in tensors if t is not None]
+    if any(t.is_meta for t in present) and not all(t.is_meta for t in present):
+        expected = next(t.device for t in present if not t.is_meta)
+        raise RuntimeError(f"Tensor on device meta is not on the expected device {expected}!")
+
+
+@torch.compiler.assume_constant_result
+def _resolve_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> int:
+    """:func:`bcekit._semantics.resolve_reduction`, with its deprecation warnings. It depends on Python
+    values only, so under ``torch.compile`` it runs once while tracing (where Dynamo cannot follow
+    ``warnings.warn``) and its result is a constant of the graph, as torch's own functionals have it."""
+    return _semantics.resolve_reduction(size_average, reduce, reduction)
+
+
+@torch.compiler.assume_constant_result
+def _reduction_enum(reduction: str) -> int:
+    """:func:`bcekit._semantics.reduction_enum`, a constant of the graph as :func:`_resolve_reduction` is."""
+    return _semantics.reduction_enum(reduction)
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -174,7 +205,8 @@ def binary_cross_entropy(
         if loss is not None:
             return loss
     _require_tensors("binary_cross_entropy", input=input, target=target, weight=weight)
-    enum = _semantics.resolve_reduction(size_average, reduce, reduction)
+    _check_devices(input, target, weight)
+    enum = _resolve_reduction(size_average, reduce, reduction)
     input, target, weight = _autocast_to_float32(input, target, weight)
     _semantics.check_binary_cross_entropy(
         _spec(input), _spec(target), None if weight is None else _spec(weight), _format_shape
@@ -239,7 +271,8 @@ def binary_cross_entropy_with_logits(
     _require_tensors(
         "binary_cross_entropy_with_logits", input=input, target=target, weight=weight, pos_weight=pos_weight
     )
-    enum = _semantics.resolve_reduction(size_average, reduce, reduction)
+    _check_devices(input, target, weight, pos_weight)
+    enum = _resolve_reduction(size_average, reduce, reduction)
     input, target, weight, pos_weight = _autocast_to_float32(input, target, weight, pos_weight)
     _semantics.check_binary_cross_entropy_with_logits(
         _spec(input),
@@ -298,7 +331,8 @@ def sigmoid_focal_loss(
     tensor([2.7321e-05, 6.9157e-01])
     """
     _require_tensors("sigmoid_focal_loss", input=input, target=target)
-    enum = _semantics.reduction_enum(reduction)
+    _check_devices(input, target)
+    enum = _reduction_enum(reduction)
     _semantics.check_focal_parameters(alpha, gamma)
     input, target = _autocast_to_float32(input, target)
     _semantics.check_binary_cross_entropy_with_logits(_spec(input), _spec(target), None, None, _format_shape)

@@ -18,9 +18,10 @@ from bcekit.torch import functional
 __all__ = ["BCELoss", "BCEWithLogitsLoss", "SigmoidFocalLoss", "LinearBCEWithLogitsLoss"]
 
 
-class _Loss(nn.Module):
+class _Loss(nn.modules.loss._Loss):
     """Configuration shared by the BCE modules: the reduction (legacy pair mapped once, here) and the
-    keyword-only target options, validated at construction."""
+    keyword-only target options, validated at construction. A ``torch.nn.modules.loss._Loss``, as torch's
+    loss modules are, for the frameworks that look for one."""
 
     reduction: str
 
@@ -32,11 +33,9 @@ class _Loss(nn.Module):
         label_smoothing: float = 0.0,
         ignore_index: float | None = None,
     ):
-        super().__init__()
         if size_average is not None or reduce is not None:
-            self.reduction = _semantics.legacy_reduction(size_average, reduce)
-        else:
-            self.reduction = reduction
+            reduction = _semantics.legacy_reduction(size_average, reduce)
+        super().__init__(reduction=reduction)
         _semantics.check_label_smoothing(label_smoothing)
         self.label_smoothing = label_smoothing
         self.ignore_index = ignore_index
@@ -143,7 +142,7 @@ class BCEWithLogitsLoss(_Loss):
         )
 
 
-class SigmoidFocalLoss(nn.Module):
+class SigmoidFocalLoss(nn.modules.loss._Loss):
     r"""Sigmoid focal loss as a module; see :func:`bcekit.torch.sigmoid_focal_loss`.
 
     .. math::
@@ -156,9 +155,9 @@ class SigmoidFocalLoss(nn.Module):
     """
 
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none") -> None:
-        super().__init__()
+        super().__init__(reduction=reduction)
         _semantics.check_focal_parameters(alpha, gamma)
-        self.alpha, self.gamma, self.reduction = alpha, gamma, reduction
+        self.alpha, self.gamma = alpha, gamma
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional.sigmoid_focal_loss(input, target, self.alpha, self.gamma, self.reduction)
