@@ -187,3 +187,88 @@ def test_a_meta_tensor_beside_cpu_ones_is_refused_as_torch_refuses_it(meta, loss
     for fn in (torch_fn, ours_fn):
         with pytest.raises(RuntimeError, match="is not on the expected device"):
             fn(**arguments)
+
+
+def _loss_modules():
+    weight, pos_weight = torch.rand(3) + 0.5, torch.rand(3) + 0.5
+    return [
+        pytest.param(bce.BCEWithLogitsLoss(), torch.nn.BCEWithLogitsLoss(), False, id="logits"),
+        pytest.param(
+            bce.BCEWithLogitsLoss(weight=weight, pos_weight=pos_weight),
+            torch.nn.BCEWithLogitsLoss(weight=weight, pos_weight=pos_weight),
+            False,
+            id="logits-weights",
+        ),
+        pytest.param(bce.BCELoss(), torch.nn.BCELoss(), True, id="probabilities"),
+        pytest.param(
+            bce.BCELoss(weight=weight), torch.nn.BCELoss(weight=weight), True, id="probabilities-weight"
+        ),
+    ]
+
+
+class _Holding(torch.nn.Module):
+    """A model whose output is its loss module's, as a training wrapper would be."""
+
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(x, y)
+
+
+def _examples(probabilities: bool):
+    torch.manual_seed(3)
+    pairs = [(torch.randn(4, 3), torch.rand(4, 3)) for _ in range(2)]
+    return [(torch.sigmoid(x) if probabilities else x, y) for x, y in pairs]
+
+
+@pytest.mark.parametrize(("ours", "theirs", "probabilities"), _loss_modules())
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_jit_trace_records_the_loss_not_its_value(ours, theirs, probabilities, grad) -> None:
+    """A trace taken on one example gives torch's loss (and input gradient) on another: the traced graph
+    holds the bcekit operator, not the example's number."""
+    (x1, y1), (x2, y2) = _examples(probabilities)
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(_Holding(ours), (x1, y1))
+    x_ours, x_theirs = x2.clone().requires_grad_(), x2.clone().requires_grad_()
+    loss, expected = traced(x_ours, y2), theirs(x_theirs, y2)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad)
+
+
+@pytest.mark.parametrize(("ours", "theirs", "probabilities"), _loss_modules())
+def test_fx_symbolic_trace_of_a_model_calling_the_loss(ours, theirs, probabilities) -> None:
+    (x1, y1), (x2, y2) = _examples(probabilities)
+    graph_module = torch.fx.symbolic_trace(_Holding(ours))
+    targets = {node.target for node in graph_module.graph.nodes if node.op == "call_function"}
+    assert targets & {bce.binary_cross_entropy, bce.binary_cross_entropy_with_logits}
+    for x, y in ((x1, y1), (x2, y2)):
+        x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        loss, expected = graph_module(x_ours, y), theirs(x_theirs, y)
+        torch.testing.assert_close(loss, expected)
+        loss.backward()
+        expected.backward()
+        torch.testing.assert_close(x_ours.grad, x_theirs.grad)
+
+
+def test_the_focal_loss_under_fx_and_trace() -> None:
+    (x1, y1), (x2, y2) = _examples(False)
+    focal = bce.SigmoidFocalLoss(reduction="mean")
+    with torch.no_grad():
+        traced = torch.jit.trace(_Holding(focal), (x1, y1))
+    graph_module = torch.fx.symbolic_trace(_Holding(focal))
+    expected = bce.sigmoid_focal_loss(x2, y2, reduction="mean")
+    torch.testing.assert_close(traced(x2, y2), expected)
+    torch.testing.assert_close(graph_module(x2, y2), expected)
+
+
+@pytest.mark.parametrize(("ours", "theirs", "probabilities"), _loss_modules()[:1] + _loss_modules()[2:3])
+def test_onnx_export_refuses_rather_than_writing_a_constant(ours, theirs, probabilities, tmp_path) -> None:
+    """ONNX has no such operator: the TorchScript-based exporter stops at the bcekit operator, naming it,
+    instead of writing a graph whose only node is the example's loss."""
+    (x1, y1), _ = _examples(probabilities)
+    with pytest.raises(Exception, match="bcekit::"):
+        torch.onnx.export(_Holding(ours), (x1, y1), str(tmp_path / "loss.onnx"), dynamo=False)

@@ -830,7 +830,8 @@ def eager_plain_loss(kind: str, input: Tensor, target: Tensor, reduction: str) -
     take their general path, whose checks and errors apply). The caller has checked that there are no
     weights, no legacy or keyword options and that both arguments are plain tensors; here: a reduction
     named as torch names them, one kernel dtype, equal shapes, contiguous non-empty CPU data, no
-    autocast, torch.compile, torch.func transform or forward-mode tangent, and no target gradient. The
+    autocast, torch.compile, ``torch.jit.trace``, torch.func transform or forward-mode tangent, and no
+    target gradient. The
     results are those of the general path's kernel pass."""
     enum = _PLAIN_REDUCTIONS.get(reduction) if type(reduction) is str else None
     dtype = _PLAIN_DTYPES.get(input.dtype)
@@ -845,6 +846,7 @@ def eager_plain_loss(kind: str, input: Tensor, target: Tensor, reduction: str) -
         or not target.is_contiguous()
         or input.numel() == 0
         or torch.compiler.is_compiling()
+        or torch._C._is_tracing()
         or _autocast_cpu()
         or torch._C._functorch.is_functorch_wrapped_tensor(input)
         or torch._C._functorch.is_functorch_wrapped_tensor(target)

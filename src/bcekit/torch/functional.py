@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from bcekit import _semantics
 from bcekit._math import LossSpec
@@ -72,6 +73,13 @@ def _require_tensors(function: str, **arguments: Any) -> None:
                 f"{function}(): argument '{name}' (position {_POSITIONS[name]}) must be Tensor, "
                 f"not {type(value).__name__}"
             )
+
+
+def _recording() -> bool:
+    """Whether the call is being recorded as a graph (``torch.compile``, ``torch.jit.trace``): it must then
+    run the registered ``bcekit::`` operators, which the recorder sees, not the kernels' eager path, which
+    it does not (a trace would hold the example's loss as a constant)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _check_devices(*tensors: Tensor | None) -> None:
@@ -204,6 +212,19 @@ def binary_cross_entropy(
         loss = _ops.eager_plain_loss("bce", input, target, reduction)
         if loss is not None:
             return loss
+    if has_torch_function_variadic(input, target, weight):
+        return handle_torch_function(
+            binary_cross_entropy,
+            (input, target, weight),
+            input,
+            target,
+            weight=weight,
+            size_average=size_average,
+            reduce=reduce,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+        )
     _require_tensors("binary_cross_entropy", input=input, target=target, weight=weight)
     _check_devices(input, target, weight)
     enum = _resolve_reduction(size_average, reduce, reduction)
@@ -221,7 +242,7 @@ def binary_cross_entropy(
         return _transforms.loss(spec, input, target, weight, None, input.dtype)
     spec = LossSpec("bce", enum, smoothing, ignore)
     if _ops.kernel_ready(spec, input, target, weight, None):
-        if not torch.compiler.is_compiling():
+        if not _recording():
             return _ops.eager_kernel_loss(spec, input, target, weight, None)
         if _fuse(input, enum):
             return _ops.binary_cross_entropy_fused(input, target, weight, enum, smoothing, ignore)[0]
@@ -268,6 +289,20 @@ def binary_cross_entropy_with_logits(
         loss = _ops.eager_plain_loss("logits", input, target, reduction)
         if loss is not None:
             return loss
+    if has_torch_function_variadic(input, target, weight, pos_weight):
+        return handle_torch_function(
+            binary_cross_entropy_with_logits,
+            (input, target, weight, pos_weight),
+            input,
+            target,
+            weight=weight,
+            size_average=size_average,
+            reduce=reduce,
+            reduction=reduction,
+            pos_weight=pos_weight,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+        )
     _require_tensors(
         "binary_cross_entropy_with_logits", input=input, target=target, weight=weight, pos_weight=pos_weight
     )
@@ -289,7 +324,7 @@ def binary_cross_entropy_with_logits(
         return _transforms.loss(spec, input, target, weight, pos_weight, target.dtype)
     spec = LossSpec("logits", enum, smoothing, ignore)
     if _ops.kernel_ready(spec, input, target, weight, pos_weight):
-        if not torch.compiler.is_compiling():
+        if not _recording():
             return _ops.eager_kernel_loss(spec, input, target, weight, pos_weight)
         if _fuse(input, enum):
             loss, _ = _ops.binary_cross_entropy_with_logits_fused(
@@ -330,6 +365,10 @@ def sigmoid_focal_loss(
     >>> sigmoid_focal_loss(torch.tensor([3.0, -3.0]), torch.tensor([1.0, 1.0]))  # easy, then hard
     tensor([2.7321e-05, 6.9157e-01])
     """
+    if has_torch_function_variadic(input, target):
+        return handle_torch_function(
+            sigmoid_focal_loss, (input, target), input, target, alpha=alpha, gamma=gamma, reduction=reduction
+        )
     _require_tensors("sigmoid_focal_loss", input=input, target=target)
     _check_devices(input, target)
     enum = _reduction_enum(reduction)
