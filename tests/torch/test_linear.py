@@ -1023,3 +1023,17 @@ def test_module_construction_errors() -> None:
         bce.LinearBCEWithLogitsLoss(3, 5, pos_weight=torch.ones(4))
     for pos_weight in (torch.ones(5), torch.ones(1), torch.tensor(2.0), None):
         bce.LinearBCEWithLogitsLoss(3, 5, pos_weight=pos_weight)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_jit_trace_of_the_module_computes_the_loss_of_new_inputs(grad) -> None:
+    """A trace taken on one batch gives, on another, the unfused torch loss of that batch: not the first
+    batch's number recorded as a constant (evaluation under no_grad included)."""
+    torch.manual_seed(5)
+    head = bce.LinearBCEWithLogitsLoss(8, 50)
+    (x1, y1), (x2, y2) = [(torch.randn(4, 8), torch.rand(4, 50)) for _ in range(2)]
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(head, (x1, y1))
+        loss = traced(x2, y2)
+    expected = F.binary_cross_entropy_with_logits(F.linear(x2, head.weight, head.bias), y2)
+    torch.testing.assert_close(loss, expected)

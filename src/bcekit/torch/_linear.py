@@ -349,7 +349,9 @@ def linear_binary_cross_entropy_with_logits(
     chunk = _chunk(chunk_size, rows, labels, input)
     x = input.reshape(rows, input.shape[-1])
     y = target if sparse else target.reshape(rows, labels)
-    if not torch.is_grad_enabled():  # evaluation: no gradient work at all
+    # Evaluation does no gradient work at all; a torch.jit.trace goes through the Function even then, as
+    # the tracer records it as one call, where the chunks' kernel passes would be recorded as a constant.
+    if not torch.is_grad_enabled() and not torch.jit.is_tracing():
         loss, *_ = _fused_pass(x, weight, bias, y, pos_weight, enum, chunk, process_group, (False,) * 3)
         return loss.to(x.dtype)
     return _LinearBCE.apply(x, weight, bias, y, pos_weight, enum, chunk, process_group)
