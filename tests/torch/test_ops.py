@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -273,3 +276,34 @@ def test_onnx_export_refuses_rather_than_writing_a_constant(ours, theirs, probab
     (x1, y1), _ = _examples(probabilities)
     with pytest.raises(Exception, match="bcekit::"):
         torch.onnx.export(_Holding(ours), (x1, y1), str(tmp_path / "loss.onnx"), dynamo=False)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"weight": True}, {"size_average": False}, {"reduce": False}, {"reduction": "elementwise_mean"}],
+)
+@pytest.mark.parametrize("loss", ["logits", "probabilities"])
+def test_strict_export_gives_torchs_loss_on_new_inputs(loss, options) -> None:
+    """``torch.export.export(strict=True)`` of a model calling the loss (weights and the legacy arguments
+    included) runs the exported program to torch's values on inputs other than the example's."""
+    weight = torch.rand(3) + 0.5
+    arguments = {k: (weight if k == "weight" else v) for k, v in options.items()}
+    squash = loss == "probabilities"
+    ours_fn, torch_fn = (
+        (bce.binary_cross_entropy, F.binary_cross_entropy)
+        if squash
+        else (bce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits)
+    )
+
+    class Model(torch.nn.Module):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return ours_fn(torch.sigmoid(x) if squash else x, y, **arguments)
+
+    (x1, y1), (x2, y2) = _examples(False)
+    legacy = "weight" not in options  # torch's deprecation warning, raised while tracing
+    with pytest.warns(UserWarning, match="reduction=") if legacy else contextlib.nullcontext():
+        program = torch.export.export(Model(), (x1, y1), strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's own deprecation warning for the legacy ones
+        expected = torch_fn(torch.sigmoid(x2) if squash else x2, y2, **arguments)
+    torch.testing.assert_close(program.module()(x2, y2), expected)
