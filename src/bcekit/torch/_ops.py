@@ -831,8 +831,7 @@ def eager_plain_loss(kind: str, input: Tensor, target: Tensor, reduction: str) -
     weights, no legacy or keyword options and that both arguments are plain tensors; here: a reduction
     named as torch names them, one kernel dtype, equal shapes, contiguous non-empty CPU data, no
     autocast, torch.compile, ``torch.jit.trace``, torch.func transform or forward-mode tangent, and no
-    target gradient. The
-    results are those of the general path's kernel pass."""
+    target gradient. The results are those of the general path's kernel pass."""
     enum = _PLAIN_REDUCTIONS.get(reduction) if type(reduction) is str else None
     dtype = _PLAIN_DTYPES.get(input.dtype)
     if (
