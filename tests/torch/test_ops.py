@@ -127,6 +127,13 @@ def test_meta_tensors_give_shapes_and_dtypes() -> None:
     assert out.shape == () and out.dtype == torch.bfloat16 and out.device.type == "meta"
 
 
+#: (bcekit's function, torch's) per loss name, for the tests that run the same call through both
+FUNCTIONS = {
+    "logits": (bce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits),
+    "probabilities": (bce.binary_cross_entropy, F.binary_cross_entropy),
+}
+
+
 @pytest.mark.parametrize(
     "legacy", [{"size_average": False}, {"reduce": False}, {"reduction": "elementwise_mean"}]
 )
@@ -136,11 +143,7 @@ def test_legacy_arguments_compile_with_torchs_warning(legacy, loss) -> None:
     compiled loss, and the same deprecation warning, raised while tracing."""
     torch._dynamo.reset()
     x, y = torch.rand(4, 3), torch.rand(4, 3)
-    ours_fn, torch_fn = (
-        (bce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits)
-        if loss == "logits"
-        else (bce.binary_cross_entropy, F.binary_cross_entropy)
-    )
+    ours_fn, torch_fn = FUNCTIONS[loss]
     results, messages = [], []
     for fn in (torch_fn, ours_fn):
         with pytest.warns(UserWarning) as record:
@@ -160,11 +163,8 @@ def test_compiled_torch_func_transforms_match_torch(loss, transform) -> None:
     def make(fn, squash):
         return lambda x, y: fn(torch.sigmoid(x) if squash else x, y, weight=w)
 
-    pairs = {
-        "logits": (bce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, False),
-        "probabilities": (bce.binary_cross_entropy, F.binary_cross_entropy, True),
-    }
-    ours_fn, torch_fn, squash = pairs[loss]
+    ours_fn, torch_fn = FUNCTIONS[loss]
+    squash = loss == "probabilities"
 
     def transformed(fn):
         gradient = torch.func.grad(make(fn, squash))
@@ -179,11 +179,7 @@ def test_compiled_torch_func_transforms_match_torch(loss, transform) -> None:
     + [("probabilities", name) for name in ("input", "target", "weight")],
 )
 def test_a_meta_tensor_beside_cpu_ones_is_refused_as_torch_refuses_it(loss, meta) -> None:
-    ours_fn, torch_fn = (
-        (bce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits)
-        if loss == "logits"
-        else (bce.binary_cross_entropy, F.binary_cross_entropy)
-    )
+    ours_fn, torch_fn = FUNCTIONS[loss]
     arguments = {"input": torch.rand(4, 3), "target": torch.rand(4, 3), "weight": torch.rand(3)}
     if loss == "logits":
         arguments["pos_weight"] = torch.rand(3)
@@ -289,11 +285,7 @@ def test_strict_export_gives_torchs_loss_on_new_inputs(loss, options) -> None:
     weight = torch.rand(3) + 0.5
     arguments = {k: (weight if k == "weight" else v) for k, v in options.items()}
     squash = loss == "probabilities"
-    ours_fn, torch_fn = (
-        (bce.binary_cross_entropy, F.binary_cross_entropy)
-        if squash
-        else (bce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits)
-    )
+    ours_fn, torch_fn = FUNCTIONS[loss]
 
     class Model(torch.nn.Module):
         def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
