@@ -72,10 +72,19 @@ def _softplus(t: mpmath.mpf) -> mpmath.mpf:
     return max(t, MP.zero) + _log1p(MP.exp(-abs(t)))
 
 
+def _smoothed(y: float, smoothing: float) -> mpmath.mpf:
+    """``y (1 - s) + s / 2``, exact at 200 bits for float64 ``y`` and ``s``."""
+    ym = MP.mpf(y)
+    return ym if smoothing == 0 else ym * (1 - MP.mpf(smoothing)) + MP.mpf(smoothing) / 2
+
+
 @functools.cache
-def logits_exact(x: float, y: float, pos_weight: float | None = None) -> mpmath.mpf:
-    """The exact logits loss at floating ``x``, ``y`` (and ``pos_weight``), as an mpmath number."""
-    xm, ym = MP.mpf(x), MP.mpf(y)
+def logits_exact(
+    x: float, y: float, pos_weight: float | None = None, smoothing: float = 0.0, weight: float = 1.0
+) -> mpmath.mpf:
+    """The exact logits loss at floating ``x``, ``y`` (and ``pos_weight``, label ``smoothing``, ``weight``),
+    as an mpmath number."""
+    xm, ym = MP.mpf(x), _smoothed(y, smoothing)
     positive = ym if pos_weight is None else MP.mpf(pos_weight) * ym  # exact at 200 bits
     negative = 1 - ym  # exact at 200 bits for any float64 y in [0, 1]
     total = MP.zero
@@ -83,7 +92,7 @@ def logits_exact(x: float, y: float, pos_weight: float | None = None) -> mpmath.
         total += positive * _softplus(-xm)
     if negative != 0:
         total += negative * _softplus(xm)
-    return total
+    return total * MP.mpf(weight)
 
 
 def _clamped_neg_log(value: mpmath.mpf) -> mpmath.mpf:
@@ -94,9 +103,10 @@ def _clamped_neg_log(value: mpmath.mpf) -> mpmath.mpf:
 
 
 @functools.cache
-def bce_exact(x: float, y: float) -> mpmath.mpf:
-    """The exact probability loss at floating ``x`` in [0, 1] and ``y`` in [0, 1]."""
-    xm, ym = MP.mpf(x), MP.mpf(y)
+def bce_exact(x: float, y: float, smoothing: float = 0.0, weight: float = 1.0) -> mpmath.mpf:
+    """The exact probability loss at floating ``x`` in [0, 1] and ``y`` in [0, 1] (with label ``smoothing``
+    and ``weight``)."""
+    xm, ym = MP.mpf(x), _smoothed(y, smoothing)
     neg_log_x = _clamped_neg_log(xm)
     neg_log_1mx = MP.mpf(_LOG_CLAMP) if xm == 1 else min(-_log1p(-xm), MP.mpf(_LOG_CLAMP))
     total = MP.zero
@@ -104,7 +114,7 @@ def bce_exact(x: float, y: float) -> mpmath.mpf:
         total += ym * neg_log_x
     if ym != 1:
         total += (1 - ym) * neg_log_1mx
-    return total
+    return total * MP.mpf(weight)
 
 
 def ulp(exact: mpmath.mpf, dtype: object) -> mpmath.mpf:

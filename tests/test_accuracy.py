@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import bcekit.numpy as bce_np
 import bcekit.torch as bce_torch
 from _reference import MP, bce_exact, logits_exact, ulp, ulp_error
+from bcekit import _native as native
 
 MAX_ULP = 2.0
 DTYPES = ("float32", "float64")
@@ -252,6 +253,102 @@ def test_probability_loss_property(x: float, y: float, dtype: str) -> None:
     for backend in BACKENDS:
         results = _probability_loss(backend, xa, ya)
         _assert_within(f"{backend} probabilities {dtype}", results, arguments, bce_exact, dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# bcekit score's float64 losses: double-double lanes (each ISA's build), long double where they stop
+# --------------------------------------------------------------------------------------------------------
+
+ISAS = ("baseline", "avx2") if native.ISA == "avx2" else ("baseline",)
+
+
+def _lanes(kind: int, x, y, weight=None, pos_weight=None, smoothing=0.0, isa="baseline") -> np.ndarray:
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    full = [
+        None if v is None else np.broadcast_to(np.float64(v), x.shape).copy() for v in (weight, pos_weight)
+    ]
+    out = np.empty_like(x)
+    native._core.losses64(kind, x, y, full[0], full[1], smoothing, None, out, isa)
+    return out
+
+
+@pytest.mark.parametrize("pos_weight", POS_WEIGHTS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_score_lanes_logits_grid(isa: str, pos_weight: float | None) -> None:
+    xs, ys = zip(*itertools.product(LOGITS, LOGIT_TARGETS), strict=True)
+    results = _lanes(1, xs, ys, pos_weight=pos_weight, isa=isa)
+    arguments = [(a, b, pos_weight) for a, b in zip(xs, ys, strict=True)]
+    _assert_within(f"lanes {isa} logits pos_weight={pos_weight}", results, arguments, logits_exact, "float64")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_score_lanes_probability_grid(isa: str) -> None:
+    xs, ys = zip(*itertools.product(_probabilities("float64").tolist(), PROBABILITY_TARGETS), strict=True)
+    results = _lanes(0, xs, ys, isa=isa)
+    _assert_within(
+        f"lanes {isa} probabilities", results, list(zip(xs, ys, strict=True)), bce_exact, "float64"
+    )
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_score_lanes_amplifying_and_subnormal_points(isa: str) -> None:
+    x, y, p = _amplifying_points(1500)
+    x = np.concatenate([x, [t[0] for t in SUBNORMAL_INTERMEDIATES]])
+    y = np.concatenate([y, [t[1] for t in SUBNORMAL_INTERMEDIATES]])
+    p = np.concatenate([p, [t[2] for t in SUBNORMAL_INTERMEDIATES]])
+    out = np.empty_like(x)
+    native._core.losses64(1, x, y, None, p, 0.0, None, out, isa)
+    arguments = list(zip(x.tolist(), y.tolist(), p.tolist(), strict=True))
+    _assert_within(f"lanes {isa} logits", out, arguments, logits_exact, "float64")
+
+
+# Label smoothing down to 1e-300 (where 1 - y' = s/2 for y = 1 needs more than long double's 64 bits) and
+# weights of both signs, soft targets, logits over the lanes' whole range.
+SMOOTHINGS = (0.1, 1e-3, 1e-20, 1e-300)
+
+
+@pytest.mark.parametrize("smoothing", SMOOTHINGS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_score_lanes_options(isa: str, smoothing: float) -> None:
+    rng = np.random.default_rng(5)
+    n = 400
+    x = np.concatenate([rng.normal(0.0, 4.0, n), rng.uniform(-600.0, 600.0, n)])
+    y = np.concatenate([rng.integers(0, 2, n).astype(float), rng.random(n)])
+    w = rng.normal(0.0, 2.0, 2 * n)
+    p = 10.0 ** rng.uniform(-2.0, 2.0, 2 * n)
+    results = _lanes(1, x, y, w, None, smoothing, isa)
+    arguments = [
+        (a, b, None, smoothing, c) for a, b, c in zip(x.tolist(), y.tolist(), w.tolist(), strict=True)
+    ]
+    _assert_within(f"lanes {isa} logits s={smoothing}", results, arguments, logits_exact, "float64")
+    out = np.empty_like(x)
+    native._core.losses64(1, x, y, w, p, smoothing, None, out, isa)
+    arguments = [(*a[:2], q, smoothing, a[4]) for a, q in zip(arguments, p.tolist(), strict=True)]
+    _assert_within(f"lanes {isa} logits s={smoothing} pos_weight", out, arguments, logits_exact, "float64")
+    xp = np.concatenate(
+        [rng.random(n), 10.0 ** rng.uniform(-45.0, 0.0, n // 2), 1 - 10.0 ** -rng.uniform(1, 16, n // 2)]
+    )
+    results = _lanes(0, xp, y, w, None, smoothing, isa)
+    arguments = [(a, b, smoothing, c) for a, b, c in zip(xp.tolist(), y.tolist(), w.tolist(), strict=True)]
+    _assert_within(f"lanes {isa} probabilities s={smoothing}", results, arguments, bce_exact, "float64")
+
+
+@settings(max_examples=300, deadline=None)
+@given(x=logits, y=targets, pos_weight=pos_weights, isa=st.sampled_from(ISAS))
+def test_score_lanes_logits_property(x: float, y: float, pos_weight: float | None, isa: str) -> None:
+    _assert_within(
+        f"lanes {isa} logits",
+        _lanes(1, [x], [y], None, pos_weight, 0.0, isa),
+        [(x, y, pos_weight)],
+        logits_exact,
+        "float64",
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(x=probabilities, y=targets, isa=st.sampled_from(ISAS))
+def test_score_lanes_probability_property(x: float, y: float, isa: str) -> None:
+    _assert_within(f"lanes {isa} probabilities", _lanes(0, [x], [y], isa=isa), [(x, y)], bce_exact, "float64")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@
 #include <utility>
 #include <vector>
 
+#include "exact_sum.h"
 #include "kernel_api.h"
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -367,6 +368,32 @@ WorkerPool& pool() {
     return *current;
 }
 
+// Runs task(0) .. task(tasks - 1) on `threads` threads (this one and pooled helpers), each task once.
+// Threads take GRAB tasks at a time from a shared counter rather than a fixed share: on a machine whose
+// cores run at different speeds (a busy neighbour, a virtual CPU), the fast one does more. Which thread
+// runs a task must never change its result.
+template <class F>
+void parallel(int64_t tasks, int64_t threads, const F& task) {
+    std::atomic<int64_t> next{0};
+    auto work = [&](int64_t) {
+        for (;;) {
+            const int64_t first = next.fetch_add(GRAB, std::memory_order_relaxed);
+            if (first >= tasks) break;
+            for (int64_t c = first; c < std::min(tasks, first + GRAB); ++c) task(c);
+        }
+    };
+    if (threads <= 1) {
+        work(0);
+    } else if (!pool().run(threads - 1, work)) {  // the pool is busy with another caller's pass
+        std::vector<std::thread> helpers;
+        helpers.reserve(size_t(threads - 1));
+        for (int64_t w = 1; w < threads && start_thread(&helpers, work, w); ++w) {
+        }
+        work(0);
+        for (auto& th : helpers) th.join();
+    }
+}
+
 long double pairwise(const std::vector<ChunkResult>& parts, size_t lo, size_t hi) {
     if (hi - lo == 1) return parts[lo].sum;
     size_t mid = lo + (hi - lo) / 2;
@@ -390,28 +417,7 @@ RunResult run(Args args, int threads) {
     const int64_t chunks = (n + CHUNK - 1) / CHUNK;
     std::vector<ChunkResult> parts(static_cast<size_t>(chunks));
     int64_t t = std::max<int64_t>(1, std::min<int64_t>({int64_t(threads), chunks, n / MIN_PER_THREAD}));
-    // Threads take GRAB chunks at a time from a shared counter rather than a fixed share: on a machine
-    // whose cores run at different speeds (a busy neighbour, a virtual CPU), the fast one does more.
-    // Which thread computes a chunk never changes its result.
-    std::atomic<int64_t> next{0};
-    auto work = [&](int64_t) {
-        for (;;) {
-            const int64_t first = next.fetch_add(GRAB, std::memory_order_relaxed);
-            if (first >= chunks) break;
-            for (int64_t c = first; c < std::min(chunks, first + GRAB); ++c)
-                parts[size_t(c)] = fn(args, c * CHUNK, std::min(n, (c + 1) * CHUNK));
-        }
-    };
-    if (t == 1) {
-        work(0);
-    } else if (!pool().run(t - 1, work)) {  // the pool is busy with another caller's pass
-        std::vector<std::thread> helpers;
-        helpers.reserve(size_t(t - 1));
-        for (int64_t w = 1; w < t && start_thread(&helpers, work, w); ++w) {
-        }
-        work(0);
-        for (auto& th : helpers) th.join();
-    }
+    parallel(chunks, t, [&](int64_t c) { parts[size_t(c)] = fn(args, c * CHUNK, std::min(n, (c + 1) * CHUNK)); });
     RunResult r;
     for (const auto& p : parts) {
         r.kept += p.kept;
@@ -478,6 +484,110 @@ std::tuple<double, int64_t, int> finish(Args& a, int kind, int reduction, double
     long double value = r.sum;
     if (reduction == 1) value = r.kept ? value / r.kept : std::numeric_limits<long double>::quiet_NaN();
     return {double(value), r.kept, r.flags};
+}
+
+using LossBlockFn = int64_t (*)(const LossBlock&, double*, uint8_t*);
+
+LossBlockFn select_losses64(const std::string& isa) {
+#if defined(BCEKIT_HAVE_AVX2)
+    if (isa == "avx2" || (isa == "auto" && HAS_AVX2)) {
+        if (!HAS_AVX2) throw std::invalid_argument("bcekit._core: this CPU has no AVX2 + FMA");
+        return &isa_avx2::losses64;
+    }
+#endif
+    if (isa == "baseline" || isa == "auto") return &isa_baseline::losses64;
+    throw std::invalid_argument("bcekit._core: isa must be 'auto', 'baseline' or 'avx2'");
+}
+
+constexpr int64_t BLOCK = 256;  // elements per call of the double-double lanes (in L1)
+
+// The block's losses, the double-double lanes' slow elements recomputed in long double.
+void block_losses(LossBlockFn lanes, const LossBlock& b, double* loss) {
+    uint8_t slow[BLOCK];
+    if (lanes(b, loss, slow))
+        for (int64_t i = 0; i < b.n; ++i)
+            if (slow[i]) loss[i] = extended_loss(b, i);
+}
+
+// What `bcekit score` needs of one label over one batch: the exact sum of the kept elements' float64
+// losses, their count, and which checks failed (the Python layer then finds the row and says why).
+enum ScoreFlags : int { BAD_PREDICTION = 1, BAD_TARGET = 2, BAD_WEIGHT = 4 };
+struct LabelScore {
+    ExactSum sum;
+    int64_t kept = 0;
+    int flags = 0;
+};
+
+struct ScoreJob {
+    LossBlock options;  // kind, smoothing, ignore; the pointers are set per block
+    int64_t n = 0;
+    std::vector<const double*> x, y;
+    std::vector<double> pos_weight;  // one per label, or empty
+    std::vector<double*> loss;       // one per label (per-element losses out), or empty
+    const double* w = nullptr;
+};
+
+void score_chunk(LossBlockFn lanes, const ScoreJob& job, size_t label, int64_t begin, int64_t end,
+                 LabelScore& out) {
+    double loss[BLOCK], p[BLOCK];
+    LossBlock b = job.options;
+    const bool logits = b.kind == LOGITS;
+    const bool nan_ignore = b.has_ignore && std::isnan(b.ignore_index);
+    if (!job.pos_weight.empty()) {
+        std::fill(p, p + BLOCK, job.pos_weight[label]);
+        b.p = p;
+    }
+    for (int64_t start = begin; start < end; start += BLOCK) {
+        b.n = std::min(BLOCK, end - start);
+        b.x = job.x[label] + start;
+        b.y = job.y[label] + start;
+        b.w = job.w ? job.w + start : nullptr;
+        block_losses(lanes, b, loss);
+        for (int64_t i = 0; i < b.n; ++i) {
+            const double x = b.x[i], y = b.y[i];
+            const bool kept = !b.has_ignore || (nan_ignore ? !std::isnan(y) : y != b.ignore_index);
+            out.kept += kept;
+            if (logits ? std::isnan(x) : !(x >= 0.0 && x <= 1.0)) out.flags |= BAD_PREDICTION;
+            if (kept && !(y >= 0.0 && y <= 1.0)) out.flags |= BAD_TARGET;
+            if (b.w && !std::isfinite(b.w[i])) out.flags |= BAD_WEIGHT;
+            out.sum.add(loss[i]);
+        }
+        if (!job.loss.empty()) std::memcpy(job.loss[label] + start, loss, size_t(b.n) * sizeof(double));
+    }
+}
+
+// Every label of a batch, in chunks of CHUNK elements on `threads` threads; the chunk sums are exact, so
+// the result is the same for any thread count and any batching of the rows.
+std::vector<LabelScore> score(const ScoreJob& job, int threads) {
+    const LossBlockFn lanes = select_losses64("auto");
+    const size_t labels = job.x.size();
+    const int64_t chunks = (job.n + CHUNK - 1) / CHUNK;
+    const int64_t tasks = chunks * int64_t(labels);
+    std::vector<LabelScore> parts(static_cast<size_t>(tasks));
+    const int64_t t = std::max<int64_t>(
+        1, std::min<int64_t>({int64_t(threads), tasks, job.n * int64_t(labels) / MIN_PER_THREAD}));
+    parallel(tasks, t, [&](int64_t task) {
+        const size_t label = size_t(task / chunks);
+        const int64_t c = task % chunks;
+        score_chunk(lanes, job, label, c * CHUNK, std::min(job.n, (c + 1) * CHUNK), parts[size_t(task)]);
+    });
+    std::vector<LabelScore> result(labels);
+    for (int64_t task = 0; task < tasks; ++task) {
+        LabelScore& r = result[size_t(task / chunks)];
+        r.sum.add(parts[size_t(task)].sum);
+        r.kept += parts[size_t(task)].kept;
+        r.flags |= parts[size_t(task)].flags;
+    }
+    return result;
+}
+
+const double* float64_column(const In& a, int64_t n, const char* name) {
+    if (dtype_of(a) != F64 || a.ndim() != 1)
+        throw std::invalid_argument(std::string("bcekit._core.score: '") + name + "' must be 1-D float64");
+    if (int64_t(a.size()) != n)
+        throw std::invalid_argument(std::string("bcekit._core.score: '") + name + "' has " +
+                                    std::to_string(a.size()) + " elements, expected " + std::to_string(n));
+    return static_cast<const double*>(a.data());
 }
 
 }  // namespace
@@ -606,4 +716,79 @@ NB_MODULE(_core, m) {
         nb::arg("grad_input").none(), nb::arg("grad_target").none(), nb::arg("reduction"),
         nb::arg("label_smoothing"), nb::arg("ignore_index").none(), nb::arg("threads"),
         "One pass over the data; returns (reduced loss or 0.0, kept elements, range flags: 1 input, 2 target).");
+    m.def(
+        "score",
+        [](int kind, const std::vector<In>& xs, const std::vector<In>& ys, std::optional<In> w,
+           std::optional<std::vector<double>> pos_weight, double label_smoothing,
+           std::optional<double> ignore_index, std::optional<std::vector<Out>> losses, int threads) {
+            if (kind != PROBABILITIES && kind != LOGITS) throw std::invalid_argument("bcekit._core: bad kind");
+            if (xs.empty() || xs.size() != ys.size())
+                throw std::invalid_argument("bcekit._core.score: one target column per prediction column");
+            ScoreJob job;
+            job.options.kind = kind;
+            job.options.label_smoothing = label_smoothing;
+            job.options.has_ignore = ignore_index.has_value();
+            job.options.ignore_index = ignore_index.value_or(0.0);
+            job.n = int64_t(xs[0].size());
+            for (size_t i = 0; i < xs.size(); ++i) {
+                job.x.push_back(float64_column(xs[i], job.n, "input"));
+                job.y.push_back(float64_column(ys[i], job.n, "target"));
+            }
+            if (w) job.w = float64_column(*w, job.n, "weight");
+            if (pos_weight) {
+                if (pos_weight->size() != xs.size())
+                    throw std::invalid_argument("bcekit._core.score: one pos_weight per label");
+                job.pos_weight = *pos_weight;
+            }
+            if (losses) {
+                if (losses->size() != xs.size())
+                    throw std::invalid_argument("bcekit._core.score: one loss output per label");
+                for (const Out& out : *losses)
+                    job.loss.push_back(const_cast<double*>(float64_column(In(out), job.n, "loss")));
+            }
+            std::vector<LabelScore> result;
+            {
+                nb::gil_scoped_release release;
+                result = score(job, threads);
+            }
+            std::vector<std::tuple<nb::bytes, int64_t, int64_t, int64_t, int64_t, int>> out;
+            for (LabelScore& r : result) {
+                const std::string digits = r.sum.bytes();
+                out.emplace_back(nb::bytes(digits.data(), digits.size()), r.sum.pos_inf(), r.sum.neg_inf(),
+                                 r.sum.nan(), r.kept, r.flags);
+            }
+            return out;
+        },
+        nb::arg("kind"), nb::arg("inputs"), nb::arg("targets"), nb::arg("weight").none(),
+        nb::arg("pos_weight").none(), nb::arg("label_smoothing"), nb::arg("ignore_index").none(),
+        nb::arg("losses").none(), nb::arg("threads"),
+        "bcekit score's pass over one batch of float64 columns (one input and one target per label, a weight "
+        "per row): per label (exact sum as little-endian two's-complement bytes in units of 2^-1074, +inf "
+        "count, -inf count, NaN count, kept elements, check flags: 1 prediction, 2 target, 4 weight).");
+    m.def(
+        "losses64",
+        [](int kind, const In& x, const In& y, std::optional<In> w, std::optional<In> p, double label_smoothing,
+           std::optional<double> ignore_index, Out loss, const std::string& isa) -> int64_t {
+            LossBlock b;
+            b.kind = kind;
+            b.n = int64_t(x.size());
+            b.x = float64_column(x, b.n, "input");
+            b.y = float64_column(y, b.n, "target");
+            b.w = w ? float64_column(*w, b.n, "weight") : nullptr;
+            b.p = p ? float64_column(*p, b.n, "pos_weight") : nullptr;
+            b.label_smoothing = label_smoothing;
+            b.has_ignore = ignore_index.has_value();
+            b.ignore_index = ignore_index.value_or(0.0);
+            double* out = const_cast<double*>(float64_column(In(loss), b.n, "loss"));
+            const LossBlockFn lanes = select_losses64(isa);
+            std::vector<uint8_t> slow(size_t(b.n));
+            const int64_t count = lanes(b, out, slow.data());
+            for (int64_t i = 0; i < b.n; ++i)
+                if (slow[size_t(i)]) out[i] = extended_loss(b, i);
+            return count;
+        },
+        nb::arg("kind"), nb::arg("input"), nb::arg("target"), nb::arg("weight").none(), nb::arg("pos_weight").none(),
+        nb::arg("label_smoothing"), nb::arg("ignore_index").none(), nb::arg("loss"), nb::arg("isa"),
+        "For tests: the float64 losses of bcekit score's double-double lanes (one ISA's build), element by "
+        "element, with the elements they leave to long double computed there; returns how many those were.");
 }

@@ -51,6 +51,19 @@ struct BroadcastReader {
 
 inline R scaled(R c, R v) { return (c == 0 && std::isinf(v)) ? R(0) : c * v; }
 
+// The loss of one element with its target already smoothed (yv) and before the weight.
+inline R element_loss(bool logits, R xv, R yv, R pv, bool has_p) {
+    if (logits) {
+        const R e = std::exp(-std::fabs(xv));
+        const R positive = has_p ? pv * yv : yv;
+        const R x_pos = xv > 0 ? xv : (std::isnan(xv) ? xv : R(0));
+        const R x_neg = xv < 0 ? -xv : (std::isnan(xv) ? xv : R(0));
+        const R tail = std::log1p(e);
+        return scaled(positive, x_neg + tail) + scaled(1 - yv, x_pos + tail);
+    }
+    return yv * std::fmin(-std::log(xv), R(100)) + (1 - yv) * std::fmin(-std::log1p(-xv), R(100));
+}
+
 }  // namespace
 
 ChunkResult extended_chunk(const Args& a, int64_t begin, int64_t end) {
@@ -85,16 +98,7 @@ ChunkResult extended_chunk(const Args& a, int64_t begin, int64_t end) {
 
         R loss = 0;
         if (need_loss) {
-            if (logits) {
-                const R e = std::exp(-std::fabs(xv));
-                const R positive = has_p ? pv * yv : yv;
-                const R x_pos = xv > 0 ? xv : (std::isnan(xv) ? xv : R(0));
-                const R x_neg = xv < 0 ? -xv : (std::isnan(xv) ? xv : R(0));
-                const R tail = std::log1p(e);
-                loss = scaled(positive, x_neg + tail) + scaled(1 - yv, x_pos + tail);
-            } else {
-                loss = yv * std::fmin(-std::log(xv), R(100)) + (1 - yv) * std::fmin(-std::log1p(-xv), R(100));
-            }
+            loss = element_loss(logits, xv, yv, pv, has_p);
             if (has_w) loss *= wv;
             if (!kept) loss = 0;
             if (loss_out) store(loss_out, i, double(loss));
@@ -144,6 +148,15 @@ ChunkResult extended_chunk(const Args& a, int64_t begin, int64_t end) {
     }
     result.kept = kept_count;
     return result;
+}
+
+double extended_loss(const LossBlock& b, int64_t i) {
+    const R s = b.label_smoothing;
+    R yv = b.y[i];
+    if (s != 0) yv = yv * (1 - s) + s / 2;
+    R loss = element_loss(b.kind == LOGITS, b.x[i], yv, b.p ? b.p[i] : 1.0, b.p != nullptr);
+    if (b.w) loss *= R(b.w[i]);
+    return double(loss);
 }
 
 }  // namespace bcekit

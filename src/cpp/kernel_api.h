@@ -68,4 +68,34 @@ bool elementwise(const char* name, const double* in, double* out, int64_t n);
 // float64 storage: computed in long double with libm (exact to ~0.5 ulp where long double is x87).
 ChunkResult extended_chunk(const Args&, int64_t begin, int64_t end);
 
+// The float64 loss of a block of contiguous elements, for `bcekit score`: x, y and (where given) a weight
+// and a pos_weight per element.
+struct LossBlock {
+    int kind = LOGITS;
+    int64_t n = 0;
+    const double* x = nullptr;
+    const double* y = nullptr;
+    const double* w = nullptr;  // or null: 1
+    const double* p = nullptr;  // or null: 1 (logits only)
+    double label_smoothing = 0.0;
+    bool has_ignore = false;
+    double ignore_index = 0.0;  // NaN matches NaN targets
+};
+
+// Double-double lanes (dd_kernel.h), one build per ISA: writes loss[0, n) (0 for ignored elements) and
+// sets slow[i] = 1 where element i lies outside the lanes' domain (a value that is not finite, |x| > 600,
+// a target outside [0, 1], a negative pos_weight, a weight beyond 2^400, a result below 2^-900): the caller
+// computes those with extended_loss. Returns how many there are.
+namespace isa_baseline {
+int64_t losses64(const LossBlock&, double* loss, uint8_t* slow);
+}
+#if defined(BCEKIT_HAVE_AVX2)
+namespace isa_avx2 {
+int64_t losses64(const LossBlock&, double* loss, uint8_t* slow);
+}
+#endif
+
+// Element i of the block (a kept one) in long double, as extended_chunk computes it, rounded once.
+double extended_loss(const LossBlock&, int64_t i);
+
 }  // namespace bcekit
