@@ -55,6 +55,7 @@ __all__ = [
     "eligible",
     "run",
     "run_plain",
+    "score",
     "get_num_threads",
     "set_num_threads",
     "empty",
@@ -214,6 +215,44 @@ def run_plain(
     if flags:
         raise input_range_error() if flags & 1 else target_range_error()
     return value
+
+
+def score(
+    logits: bool,
+    inputs: Sequence[Any],
+    targets: Sequence[Any],
+    weight: Any | None,
+    pos_weight: Sequence[float] | None,
+    label_smoothing: float,
+    ignore_index: float | None,
+    losses: Sequence[Any] | None,
+) -> list[tuple[bytes, int, int, int, int, int]]:
+    """``bcekit score``'s pass over one batch of 1-D float64 NumPy columns: an input and a target per label,
+    one weight per row (or None), one pos_weight per label or one for all (or None); per-element losses are
+    written to ``losses`` (one array per label) where given.
+
+    Returns, per label: the exact sum of the kept elements' float64 losses as little-endian two's-complement
+    bytes of an integer count of 2^-1074, the +inf, -inf and NaN counts, the kept count, and check flags
+    (1: a prediction NaN for logits or outside [0, 1] for probabilities, 2: a kept target outside [0, 1],
+    4: a weight not finite). Results are the same for any thread count and any split of the rows.
+    """
+    if _core is None:
+        raise RuntimeError("bcekit._core is not built")
+    if pos_weight is not None:
+        pos_weight = [
+            float(v) for v in (list(pos_weight) * len(inputs) if len(pos_weight) == 1 else pos_weight)
+        ]
+    return _core.score(
+        _KINDS["logits" if logits else "bce"],
+        list(inputs),
+        list(targets),
+        weight,
+        pos_weight,
+        float(label_smoothing),
+        None if ignore_index is None else float(ignore_index),
+        None if losses is None else list(losses),
+        _threads,
+    )
 
 
 def broadcast_form(weight_shape: Sequence[int], input_shape: Sequence[int]) -> tuple[int, int] | None:

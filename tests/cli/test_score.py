@@ -460,8 +460,64 @@ def test_batch_size_does_not_matter(tmp_path, write, score, layout):
     for batch_rows in (["--batch-rows", "1"], ["--batch-rows", "7"], ["--batch-rows", "1000"], []):
         docs.append(score(*score_argv(paths, 2, options, *batch_rows)))
         check(docs[-1], ref, options)
-    for doc in docs[1:]:
-        assert_close(number(doc["loss"]), number(docs[0]["loss"]))
+    for doc in docs[1:]:  # the sums are exact: the same to the last bit
+        assert doc == docs[0]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        Options(logits=True),
+        Options(logits=True, weight=True, pos_weight=(1.5, 0.25), label_smoothing=0.05),
+        Options(logits=False, weight=True, ignore_index=math.nan),
+    ],
+    ids=["logits", "logits-options", "probabilities-weight-ignore"],
+)
+def test_mean_is_the_correctly_rounded_mean_of_the_losses(tmp_path, write, score, options):
+    """The reported mean is the exact mean of the per-element float64 losses, rounded once: checked against
+    Fraction sums of the kernel's per-element losses (themselves checked against mpmath in
+    tests/test_accuracy.py), whatever the batch size and the thread count."""
+    from fractions import Fraction
+
+    import bcekit
+    from bcekit import _native
+
+    if not _native.AVAILABLE:
+        pytest.skip("the C++ kernels are not built")
+    rows, labels = 20_011, 2
+    x, y, w = make_data(31, rows, labels, logits=options.logits, ignore=options.ignore_index)
+    path = write(tmp_path, "d.parquet", columns(x, y, w), row_group_size=3_000)
+    kept = np.ones(y.shape, bool) if options.ignore_index is None else ~np.isnan(y)
+    weight = np.asarray(w, np.float64) if options.weight else None
+    sums, counts = [], []
+    for j in range(labels):
+        losses = np.empty(rows)
+        p = None if options.pos_weight is None else np.full(rows, options.pos_weight[j])
+        yj = np.where(kept[:, j], y[:, j], 0.0)
+        _native._core.losses64(
+            int(options.logits),
+            np.ascontiguousarray(x[:, j]),
+            yj,
+            weight,
+            p,
+            options.label_smoothing,
+            None,
+            losses,
+            "auto",
+        )
+        sums.append(sum((Fraction(v) for v in losses[kept[:, j]].tolist()), Fraction(0)))
+        counts.append(int(kept[:, j].sum()))
+    previous = bcekit.get_num_threads()
+    try:
+        for threads, batch_rows in ((1, "1000"), (2, "4099"), (2, None)):
+            bcekit.set_num_threads(threads)
+            extra = [] if batch_rows is None else ["--batch-rows", batch_rows]
+            doc = score(*score_argv([path], labels, options, *extra))
+            assert doc["loss"] == float(sum(sums) / sum(counts))
+            for j, (name, label) in enumerate(doc["per_label"].items()):
+                assert label["loss"] == float(sums[j] / counts[j]), name
+    finally:
+        bcekit.set_num_threads(previous)
 
 
 @settings(
@@ -906,3 +962,20 @@ def _has_open(pid: int, path: os.PathLike[str]) -> bool:
         except OSError:
             continue
     return False
+
+
+@pytest.mark.parametrize("logits", [True, False])
+def test_without_the_kernels(tmp_path, write, score, monkeypatch, logits):
+    """Where the C++ kernels are not built, bcekit.numpy's per-element losses are summed exactly in Python:
+    the same result to within the rounding of single elements, the same counts, the same bad-data errors."""
+    options = Options(logits=logits, weight=True, ignore_index=math.nan)
+    x, y, w = make_data(41, 3_001, 2, logits=logits, ignore=math.nan)
+    path = write(tmp_path, "d.parquet", columns(x, y, w), row_group_size=700)
+    with_kernels = score(*score_argv([path], 2, options, "--batch-rows", "500"))
+    from bcekit import _native
+
+    monkeypatch.setattr(_native, "AVAILABLE", False)
+    without = score(*score_argv([path], 2, options, "--batch-rows", "500"))
+    assert without["elements"] == with_kernels["elements"] and without["rows"] == with_kernels["rows"]
+    assert math.isclose(without["loss"], with_kernels["loss"], rel_tol=1e-15)
+    check(without, options.reference(x, y, w), options)

@@ -7,7 +7,7 @@ r"""The ``bcekit`` command. ``bcekit score`` computes the BCE log-loss of predic
     bcekit score part-*.parquet --target y --pred z --logits --engine dask --scheduler tcp://host:8786
 
 Files are read in batches of ``--batch-rows`` rows, so memory does not grow with the files. The loss is
-:mod:`bcekit.numpy`'s, per element, summed exactly (see :mod:`bcekit.cli._scoring`); several
+:mod:`bcekit.numpy`'s, per element in float64, summed exactly (see :mod:`bcekit.cli._scoring`); several
 ``--target``/``--pred`` pairs are several labels, reported together and one by one. Bad data (a missing
 column or value, a non-number, NaN, a probability or target outside [0, 1], files of different lengths, an
 empty file, a column name a file repeats, an integer float64 cannot hold exactly) stops the command with exit
@@ -98,7 +98,11 @@ def _parser() -> argparse.ArgumentParser:
         help="write a reliability diagram and a loss histogram (.png, .pdf, .svg, ...; no extension: PNG)",
     )
     score.add_argument(
-        "--batch-rows", type=int, default=1 << 16, metavar="N", help="rows read at a time (default 65536)"
+        "--batch-rows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rows read at a time (default: about 4 MiB of float64 columns); the result does not change",
     )
     score.add_argument(
         "--engine", choices=("local", "dask"), default="local", help="dask: one task per file or row group"

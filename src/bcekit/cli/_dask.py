@@ -1,9 +1,9 @@
 """The Dask engine of ``bcekit score``: one task per partition on a ``distributed`` cluster.
 
-Workers run the same ``score_partition`` as the local engine and send back their
-partials (batch sums, counts, plot statistics, or the partition's first data error); the client combines
-them in partition order, so the result equals the local engine's to within the rounding of batch sums and
-a bad value is reported exactly as the local engine reports it. Workers must see the files at the same
+Workers run the same ``score_partition`` as the local engine (the same kernel, on the worker's threads)
+and send back their partials (exact sums, counts, plot statistics, or the partition's first data error);
+the client adds them, so the result equals the local engine's to the last bit, and a bad value is reported
+exactly as the local engine reports it. Workers must see the files at the same
 paths (a shared file system; relative paths are taken in the client's working directory), and must have
 bcekit installed.
 """

@@ -1,38 +1,52 @@
-r"""The computation behind ``bcekit score``: per-batch losses from :mod:`bcekit.numpy`, summed exactly.
+r"""The computation behind ``bcekit score``: per-element float64 losses, summed exactly.
 
-Each batch of rows becomes an ``(rows, labels)`` float64 matrix of predictions and one of targets; the
-per-element losses come from :func:`bcekit.numpy.binary_cross_entropy` (or ``..._with_logits``) with
-``reduction='none'``, so the numbers are the library's. A column's batch losses are summed with
-:func:`math.fsum` (correctly rounded) and the batch sums are kept, then added with ``fsum`` once at the end,
-so the result does not depend on the batch size, the partitioning or the engine beyond the rounding of each
-batch's sum (a few units in the last place). ``mean`` divides by the number of elements kept (all of them
-unless ``ignore_index`` drops some), as :func:`bcekit.numpy.binary_cross_entropy_with_logits` does.
+Each batch of rows is a set of float64 columns: a prediction and a target per label, and the weight. One
+call of the C++ kernel (``bcekit._native.score``) scores every label of the batch on all threads: the
+per-element loss in double-double lanes (long double where those do not reach), rounded once to float64 as
+:mod:`bcekit.numpy` rounds it, and the losses summed exactly into an integer count of 2^-1074
+(:class:`ExactSum`). Those sums add exactly across batches, partitions and engines, so the result is the
+correctly rounded mean (or sum) of the float64 losses whatever ``--batch-rows``, the thread count or the
+engine. ``mean`` divides by the number of elements kept (all of them unless ``ignore_index`` drops some), as
+:func:`bcekit.numpy.binary_cross_entropy_with_logits` does.
 
-Values are checked before the loss sees them; the first bad one raises :class:`~bcekit.cli._sources.DataError`
-with its file, column and row. For the plot, each partition also counts predictions and targets in probability
-bins (the reliability diagram) and per-element losses in logarithmic bins; these counts add across partitions.
+The kernel also checks every value; where one is bad, ``check_batch`` finds the first (earliest row,
+then column order) and raises :class:`~bcekit.cli._sources.DataError` with its file, column and row. For the
+plot, each partition also counts predictions and targets in probability bins (the reliability diagram) and
+per-element losses in logarithmic bins; these counts add across partitions.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import numpy as np
 
 import bcekit.numpy as bce
-from bcekit import _semantics
+from bcekit import _native, _semantics
 from bcekit.cli._sources import DataError, Partition, read_partition, to_float64
 
-__all__ = ["Job", "Partial", "Result", "LabelResult", "score_partition", "combine", "CALIBRATION_BINS"]
+__all__ = [
+    "Job",
+    "Partial",
+    "ExactSum",
+    "Result",
+    "LabelResult",
+    "score_partition",
+    "combine",
+    "CALIBRATION_BINS",
+]
 
 CALIBRATION_BINS = 10
 # Per-element loss histogram edges: 1e-12 .. 1e3, 4 bins per decade; the first and last bins are open-ended
 # (the first also holds exact zeros).
 LOSS_EDGES = np.logspace(-12, 3, 61)
-_SUMS_KEPT = 4096  # batch sums held per column before they are folded into one (still correctly rounded)
+# Rows per batch unless --batch-rows says: about this many bytes of float64 columns. Two batches are in
+# memory at a time (the one scored and the next one read), plus the reader's own buffers.
+BATCH_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -47,7 +61,7 @@ class Job:
     reduction: str = "mean"
     label_smoothing: float = 0.0
     ignore_index: float | None = None
-    batch_rows: int = 1 << 16
+    batch_rows: int | None = None  # None: BATCH_BYTES of float64 columns
     collect_plot: bool = False
 
     def __post_init__(self) -> None:
@@ -70,7 +84,7 @@ class Job:
                     f"{len(self.pos_weight)} pos_weight values for {len(self.targets)} labels: "
                     "give one value, or one per label"
                 )
-        if self.batch_rows < 1:
+        if self.batch_rows is not None and self.batch_rows < 1:
             raise ValueError(f"batch_rows must be at least 1, got {self.batch_rows}")
         _semantics.check_label_smoothing(self.label_smoothing)
 
@@ -80,14 +94,72 @@ class Job:
         extra = () if self.weight is None else (self.weight,)
         return tuple(dict.fromkeys((*self.predictions, *self.targets, *extra)))
 
+    @property
+    def rows_per_batch(self) -> int:
+        if self.batch_rows is not None:
+            return self.batch_rows
+        return max(1024, BATCH_BYTES // (8 * len(self.columns)))
+
+
+_SCALE = 1074  # ExactSum.scaled counts units of 2^-1074, the smallest float64: every float64 is a multiple
+
+
+@dataclass
+class ExactSum:
+    """A sum of float64 values, exact: ``scaled`` units of 2^-1074 (an integer), and the counts of the
+    infinite and NaN terms, which decide the sum by IEEE's rules where there are any (inf - inf is NaN)."""
+
+    scaled: int = 0
+    pos_inf: int = 0
+    neg_inf: int = 0
+    nan: int = 0
+
+    def __iadd__(self, other: ExactSum) -> ExactSum:
+        self.scaled += other.scaled
+        self.pos_inf += other.pos_inf
+        self.neg_inf += other.neg_inf
+        self.nan += other.nan
+        return self
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> ExactSum:
+        """The exact sum of a float64 array, in NumPy and Python integers (where the kernels are absent)."""
+        values = np.asarray(values, dtype=np.float64).ravel()
+        finite = values[np.isfinite(values)]
+        mantissa, exponent = np.frexp(finite)  # value = mantissa * 2^exponent, 0.5 <= |mantissa| < 1
+        digits = (mantissa * 2.0**53).astype(np.int64)  # exact: 53 bits
+        shifts = exponent.astype(np.int64) - 53 + _SCALE
+        # a subnormal's shift is negative: its low digits are zeros, so shifting them out is exact
+        digits = np.where(shifts < 0, digits >> np.maximum(-shifts, 0), digits)
+        shifts = np.maximum(shifts, 0)
+        scaled = sum(int(d) << int(k) for d, k in zip(digits.tolist(), shifts.tolist(), strict=True))
+        special = values[~np.isfinite(values)]
+        return cls(
+            scaled,
+            int(np.count_nonzero(special == math.inf)),
+            int(np.count_nonzero(special == -math.inf)),
+            int(np.count_nonzero(np.isnan(special))),
+        )
+
+    def value(self, count: int = 1) -> float:
+        """The sum divided by ``count``, correctly rounded to float64 (an overflow is an infinity)."""
+        if self.nan or (self.pos_inf and self.neg_inf):
+            return math.nan
+        if self.pos_inf or self.neg_inf:
+            return math.inf if self.pos_inf else -math.inf
+        try:
+            return self.scaled / (count << _SCALE)  # int / int: correctly rounded
+        except OverflowError:
+            return math.inf if self.scaled > 0 else -math.inf
+
 
 @dataclass
 class Partial:
-    """One partition's contribution: sums per label (unrounded batch sums), counts, plot statistics."""
+    """One partition's contribution: exact sums per label, counts, plot statistics."""
 
     index: int
     rows: int = 0
-    sums: list[list[float | Fraction]] = field(default_factory=list)
+    sums: list[ExactSum] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)
     calibration: np.ndarray | None = None  # (labels, 3, bins): count, sum of probabilities, sum of targets
     loss_histogram: np.ndarray | None = None  # (labels, len(LOSS_EDGES) + 1)
@@ -112,42 +184,6 @@ class Result:
     logits: bool
     calibration: np.ndarray | None
     loss_histogram: np.ndarray | None
-
-
-def _fsum(values: Iterable[float | Fraction]) -> float | Fraction:
-    """The sum, correctly rounded to a float; exact (a Fraction) where the float sum would overflow.
-
-    An overflowing sum is kept exact so that a mean can still come back into range, as bcekit.numpy's
-    does (it sums in extended precision). Infinities and NaN follow IEEE: inf - inf is NaN.
-    """
-    values = list(values)
-    special = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
-    if special:
-        return math.nan if any(math.isnan(v) for v in special) or len(set(special)) > 1 else special[0]
-    if all(isinstance(v, float) for v in values):
-        try:
-            return math.fsum(values)
-        except OverflowError:  # finite terms whose sum exceeds the largest float: sum them exactly
-            pass
-    return sum((Fraction(v) for v in values), Fraction(0))
-
-
-def _array_sum(values: np.ndarray) -> float | Fraction:
-    """:func:`_fsum` of a batch's losses, with the special values found by NumPy rather than per element."""
-    finite = np.isfinite(values)
-    if not finite.all():
-        return _fsum(values[~finite].tolist())  # the infinities or NaN decide the sum
-    try:
-        return math.fsum(values.tolist())
-    except OverflowError:
-        return _fsum(values.tolist())
-
-
-def _float(value: float | Fraction) -> float:
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf if value > 0 else -math.inf
 
 
 def _first(bad: np.ndarray) -> int | None:
@@ -215,6 +251,7 @@ def _probabilities(x: np.ndarray, logits: bool) -> np.ndarray:
 
 
 def _batch_losses(job: Job, x: np.ndarray, y: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
+    """The per-element losses by :mod:`bcekit.numpy` (where the kernels are absent)."""
     options = {"label_smoothing": job.label_smoothing, "ignore_index": job.ignore_index}
     if job.logits:
         pos_weight = None if job.pos_weight is None else np.asarray(job.pos_weight, dtype=np.float64)
@@ -227,37 +264,128 @@ def _batch_losses(job: Job, x: np.ndarray, y: np.ndarray, weight: np.ndarray | N
 def score_partition(job: Job, partition: Partition, progress: Callable[[int], None] | None = None) -> Partial:
     """Score one partition. Bad data ends it early, with the error in :attr:`Partial.error`."""
     labels = len(job.targets)
-    partial = Partial(partition.index, sums=[[] for _ in range(labels)], kept=[0] * labels)
+    partial = Partial(partition.index, sums=[ExactSum() for _ in range(labels)], kept=[0] * labels)
     if job.collect_plot:
         partial.calibration = np.zeros((labels, 3, CALIBRATION_BINS))
         partial.loss_histogram = np.zeros((labels, len(LOSS_EDGES) + 1), dtype=np.int64)
     paths = {c: piece.path for piece in partition.pieces for c in piece.columns}
     try:
-        for first_row, raw in read_partition(partition, job.batch_rows):
-            values = check_batch(job, first_row, raw, paths)
-            _accumulate(job, partial, values)
+        for first_row, raw in _read_ahead(read_partition(partition, job.rows_per_batch)):
+            rows = _accumulate(job, partial, first_row, raw, paths)
             if progress is not None:
-                progress(len(values[job.predictions[0]]))
+                progress(rows)
     except DataError as error:
         partial.error = error
     return partial
 
 
-def _accumulate(job: Job, partial: Partial, values: dict[str, np.ndarray]) -> None:
-    x = np.column_stack([values[c] for c in job.predictions])
-    y = np.column_stack([values[c] for c in job.targets])
-    weight = None if job.weight is None else values[job.weight][:, None]
-    losses = _batch_losses(job, x, y, weight)
-    kept = np.ones(y.shape, bool) if job.ignore_index is None else ~_ignored(y, job.ignore_index)
-    partial.rows += x.shape[0]
-    for label in range(x.shape[1]):
-        column_sums = partial.sums[label]
-        column_sums.append(_array_sum(losses[:, label]))
-        if len(column_sums) > _SUMS_KEPT:
-            column_sums[:] = [_fsum(column_sums)]
-        partial.kept[label] += int(np.count_nonzero(kept[:, label]))
+_DONE = object()
+
+
+def _read_ahead(batches: Iterator[tuple[int, dict[str, object]]]) -> Iterator[tuple[int, dict[str, object]]]:
+    """The batches, each read on a thread while the one before it is scored (the readers and the kernel
+    release the GIL). The reader's exceptions come out here, in order."""
+    ready: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        ready.put((batch, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put((_DONE, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            ready.put((_DONE, error))
+
+    reader = threading.Thread(target=read, name="bcekit-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            batch, error = ready.get()
+            if error is not None:
+                raise error
+            if batch is _DONE:
+                return
+            yield batch
+    finally:
+        stop.set()
+        while reader.is_alive():  # let a reader blocked on a full queue see the stop
+            try:
+                ready.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        reader.join()
+
+
+def _float64_columns(job: Job, raw: dict[str, object]) -> dict[str, np.ndarray] | None:
+    """The batch's columns as contiguous float64 arrays where each already is one (a float64 Parquet or CSV
+    column without missing values, a float64 NPY field), without copying; None where one is not."""
+    try:
+        import pyarrow as pa
+    except ImportError:  # NPY and NPZ files are read without it
+        pa = None
+    values = {}
+    for column in job.columns:
+        array = raw[column]
+        if pa is not None and isinstance(array, (pa.Array, pa.ChunkedArray)):
+            if array.type != pa.float64() or array.null_count:
+                return None
+            array = array.to_numpy()  # a view of one chunk; several are joined
+        if not isinstance(array, np.ndarray) or array.dtype != np.float64 or array.ndim != 1:
+            return None
+        values[column] = np.ascontiguousarray(array)
+    return values
+
+
+def _accumulate(
+    job: Job, partial: Partial, first_row: int, raw: dict[str, object], paths: dict[str, str]
+) -> int:
+    """Add one batch to the partial; returns its rows."""
+    values = _float64_columns(job, raw)
+    if values is None:  # converted (and checked) column by column
+        values = check_batch(job, first_row, raw, paths)
+    x = [values[c] for c in job.predictions]
+    y = [values[c] for c in job.targets]
+    weight = None if job.weight is None else values[job.weight]
+    rows = len(x[0])
+    losses = [np.empty(rows) for _ in x] if job.collect_plot else None
+    if _native.AVAILABLE:
+        scores = _native.score(
+            job.logits, x, y, weight, job.pos_weight, job.label_smoothing, job.ignore_index, losses
+        )
+        if any(flags for *_, flags in scores):
+            check_batch(job, first_row, raw, paths)  # raises the DataError of the first bad value
+            raise AssertionError("bcekit._core.score found a bad value that check_batch did not")
+        for label, (digits, pos_inf, neg_inf, nan, kept, _) in enumerate(scores):
+            partial.sums[label] += ExactSum(
+                int.from_bytes(digits, "little", signed=True), pos_inf, neg_inf, nan
+            )
+            partial.kept[label] += kept
+    else:
+        check_batch(job, first_row, raw, paths)
+        matrix = _batch_losses(
+            job, np.column_stack(x), np.column_stack(y), None if weight is None else weight[:, None]
+        )
+        losses = [matrix[:, label] for label in range(len(x))]
+        for label, target in enumerate(y):
+            partial.sums[label] += ExactSum.of(losses[label])
+            partial.kept[label] += rows - int(np.count_nonzero(_ignored_mask(job, target)))
+    partial.rows += rows
     if partial.calibration is not None:
-        _plot_statistics(job, partial, x, y, losses, kept)
+        assert losses is not None
+        xm, ym, lm = np.column_stack(x), np.column_stack(y), np.column_stack(losses)
+        _plot_statistics(job, partial, xm, ym, lm, ~_ignored_mask(job, ym))
+    return rows
+
+
+def _ignored_mask(job: Job, y: np.ndarray) -> np.ndarray:
+    return np.zeros(y.shape, bool) if job.ignore_index is None else _ignored(y, job.ignore_index)
 
 
 def _plot_statistics(
@@ -287,14 +415,19 @@ def combine(job: Job, partials: Sequence[Partial]) -> Result:
         if partial.error is not None:
             raise partial.error
     labels = len(job.targets)
-    sums = [[s for p in ordered for s in p.sums[label]] for label in range(labels)]
+    sums = [ExactSum() for _ in range(labels)]
     kept = [sum(p.kept[label] for p in ordered) for label in range(labels)]
+    for p in ordered:
+        for label in range(labels):
+            sums[label] += p.sums[label]
     per_label = tuple(
-        LabelResult(prediction, target, _reduce(job.reduction, _fsum(sums[i]), kept[i]), kept[i])
+        LabelResult(prediction, target, _reduce(job.reduction, sums[i], kept[i]), kept[i])
         for i, (prediction, target) in enumerate(zip(job.predictions, job.targets, strict=True))
     )
     elements = sum(kept)
-    total = _fsum(s for column in sums for s in column)
+    total = ExactSum()
+    for column in sums:
+        total += column
     calibration = histogram = None
     if job.collect_plot:
         calibration = sum(p.calibration for p in ordered)
@@ -311,9 +444,9 @@ def combine(job: Job, partials: Sequence[Partial]) -> Result:
     )
 
 
-def _reduce(reduction: str, total: float | Fraction, count: int) -> float:
+def _reduce(reduction: str, total: ExactSum, count: int) -> float:
     if reduction == "sum":
-        return _float(total)
+        return total.value()
     if not count:
         return math.nan
-    return _float(total / count)
+    return total.value(count)
