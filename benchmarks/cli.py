@@ -1,32 +1,39 @@
-"""``bcekit score`` on a file bigger than it needs: peak memory and time of the streaming command.
+"""``bcekit score`` against the tools people would use instead: DuckDB and polars over the same file.
 
 Run from the repository root::
 
-    python -m benchmarks.cli [--rows 10000000] [--labels 4] [--batch-rows 65536 ...] [--dir DIR]
-                             [--out benchmarks/results]
+    python -m benchmarks.cli [--rows 10000000] [--labels 4] [--repeats 3] [--small-rows 1000000]
+                             [--dir DIR] [--out benchmarks/results] [--tools bcekit duckdb polars]
 
-It writes a data set of ``--rows`` rows and ``--labels`` labels (a 0/1 target column and a float64 logit
-column per label; seeded) as Parquet (row groups of 2^20 rows) and as CSV into ``--dir`` (default: a
-temporary folder, removed afterwards), then runs ``bcekit score FILE --target ... --pred ... --logits
---format json`` on each, once per ``--batch-rows``, each in a fresh process, and reports:
+It writes three seeded data sets of ``--rows`` rows and ``--labels`` labels, each as Parquet (row groups of
+2^20 rows) and as CSV, into ``--dir`` (default: a temporary folder, removed afterwards):
 
-* the data's in-memory size: its 2 x labels columns as float64 arrays (what a tool that loads the file
-  whole holds, before any temporaries);
-* each run's peak resident set size (``ru_maxrss`` of that process) and wall time;
-* the same for ``bcekit score`` on a 10-row file: the cost of the interpreter and imports alone;
-* that the loss equals ``bcekit.numpy`` on the whole data (loaded here, after the timed runs), relative
-  difference.
+* ``logits``: a 0/1 target and a float64 logit per label (the case the issue measured);
+* ``probabilities``: a 0/1 target and a float64 probability per label (some exactly 0 or 1);
+* ``weighted``: logits with a per-row weight column, scored with ``--weight w --pos-weight 2``.
 
-Results go to ``OUT/cli.json`` and a Markdown table on stdout.
+Every (data set, format) is then scored by each tool, each run a fresh process, the tools in turn
+(bcekit, DuckDB, polars, bcekit, ...) for ``--repeats`` rounds, so a slow spell of the machine weighs on all
+of them alike. The same mean log-loss over all labels, as each tool's user would write it: ``bcekit score
+FILE ... --format json``; DuckDB, one SQL query over the file with the softplus form of the loss; polars, a
+lazy scan and the same expression. Reported per run: wall time (median over the rounds) and rows/s, peak
+resident set size (the largest over the rounds), the loss, and its relative difference to an exact
+reference: :func:`math.fsum` over every element's float64 loss (NumPy's ``logaddexp`` and ``log``
+formulas, which do not cancel), computed here after the timed runs. bcekit is also run on a
+``--small-rows`` copy of the logits files, to show that its peak memory does not grow with the file.
+
+Results go to ``OUT/cli.json`` and Markdown tables on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,8 +42,15 @@ from pathlib import Path
 
 import numpy as np
 
+DATASETS = ("logits", "probabilities", "weighted")
+FORMATS = ("parquet", "csv")
+POS_WEIGHT = 2.0
 
-def write_data(directory: Path, rows: int, labels: int, seed: int = 0) -> dict[str, Path]:
+
+def write_data(
+    directory: Path, rows: int, labels: int, dataset: str = "logits", seed: int = 0
+) -> dict[str, Path]:
+    """The data set as ``scores_<dataset>.parquet`` and ``.csv``; returns ``{format: path}``."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
@@ -46,13 +60,19 @@ def write_data(directory: Path, rows: int, labels: int, seed: int = 0) -> dict[s
     for label in range(labels):
         logit = rng.normal(scale=3.0, size=rows)
         columns[f"y{label}"] = (rng.random(rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float64)
-        columns[f"z{label}"] = logit + rng.normal(scale=1.0, size=rows)  # a noisy model of the truth
+        model = logit + rng.normal(scale=1.0, size=rows)  # a noisy model of the truth
+        if dataset == "probabilities":
+            # float64 sigmoid: saturates to exactly 0 or 1 for the most confident predictions
+            e = np.exp(-np.abs(model))
+            columns[f"p{label}"] = np.where(model >= 0, 1 / (1 + e), e / (1 + e))
+        else:
+            columns[f"z{label}"] = model
+    if dataset == "weighted":
+        columns["w"] = rng.uniform(0.5, 2.0, rows)
     table = pa.table(columns)
-    paths = {"parquet": directory / "scores.parquet", "csv": directory / "scores.csv"}
+    paths = {"parquet": directory / f"scores_{dataset}.parquet", "csv": directory / f"scores_{dataset}.csv"}
     pq.write_table(table, paths["parquet"], row_group_size=1 << 20)
     pcsv.write_csv(table, paths["csv"])
-    pcsv.write_csv(table.slice(0, 10), directory / "tiny.csv")
-    paths["tiny"] = directory / "tiny.csv"
     return paths
 
 
@@ -85,85 +105,236 @@ def measure_isolated(argv: list[str]) -> tuple[float, int, str]:
     return elapsed, peak, stdout
 
 
+def _columns(dataset: str, labels: int) -> tuple[list[str], list[str]]:
+    prediction = "p" if dataset == "probabilities" else "z"
+    return [f"y{i}" for i in range(labels)], [f"{prediction}{i}" for i in range(labels)]
+
+
+def bcekit_command(path: Path, dataset: str, labels: int) -> list[str]:
+    targets, predictions = _columns(dataset, labels)
+    argv = [sys.executable, "-m", "bcekit", "score", str(path), "--target", *targets, "--pred", *predictions]
+    if dataset != "probabilities":
+        argv.append("--logits")
+    if dataset == "weighted":
+        argv += ["--weight", "w", "--pos-weight", repr(POS_WEIGHT)]
+    return [*argv, "--format", "json"]
+
+
+def _sql_terms(dataset: str, labels: int) -> list[str]:
+    """Each label's per-row loss as a SQL expression (the softplus form; the clamped logs for
+    probabilities, as torch's BCELoss)."""
+    targets, predictions = _columns(dataset, labels)
+    terms = []
+    for y, x in zip(targets, predictions, strict=True):
+        if dataset == "probabilities":
+            terms.append(f"-({y} * greatest(ln({x}), -100) + (1 - {y}) * greatest(ln(1 - {x}), -100))")
+            continue
+        tail = f"ln(1 + exp(-abs({x})))"
+        if dataset == "logits":
+            terms.append(f"(greatest({x}, 0) - {x} * {y} + {tail})")
+        else:  # pos_weight p: p y softplus(-x) + (1 - y) softplus(x), times w
+            terms.append(
+                f"w * ({POS_WEIGHT!r} * {y} * (greatest(-{x}, 0) + {tail})"
+                f" + (1 - {y}) * (greatest({x}, 0) + {tail}))"
+            )
+    return terms
+
+
+def duckdb_command(path: Path, dataset: str, labels: int) -> list[str]:
+    reader = "read_parquet" if path.suffix == ".parquet" else "read_csv"
+    sums = " + ".join(f"sum({t})" for t in _sql_terms(dataset, labels))
+    query = f"SELECT ({sums}) / ({labels} * count(*)) FROM {reader}('{path}')"
+    code = f"import duckdb; print(repr(duckdb.sql({query!r}).fetchall()[0][0]))"
+    return [sys.executable, "-c", code]
+
+
+def polars_command(path: Path, dataset: str, labels: int) -> list[str]:
+    targets, predictions = _columns(dataset, labels)
+    terms = []
+    for y, x in zip(targets, predictions, strict=True):
+        Y, X = f"pl.col({y!r})", f"pl.col({x!r})"
+        if dataset == "probabilities":
+            terms.append(
+                f"-({Y} * {X}.log().clip(lower_bound=-100)"
+                f" + (1 - {Y}) * (1 - {X}).log().clip(lower_bound=-100))"
+            )
+            continue
+        tail = f"(1 + (-{X}.abs()).exp()).log()"
+        if dataset == "logits":
+            terms.append(f"({X}.clip(lower_bound=0) - {X} * {Y} + {tail})")
+        else:
+            terms.append(
+                f"pl.col('w') * ({POS_WEIGHT!r} * {Y} * ((-{X}).clip(lower_bound=0) + {tail})"
+                f" + (1 - {Y}) * ({X}.clip(lower_bound=0) + {tail}))"
+            )
+    scan = "scan_parquet" if path.suffix == ".parquet" else "scan_csv"
+    total = " + ".join(f"({t}).sum()" for t in terms)
+    code = (
+        f"import polars as pl; frame = pl.{scan}({str(path)!r})"
+        f".select(({total}) / ({labels} * pl.len())).collect(); print(repr(frame.item()))"
+    )
+    return [sys.executable, "-c", code]
+
+
+COMMANDS = {"bcekit": bcekit_command, "duckdb": duckdb_command, "polars": polars_command}
+
+
+def _loss(tool: str, stdout: str) -> float:
+    return float(json.loads(stdout)["loss"]) if tool == "bcekit" else float(stdout.strip())
+
+
+def exact_reference(path: Path, dataset: str, labels: int) -> float:
+    """fsum of every element's float64 loss, over all labels, divided by their number."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    targets, predictions = _columns(dataset, labels)
+    w = table.column("w").to_numpy() if dataset == "weighted" else None
+    count, parts = 0, []
+    for yc, xc in zip(targets, predictions, strict=True):
+        x, y = table.column(xc).to_numpy(), table.column(yc).to_numpy()
+        if dataset == "probabilities":
+            with np.errstate(divide="ignore"):
+                loss = y * np.minimum(-np.log(x), 100.0) + (1 - y) * np.minimum(-np.log1p(-x), 100.0)
+        else:
+            p = POS_WEIGHT if dataset == "weighted" else 1.0
+            loss = p * y * np.logaddexp(0.0, -x) + (1 - y) * np.logaddexp(0.0, x)
+            if w is not None:
+                loss = loss * w
+        parts.append(math.fsum(loss.tolist()))
+        count += len(x)
+    total = math.fsum(parts)  # the per-label fsums are correctly rounded: 1e-16 of the total at most
+    return total / count
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _available(tool: str) -> bool:
+    if tool == "bcekit":
+        return True
+    try:
+        __import__(tool)
+    except ImportError:
+        print(
+            f"{tool} is not installed (pip install -r requirements-benchmarks.txt): skipped", file=sys.stderr
+        )
+        return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--small-rows", type=int, default=1_000_000, help="rows of the memory-flatness run")
     parser.add_argument("--labels", type=int, default=4)
-    parser.add_argument("--batch-rows", type=int, nargs="+", default=[1 << 16])
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every tool on every file")
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--tools", nargs="+", choices=tuple(COMMANDS), default=list(COMMANDS))
     parser.add_argument("--dir", type=Path, default=None, help="data folder (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    tools = [t for t in args.tools if _available(t)]
 
     directory = Path(tempfile.mkdtemp(prefix="bcekit-cli-")) if args.dir is None else args.dir
     directory.mkdir(parents=True, exist_ok=True)
+    runs, flatness = [], []
     try:
-        started = time.perf_counter()
-        paths = write_data(directory, args.rows, args.labels)
-        print(f"wrote the data in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-        targets = [f"y{i}" for i in range(args.labels)]
-        predictions = [f"z{i}" for i in range(args.labels)]
-        command = [sys.executable, "-m", "bcekit", "score"]
-        options = ["--target", *targets, "--pred", *predictions, "--logits", "--format", "json"]
-        in_memory = args.rows * 2 * args.labels * 8
-        runs = []
-        _, baseline, _ = measure_isolated([*command, str(paths["tiny"]), *options])
-        for fmt in ("parquet", "csv"):
-            for batch_rows in args.batch_rows:
-                argv = [*command, str(paths[fmt]), *options, "--batch-rows", str(batch_rows)]
-                elapsed, peak, stdout = measure_isolated(argv)
-                result = json.loads(stdout)
-                runs.append(
-                    {
-                        "format": fmt,
-                        "file_bytes": paths[fmt].stat().st_size,
-                        "batch_rows": batch_rows,
-                        "seconds": elapsed,
-                        "peak_rss_bytes": peak,
-                        "loss": result["loss"],
-                        "rows": result["rows"],
-                    }
-                )
-                print(f"{fmt} batch {batch_rows}: {elapsed:.1f} s, {peak / 2**20:.0f} MiB", file=sys.stderr)
-        reference = _reference(paths["parquet"], targets, predictions)
-        for run in runs:
-            run["relative_difference_to_bcekit_numpy"] = abs(run["loss"] - reference) / reference
+        for dataset in args.datasets:
+            started = time.perf_counter()
+            paths = write_data(directory, args.rows, args.labels, dataset)
+            print(f"wrote {dataset} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            reference = exact_reference(paths["parquet"], dataset, args.labels)
+            for fmt in FORMATS:
+                samples: dict[str, list[tuple[float, int, float]]] = {t: [] for t in tools}
+                for _ in range(args.repeats):
+                    for tool in tools:
+                        elapsed, peak, stdout = measure_isolated(
+                            COMMANDS[tool](paths[fmt], dataset, args.labels)
+                        )
+                        samples[tool].append((elapsed, peak, _loss(tool, stdout)))
+                for tool in tools:
+                    seconds = statistics.median(s[0] for s in samples[tool])
+                    loss = samples[tool][0][2]
+                    runs.append(
+                        {
+                            "dataset": dataset,
+                            "format": fmt,
+                            "file_bytes": paths[fmt].stat().st_size,
+                            "tool": tool,
+                            "seconds": seconds,
+                            "seconds_all": [s[0] for s in samples[tool]],
+                            "peak_rss_bytes": max(s[1] for s in samples[tool]),
+                            "loss": loss,
+                            "losses_agree": len({s[2] for s in samples[tool]}) == 1,
+                            "relative_difference_to_exact": abs(loss - reference) / abs(reference),
+                        }
+                    )
+                    print(f"{dataset} {fmt} {tool}: {seconds:.2f} s", file=sys.stderr)
+            for path in paths.values():
+                path.unlink()
+        if "bcekit" in tools and "logits" in args.datasets:
+            small = write_data(directory, args.small_rows, args.labels, "logits")
+            for fmt in FORMATS:
+                _, peak, _ = measure_isolated(bcekit_command(small[fmt], "logits", args.labels))
+                flatness.append({"format": fmt, "rows": args.small_rows, "peak_rss_bytes": peak})
     finally:
         if args.dir is None:
             shutil.rmtree(directory, ignore_errors=True)
 
+    versions = {}
+    for name in ("pyarrow", "duckdb", "polars"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
     report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "machine": f"{_cpu()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "versions": versions,
         "rows": args.rows,
         "labels": args.labels,
-        "in_memory_bytes": in_memory,
-        "import_only_peak_rss_bytes": baseline,
+        "repeats": args.repeats,
         "runs": runs,
+        "flatness": flatness,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cli.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_tables(report)
+
+
+def print_tables(report: dict) -> None:
     mib = 2**20
-    print(f"{args.rows:,} rows x {args.labels} labels; in memory as float64: {in_memory / mib:,.0f} MiB; ")
-    print(f"`bcekit score` on a 10-row file (imports only): peak RSS {baseline / mib:.0f} MiB\n")
-    print("| file | on disk | batch rows | time (s) | rows/s | peak RSS | peak RSS / in-memory | rel. diff |")
+    rows = report["rows"]
+    print(f"{rows:,} rows x {report['labels']} labels; {report['machine']}; {report['versions']}\n")
+    print("| data | file | tool | time (s) | rows/s | peak RSS | loss | rel. diff to exact |")
     print("|---|---|---|---|---|---|---|---|")
-    for run in runs:
+    for run in report["runs"]:
         print(
-            f"| {run['format']} | {run['file_bytes'] / mib:,.0f} MiB | {run['batch_rows']:,} "
-            f"| {run['seconds']:.1f} | {args.rows / run['seconds']:,.0f} "
+            f"| {run['dataset']} | {run['format']} ({run['file_bytes'] / mib:,.0f} MiB) | {run['tool']} "
+            f"| {run['seconds']:.2f} | {rows / run['seconds'] / 1e6:.1f} M "
             f"| {run['peak_rss_bytes'] / mib:.0f} MiB "
-            f"| {run['peak_rss_bytes'] / in_memory:.2f} | {run['relative_difference_to_bcekit_numpy']:.1e} |"
+            f"| {run['loss']!r} | {run['relative_difference_to_exact']:.1e} |"
         )
-
-
-def _reference(path: Path, targets: list[str], predictions: list[str]) -> float:
-    import pyarrow.parquet as pq
-
-    import bcekit.numpy as bce
-
-    table = pq.read_table(path)
-    x = np.column_stack([table.column(c).to_numpy() for c in predictions])
-    y = np.column_stack([table.column(c).to_numpy() for c in targets])
-    return float(bce.binary_cross_entropy_with_logits(x, y))
+    if report["flatness"]:
+        print("\nbcekit's peak RSS, logits:")
+        big = {
+            r["format"]: r["peak_rss_bytes"]
+            for r in report["runs"]
+            if r["tool"] == "bcekit" and r["dataset"] == "logits"
+        }
+        for entry in report["flatness"]:
+            print(
+                f"- {entry['format']}: {entry['rows']:,} rows {entry['peak_rss_bytes'] / mib:.0f} MiB, "
+                f"{rows:,} rows {big.get(entry['format'], 0) / mib:.0f} MiB"
+            )
 
 
 if __name__ == "__main__":
