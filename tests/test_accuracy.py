@@ -259,7 +259,7 @@ def test_probability_loss_property(x: float, y: float, dtype: str) -> None:
 # bcekit score's float64 losses: double-double lanes (each ISA's build), long double where they stop
 # --------------------------------------------------------------------------------------------------------
 
-ISAS = ("baseline", "avx2") if native.ISA == "avx2" else ("baseline",)
+ISAS = native._core.DD_ISAS if native.AVAILABLE else ()
 
 
 def _lanes(kind: int, x, y, weight=None, pos_weight=None, smoothing=0.0, isa="baseline") -> np.ndarray:

@@ -56,6 +56,7 @@ __all__ = [
     "run",
     "run_plain",
     "score",
+    "parse_csv",
     "get_num_threads",
     "set_num_threads",
     "empty",
@@ -253,6 +254,15 @@ def score(
         None if losses is None else list(losses),
         _threads,
     )
+
+
+def parse_csv(data: Any, n_fields: int, slots: Sequence[int], columns: int) -> Any | None:
+    """Plain numeric CSV lines (``data``: a 1-D uint8 array of whole lines of ``n_fields`` fields) as a
+    ``(columns, lines)`` float64 array: field f's numbers in row ``slots[f]`` (``slots[f] < 0``: not read).
+    None where a line is not plain numbers exactly as pyarrow's text-to-float64 cast reads them."""
+    if _core is None:
+        raise RuntimeError("bcekit._core is not built")
+    return _core.parse_csv(data, int(n_fields), [int(s) for s in slots], int(columns), _threads)
 
 
 def broadcast_form(weight_shape: Sequence[int], input_shape: Sequence[int]) -> tuple[int, int] | None:

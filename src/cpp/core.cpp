@@ -77,6 +77,20 @@ bool cpu_has_avx2() {
 
 const bool HAS_AVX2 = cpu_has_avx2();
 
+// AVX-512 (F and DQ) for the double-double lanes, unless BCEKIT_ISA asks for baseline or avx2.
+bool cpu_has_avx512() {
+#if defined(BCEKIT_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
+    const char* requested = std::getenv("BCEKIT_ISA");
+    if (requested && (std::string(requested) == "baseline" || std::string(requested) == "avx2")) return false;
+    __builtin_cpu_init();
+    return HAS_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#else
+    return false;
+#endif
+}
+
+const bool HAS_AVX512 = cpu_has_avx512();
+
 const char* isa_name() { return HAS_AVX2 ? "avx2" : "baseline"; }
 
 ChunkFn select_kernel(int dtype) {
@@ -406,12 +420,34 @@ struct RunResult {
     int flags = 0;  // 1: an input outside [0, 1]; 2: a target outside [0, 1] (probability loss)
 };
 
+// The double-double lanes and the exact block sums of one ISA's build ("auto": the best this CPU runs).
+struct DoubleDouble {
+    LossBlockFn losses64;
+    LevelSumsFn level_sums;
+};
+
+DoubleDouble select_dd(const std::string& isa) {
+#if defined(BCEKIT_HAVE_AVX2)
+    if (isa == "avx512" || (isa == "auto" && HAS_AVX512)) {
+        if (!HAS_AVX512) throw std::invalid_argument("bcekit._core: this CPU has no AVX-512 (F, DQ)");
+        return {&isa_avx512::losses64, &isa_avx512::level_sums};
+    }
+    if (isa == "avx2" || (isa == "auto" && HAS_AVX2)) {
+        if (!HAS_AVX2) throw std::invalid_argument("bcekit._core: this CPU has no AVX2 + FMA");
+        return {&isa_avx2::losses64, &isa_avx2::level_sums};
+    }
+#endif
+    if (isa == "baseline" || isa == "auto") return {&isa_baseline::losses64, &isa_baseline::level_sums};
+    throw std::invalid_argument("bcekit._core: isa must be 'auto', 'baseline', 'avx2' or 'avx512'");
+}
+
 // Runs the pass; returns the kept elements' loss sum (if asked), their count and the range flags.
 RunResult run(Args args, int threads) {
     const ChunkFn fn = select_kernel(args.dtype);
     args.stream_outputs = args.dtype == F32 && args.grad_input && args.n * 4 >= STREAM_MIN_BYTES &&
                           reinterpret_cast<uintptr_t>(args.grad_input) % 32 == 0;
     if (!fn) throw std::invalid_argument("bcekit._core: unsupported dtype");
+    if (args.dtype == F64) args.losses64 = select_dd("auto").losses64;
     const int64_t n = args.n;
     if (n == 0) return {};
     const int64_t chunks = (n + CHUNK - 1) / CHUNK;
@@ -486,19 +522,6 @@ std::tuple<double, int64_t, int> finish(Args& a, int kind, int reduction, double
     return {double(value), r.kept, r.flags};
 }
 
-using LossBlockFn = int64_t (*)(const LossBlock&, double*, uint8_t*);
-
-LossBlockFn select_losses64(const std::string& isa) {
-#if defined(BCEKIT_HAVE_AVX2)
-    if (isa == "avx2" || (isa == "auto" && HAS_AVX2)) {
-        if (!HAS_AVX2) throw std::invalid_argument("bcekit._core: this CPU has no AVX2 + FMA");
-        return &isa_avx2::losses64;
-    }
-#endif
-    if (isa == "baseline" || isa == "auto") return &isa_baseline::losses64;
-    throw std::invalid_argument("bcekit._core: isa must be 'auto', 'baseline' or 'avx2'");
-}
-
 constexpr int64_t BLOCK = 256;  // elements per call of the double-double lanes (in L1)
 
 // The block's losses, the double-double lanes' slow elements recomputed in long double.
@@ -527,7 +550,7 @@ struct ScoreJob {
     const double* w = nullptr;
 };
 
-void score_chunk(LossBlockFn lanes, const ScoreJob& job, size_t label, int64_t begin, int64_t end,
+void score_chunk(const DoubleDouble& dd, const ScoreJob& job, size_t label, int64_t begin, int64_t end,
                  LabelScore& out) {
     double loss[BLOCK], p[BLOCK];
     LossBlock b = job.options;
@@ -542,16 +565,28 @@ void score_chunk(LossBlockFn lanes, const ScoreJob& job, size_t label, int64_t b
         b.x = job.x[label] + start;
         b.y = job.y[label] + start;
         b.w = job.w ? job.w + start : nullptr;
-        block_losses(lanes, b, loss);
+        block_losses(dd.losses64, b, loss);
+        double levels[64];
+        const int64_t count = dd.level_sums(loss, b.n, levels, 64);
+        if (count < 0) {
+            out.sum.add(loss, b.n);
+        } else {
+            for (int64_t k = 0; k < count; ++k) out.sum.add(levels[k]);
+        }
+        // the checks, in branch-free loops the compiler vectorises
+        int bad_x = 0, bad_y = 0, bad_w = 0;
+        int64_t kept = 0;
         for (int64_t i = 0; i < b.n; ++i) {
             const double x = b.x[i], y = b.y[i];
-            const bool kept = !b.has_ignore || (nan_ignore ? !std::isnan(y) : y != b.ignore_index);
-            out.kept += kept;
-            if (logits ? std::isnan(x) : !(x >= 0.0 && x <= 1.0)) out.flags |= BAD_PREDICTION;
-            if (kept && !(y >= 0.0 && y <= 1.0)) out.flags |= BAD_TARGET;
-            if (b.w && !std::isfinite(b.w[i])) out.flags |= BAD_WEIGHT;
-            out.sum.add(loss[i]);
+            const bool keep = !b.has_ignore || (nan_ignore ? y == y : y != b.ignore_index);
+            kept += keep;
+            bad_x |= logits ? x != x : !(x >= 0.0 && x <= 1.0);
+            bad_y |= keep & !(y >= 0.0 && y <= 1.0);
         }
+        if (b.w)
+            for (int64_t i = 0; i < b.n; ++i) bad_w |= !(b.w[i] - b.w[i] == 0.0);  // NaN for inf and NaN
+        out.kept += kept;
+        out.flags |= (bad_x ? BAD_PREDICTION : 0) | (bad_y ? BAD_TARGET : 0) | (bad_w ? BAD_WEIGHT : 0);
         if (!job.loss.empty()) std::memcpy(job.loss[label] + start, loss, size_t(b.n) * sizeof(double));
     }
 }
@@ -559,7 +594,7 @@ void score_chunk(LossBlockFn lanes, const ScoreJob& job, size_t label, int64_t b
 // Every label of a batch, in chunks of CHUNK elements on `threads` threads; the chunk sums are exact, so
 // the result is the same for any thread count and any batching of the rows.
 std::vector<LabelScore> score(const ScoreJob& job, int threads) {
-    const LossBlockFn lanes = select_losses64("auto");
+    const DoubleDouble dd = select_dd("auto");
     const size_t labels = job.x.size();
     const int64_t chunks = (job.n + CHUNK - 1) / CHUNK;
     const int64_t tasks = chunks * int64_t(labels);
@@ -569,7 +604,7 @@ std::vector<LabelScore> score(const ScoreJob& job, int threads) {
     parallel(tasks, t, [&](int64_t task) {
         const size_t label = size_t(task / chunks);
         const int64_t c = task % chunks;
-        score_chunk(lanes, job, label, c * CHUNK, std::min(job.n, (c + 1) * CHUNK), parts[size_t(task)]);
+        score_chunk(dd, job, label, c * CHUNK, std::min(job.n, (c + 1) * CHUNK), parts[size_t(task)]);
     });
     std::vector<LabelScore> result(labels);
     for (int64_t task = 0; task < tasks; ++task) {
@@ -579,6 +614,50 @@ std::vector<LabelScore> score(const ScoreJob& job, int threads) {
         r.flags |= parts[size_t(task)].flags;
     }
     return result;
+}
+
+// Lines in [begin, end): its line ends, and a last line without one (a loop the compiler vectorises)
+int64_t count_lines(const char* begin, const char* end) {
+    int64_t ends = 0;
+    for (const char* p = begin; p < end; ++p) ends += *p == '\n';
+    return ends + (end > begin && end[-1] != '\n');
+}
+
+// A CSV buffer cut into parts at line ends, one per thread, and the first row of each.
+struct CsvParts {
+    std::vector<const char*> cuts;
+    std::vector<int64_t> first;  // first[k]: part k's first row; first.back(): the lines in all
+};
+
+CsvParts cut_csv(const char* data, size_t size, int threads) {
+    const char* end = data + size;
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, int64_t(size >> 16)));
+    CsvParts plan;
+    plan.cuts.push_back(data);
+    for (int64_t k = 1; k < parts; ++k) {
+        const char* at = std::max(plan.cuts.back(), data + size * size_t(k) / size_t(parts));
+        const char* stop = static_cast<const char*>(std::memchr(at, '\n', size_t(end - at)));
+        plan.cuts.push_back(stop ? stop + 1 : end);
+    }
+    plan.cuts.push_back(end);
+    plan.first.assign(size_t(parts) + 1, 0);
+    parallel(parts, parts, [&](int64_t k) {
+        plan.first[size_t(k) + 1] = count_lines(plan.cuts[size_t(k)], plan.cuts[size_t(k) + 1]);
+    });
+    for (int64_t k = 0; k < parts; ++k) plan.first[size_t(k) + 1] += plan.first[size_t(k)];
+    return plan;
+}
+
+// parse_csv_lines over the parts on their threads; false where a part refused its lines.
+bool parse_csv(const CsvParts& plan, int n_fields, const std::vector<int>& slot, const std::vector<double*>& out) {
+    const int64_t parts = int64_t(plan.cuts.size()) - 1, lines = plan.first.back();
+    std::atomic<bool> refused{false};
+    parallel(parts, parts, [&](int64_t k) {
+        const int64_t rows = parse_csv_lines(plan.cuts[size_t(k)], plan.cuts[size_t(k) + 1], n_fields, slot.data(),
+                                             out.data(), plan.first[size_t(k)], lines);
+        if (rows != plan.first[size_t(k) + 1] - plan.first[size_t(k)]) refused.store(true);
+    });
+    return !refused.load();
 }
 
 const double* float64_column(const In& a, int64_t n, const char* name) {
@@ -598,6 +677,10 @@ NB_MODULE(_core, m) {
     m.doc() = "bcekit's CPU kernels. Use bcekit._native, not this module.";
     m.attr("CHUNK") = CHUNK;
     m.attr("ISA") = isa_name();
+    // the builds of the double-double lanes this CPU runs, the one chosen last
+    m.attr("DD_ISAS") = HAS_AVX512 ? nb::make_tuple("baseline", "avx2", "avx512")
+                        : HAS_AVX2 ? nb::make_tuple("baseline", "avx2")
+                                   : nb::make_tuple("baseline");
     m.attr("CACHE_MAX_AGE") = BufferCache::MAX_AGE;
     // float64 is computed in long double only where it has a 64-bit significand (x87); elsewhere the
     // Python layer keeps float64 on its composed double-double path.
@@ -780,7 +863,7 @@ NB_MODULE(_core, m) {
             b.has_ignore = ignore_index.has_value();
             b.ignore_index = ignore_index.value_or(0.0);
             double* out = const_cast<double*>(float64_column(In(loss), b.n, "loss"));
-            const LossBlockFn lanes = select_losses64(isa);
+            const LossBlockFn lanes = select_dd(isa).losses64;
             std::vector<uint8_t> slow(size_t(b.n));
             const int64_t count = lanes(b, out, slow.data());
             for (int64_t i = 0; i < b.n; ++i)
@@ -791,4 +874,36 @@ NB_MODULE(_core, m) {
         nb::arg("label_smoothing"), nb::arg("ignore_index").none(), nb::arg("loss"), nb::arg("isa"),
         "For tests: the float64 losses of bcekit score's double-double lanes (one ISA's build), element by "
         "element, with the elements they leave to long double computed there; returns how many those were.");
+    m.def(
+        "parse_csv",
+        [](nb::ndarray<nb::ro, uint8_t, nb::ndim<1>, nb::device::cpu, nb::c_contig> data, int n_fields,
+           std::vector<int> slot, int columns, int threads) -> nb::object {
+            if (int(slot.size()) != n_fields) throw std::invalid_argument("parse_csv: one slot per field");
+            for (int s : slot)
+                if (s >= columns) throw std::invalid_argument("parse_csv: a slot beyond the columns");
+            const char* bytes = reinterpret_cast<const char*>(data.data());
+            const size_t size = data.size();
+            CsvParts plan;
+            {
+                nb::gil_scoped_release release;
+                plan = cut_csv(bytes, size, threads);
+            }
+            const int64_t lines = plan.first.back();
+            const size_t shape[2] = {size_t(columns), size_t(lines)};
+            void* buffer = cache().get(std::max<size_t>(1, size_t(columns) * size_t(lines)) * sizeof(double));
+            nb::capsule owner(buffer, [](void* p) noexcept { cache().put(p); });
+            std::vector<double*> rows;
+            for (int c = 0; c < columns; ++c) rows.push_back(static_cast<double*>(buffer) + int64_t(c) * lines);
+            bool parsed;
+            {
+                nb::gil_scoped_release release;
+                parsed = parse_csv(plan, n_fields, slot, rows);
+            }
+            if (!parsed) return nb::none();
+            return nb::ndarray<nb::numpy, double, nb::ndim<2>>(buffer, 2, shape, owner).cast();
+        },
+        nb::arg("data"), nb::arg("n_fields"), nb::arg("slot"), nb::arg("columns"), nb::arg("threads"),
+        "Plain numeric CSV lines (a uint8 array of whole lines) as a (columns, lines) float64 array: field f's "
+        "numbers in row slot[f] (slot[f] < 0: not read); None where a line is not read exactly as pyarrow "
+        "reads it (see csv_numbers.cpp).");
 }

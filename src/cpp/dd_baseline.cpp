@@ -4,4 +4,7 @@
 
 namespace bcekit::isa_baseline {
 int64_t losses64(const LossBlock& b, double* loss, uint8_t* slow) { return losses64_impl(b, loss, slow); }
+int64_t level_sums(const double* values, int64_t n, double* sums, int64_t max_sums) {
+    return level_sums_impl(values, n, sums, max_sums);
+}
 }  // namespace bcekit::isa_baseline

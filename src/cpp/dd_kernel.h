@@ -6,9 +6,9 @@
 // when the compiler evaluates them as written.
 //
 // The functions, for the elements a lane takes (see `slow` below for the others):
-//   exp(-a), 0 <= a <= 600: a = k ln2 + r (ln2 in two parts), |r| <= 0.347, exp(-r) by its Taylor series:
-//            the terms up to r^3 in double-double, those of r^4 .. r^15 in double (they are below 2^-10.7
-//            of the sum, so double leaves 2^-62), times 2^-k in the exponent bits.
+//   exp(-a), 0 <= a <= 600: a = k ln2 / 32 + r (ln2 in two parts), |r| <= 0.0109, exp(-r) by its Taylor
+//            series to r^8, the terms from r^2 on in double (below 6e-5 of the sum: 2^-66), times
+//            2^(-j/32) from a double-double table (k = 32 m + j) and 2^-m in the exponent bits.
 //   log(m),  m = (1 + z) / (1 - z): 2 atanh(z) = 2z (1 + z^2 R(z^2)), R the series 1/3 + w/5 + ... + w^11/25;
 //            |z| <= 0.1716 by the reductions below, so w R(w) < 0.0099, computed in double (2^-59.7).
 //   log1p(t), t in (0, 1]: z = t / (2 + t), or for t > sqrt(2) - 1, ln 2 + 2 atanh((t - 1) / (t + 3)).
@@ -20,16 +20,16 @@
 //   probabilities: y' min(-log x, 100) + (1 - y') min(-log(1 - x), 100), times w
 // tests/test_accuracy.py checks the results against mpmath, element by element.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
 #include "kernel_api.h"
 
-#ifndef BCEKIT_DD_W
-#define BCEKIT_DD_W 4
-#endif
 
-#if defined(__FMA__)
+#include "dd_tables.h"
+
+#if defined(__FMA__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -37,12 +37,48 @@ namespace bcekit {
 namespace BCEKIT_ISA {
 namespace dd {
 
-// W = 16 lanes: four AVX2 registers (eight SSE2 ones) per value. An element's computation is one long
-// dependency chain (a few hundred operations); four independent registers per operation let the CPU
-// overlap them, where a single register would leave it waiting on each result (3x slower measured).
-constexpr int W = BCEKIT_DD_W;
+// W lanes: one register of the ISA (AVX-512: 8 doubles; AVX2: 4; the baseline build's 4 are two SSE2 or
+// NEON registers). Where the ISA has FMA, the fused operations below go through its intrinsics, one
+// register (REG lanes) at a time.
+#if defined(__AVX512F__)
+constexpr int W = 8, REG = 8;
+typedef __m512d Reg;
+typedef __m512i RegI;
+inline Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_pd(a, b, c); }
+inline Reg fmsub(Reg a, Reg b, Reg c) { return _mm512_fmsub_pd(a, b, c); }
+inline Reg gather_reg(const double* table, RegI index) { return _mm512_i64gather_pd(index, table, 8); }
+#define BCEKIT_DD_FMA 1
+#elif defined(__FMA__) && defined(__AVX2__)
+constexpr int W = 4, REG = 4;
+typedef __m256d Reg;
+typedef __m256i RegI;
+inline Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_pd(a, b, c); }
+inline Reg fmsub(Reg a, Reg b, Reg c) { return _mm256_fmsub_pd(a, b, c); }
+inline Reg gather_reg(const double* table, RegI index) { return _mm256_i64gather_pd(table, index, 8); }
+#define BCEKIT_DD_FMA 1
+#else
+constexpr int W = 4;
+#endif
 typedef double V __attribute__((vector_size(8 * W)));
 typedef int64_t M __attribute__((vector_size(8 * W)));
+
+#if defined(BCEKIT_DD_FMA)
+inline Reg load_register(const V& v, int j) {
+    Reg r;
+    std::memcpy(&r, reinterpret_cast<const double*>(&v) + j, sizeof r);
+    return r;
+}
+// f applied to each register's worth of lanes of the arguments
+template <class F, class... A>
+inline V per_register(F f, const A&... args) {
+    V r;
+    for (int j = 0; j < W; j += REG) {
+        Reg out = f(load_register(args, j)...);
+        std::memcpy(reinterpret_cast<double*>(&r) + j, &out, sizeof out);
+    }
+    return r;
+}
+#endif
 
 inline V splat(double v) { return V{} + v; }
 inline M splat_m(int64_t v) { return M{} + v; }
@@ -59,17 +95,8 @@ inline D from(V a) { return {a, V{}}; }
 // a * b = p + e exactly
 inline D two_prod(V a, V b) {
     const V p = a * b;
-#if defined(__FMA__)
-    V e;
-    for (int j = 0; j < W; j += 4) {  // one FMA instruction per AVX2 register
-        __m256d a4, b4, p4;
-        std::memcpy(&a4, reinterpret_cast<const double*>(&a) + j, sizeof a4);
-        std::memcpy(&b4, reinterpret_cast<const double*>(&b) + j, sizeof b4);
-        std::memcpy(&p4, reinterpret_cast<const double*>(&p) + j, sizeof p4);
-        const __m256d e4 = _mm256_fmadd_pd(a4, b4, _mm256_sub_pd(_mm256_setzero_pd(), p4));
-        std::memcpy(reinterpret_cast<double*>(&e) + j, &e4, sizeof e4);
-    }
-    return {p, e};
+#if defined(BCEKIT_DD_FMA)
+    return {p, per_register([](Reg x, Reg y, Reg z) { return fmsub(x, y, z); }, a, b, p)};
 #else  // Dekker: split each factor into 26-bit halves whose products are exact (|a|, |b| < 2^996)
     const V c = splat(134217729.0);  // 2^27 + 1
     const V ta = c * a, ah = ta - (ta - a), al = a - ah;
@@ -77,22 +104,37 @@ inline D two_prod(V a, V b) {
     return {p, ((ah * bh - p) + ah * bl + al * bh) + al * bl};
 #endif
 }
-// a * b + c, fused where the CPU has FMA (for the polynomials, where rounding once or twice is immaterial)
-inline V madd(V a, V b, double c) {
-#if defined(__FMA__)
-    V r;
-    const __m256d c4 = _mm256_set1_pd(c);
-    for (int j = 0; j < W; j += 4) {
-        __m256d a4, b4;
-        std::memcpy(&a4, reinterpret_cast<const double*>(&a) + j, sizeof a4);
-        std::memcpy(&b4, reinterpret_cast<const double*>(&b) + j, sizeof b4);
-        const __m256d r4 = _mm256_fmadd_pd(a4, b4, c4);
-        std::memcpy(reinterpret_cast<double*>(&r) + j, &r4, sizeof r4);
-    }
-    return r;
+// a * b + c, fused where the CPU has FMA: for polynomials and the low parts of products, where rounding
+// once or twice is immaterial
+inline V madd(V a, V b, V c) {
+#if defined(BCEKIT_DD_FMA)
+    return per_register([](Reg x, Reg y, Reg z) { return fmadd(x, y, z); }, a, b, c);
 #else
     return a * b + c;
 #endif
+}
+inline V madd(V a, V b, double c) { return madd(a, b, splat(c)); }
+
+// table[index[j]] per lane
+inline V gather(const double* table, M index) {
+    V r;
+#if defined(BCEKIT_DD_FMA)
+    for (int j = 0; j < W; j += REG) {
+        RegI i;
+        std::memcpy(&i, reinterpret_cast<const int64_t*>(&index) + j, sizeof i);
+        const Reg g = gather_reg(table, i);
+        std::memcpy(reinterpret_cast<double*>(&r) + j, &g, sizeof g);
+    }
+#else
+    for (int j = 0; j < W; ++j) r[j] = table[index[j]];
+#endif
+    return r;
+}
+
+inline bool all(M mask) {
+    bool every = true;
+    for (int j = 0; j < W; ++j) every &= mask[j] != 0;
+    return every;
 }
 
 // a + b = s + e exactly
@@ -114,11 +156,11 @@ inline D add(D a, V b) {
 }
 inline D mul(D a, D b) {
     const D p = two_prod(a.h, b.h);
-    return fast_two_sum(p.h, p.l + (a.h * b.l + a.l * b.h));
+    return fast_two_sum(p.h, madd(a.h, b.l, madd(a.l, b.h, p.l)));
 }
 inline D mul(D a, V b) {
     const D p = two_prod(a.h, b);
-    return fast_two_sum(p.h, p.l + a.l * b);
+    return fast_two_sum(p.h, madd(a.l, b, p.l));
 }
 inline D div(D a, D b) {
     const V q1 = a.h / b.h;
@@ -149,31 +191,29 @@ inline D ln2_times(V k) {  // k ln 2 for integer-valued |k| < 2^11
 
 // exp(-a) for a in [0, 600]
 inline D exp_neg(V a) {
-    const V k = (a * INV_LN2 + ROUND) - ROUND;
-    const D p = ln2_times(k);
-    D r = two_sum(a, -p.h);  // a - k ln 2 = -u
-    r = two_sum(r.h, r.l - p.l);
-    const D u = neg(r);
-    const V x = u.h;
-    // 1/24 + u/120 + ... + u^11/15!: the Taylor terms from u^4 on, divided by u^4
-    V s = splat(1.0 / 1307674368000.0);
-    s = madd(s, x, 1.0 / 87178291200.0);
-    s = madd(s, x, 1.0 / 6227020800.0);
-    s = madd(s, x, 1.0 / 479001600.0);
-    s = madd(s, x, 1.0 / 39916800.0);
-    s = madd(s, x, 1.0 / 3628800.0);
-    s = madd(s, x, 1.0 / 362880.0);
-    s = madd(s, x, 1.0 / 40320.0);
-    s = madd(s, x, 1.0 / 5040.0);
-    s = madd(s, x, 1.0 / 720.0);
-    s = madd(s, x, 1.0 / 120.0);
-    s = madd(s, x, 1.0 / 24.0);
-    D e = two_sum(splat(SIXTH_HI), x * s);
-    e = fast_two_sum(e.h, e.l + SIXTH_LO);  // 1/6 + u S
-    e = add(mul(u, e), splat(0.5));
-    e = add(mul(u, e), splat(1.0));
-    e = add(mul(u, e), splat(1.0));  // 1 + u + u^2/2 + ...
-    return scale(e, pow2(-to_int(k)));
+    constexpr int N = dd_tables::EXP_TABLE;
+    static_assert(N == 1 << 5, "k = 32 m + j below");
+    const V k = (a * (INV_LN2 * N) + ROUND) - ROUND;
+    D p = two_prod(k, splat(LN2_HI / N));
+    p = fast_two_sum(p.h, madd(k, splat(LN2_LO / N), p.l));  // k ln2 / N
+    D r = two_sum(a, -p.h);
+    r = two_sum(r.h, r.l - p.l);  // a - k ln2 / N, |r| <= ln2 / 2N (0.0109)
+    // exp(-r) = 1 - r + r^2 (1/2 - r/6 + ... + r^6/8!): the r^2 terms in double (below 6e-5 of the sum)
+    const V u = -r.h;
+    V q = splat(1.0 / 40320.0);
+    q = madd(q, u, 1.0 / 5040.0);
+    q = madd(q, u, 1.0 / 720.0);
+    q = madd(q, u, 1.0 / 120.0);
+    q = madd(q, u, 1.0 / 24.0);
+    q = madd(q, u, 1.0 / 6.0);
+    q = madd(q, u, 0.5);
+    q = q * (u * u);
+    D e = two_sum(splat(1.0), u);
+    e = fast_two_sum(e.h, e.l + (q - r.l));
+    const M ki = to_int(k);
+    const M j = ki & (N - 1);
+    const D table = {gather(dd_tables::EXP2_NEG_HI, j), gather(dd_tables::EXP2_NEG_LO, j)};
+    return scale(mul(e, table), pow2(-(ki >> 5)));
 }
 
 // 2 atanh(z) for |z| <= 0.1716
@@ -191,7 +231,8 @@ inline D atanh2(D z) {
     r = madd(r, w, 1.0 / 7);
     r = madd(r, w, 1.0 / 5);
     r = madd(r, w, 1.0 / 3);
-    const D s = add(z, mul(z, w * r));
+    D s = two_sum(z.h, z.h * (w * r));  // z + z w R(w)
+    s = fast_two_sum(s.h, s.l + z.l);
     return {2.0 * s.h, 2.0 * s.l};
 }
 
@@ -281,6 +322,12 @@ inline M lanes(const LossBlock& b, int64_t i, const D& term1, const D& term2, V*
     const V xs = logits ? valid_logit(x) : valid_probability(x);
     y = sel(fast, y, splat(0.0));
 
+    if (logits && !b.w && !b.p && b.label_smoothing == 0.0 && all((y == 0.0) | (y == 1.0))) {
+        // 0/1 targets without options: softplus(-x) where y = 1, softplus(x) where y = 0
+        const D loss = add(term1, sel(y == 1.0, sel(xs < 0.0, -xs, splat(0.0)), sel(xs > 0.0, xs, splat(0.0))));
+        *loss_out = sel(kept, loss.h, splat(0.0));
+        return kept & ~fast;
+    }
     // y' and 1 - y', each a sum of non-negative terms
     D ys = from(y), ns = two_sum(splat(1.0), -y);
     const double s = b.label_smoothing;
@@ -325,20 +372,75 @@ inline int64_t block(const LossBlock& b, double* loss, uint8_t* slow) {
         for (int64_t v = 0; v < nv; ++v) term1[v] = neg_log_x(valid_probability(load(b.x, v * W)));
         for (int64_t v = 0; v < nv; ++v) term2[v] = neg_log_1mx(valid_probability(load(b.x, v * W)));
     }
-    int64_t slow_count = 0;
+    M masks[BV];
+    M any = M{};
     for (int64_t v = 0; v < nv; ++v) {
         V values;
-        const M mask = lanes(b, v * W, term1[v], b.kind == LOGITS ? term1[v] : term2[v], &values);
+        masks[v] = lanes(b, v * W, term1[v], b.kind == LOGITS ? term1[v] : term2[v], &values);
         std::memcpy(loss + v * W, &values, sizeof values);
-        for (int j = 0; j < W; ++j) {
-            slow[v * W + j] = mask[j] ? 1 : 0;
-            slow_count += mask[j] ? 1 : 0;
-        }
+        any |= masks[v];
     }
+    bool none = true;
+    for (int j = 0; j < W; ++j) none &= any[j] == 0;
+    if (none) {  // the common case
+        std::memset(slow, 0, size_t(nv * W));
+        return 0;
+    }
+    int64_t slow_count = 0;
+    for (int64_t v = 0; v < nv; ++v)
+        for (int j = 0; j < W; ++j) {
+            slow[v * W + j] = masks[v][j] ? 1 : 0;
+            slow_count += masks[v][j] ? 1 : 0;
+        }
     return slow_count;
 }
 
 }  // namespace dd
+
+// Exact sums of a block in doubles (Rump, Ogita and Oishi's extraction): with sigma = 2^(e + 9) above
+// 2^9 times the largest magnitude m < 2^e, q = (sigma + v) - sigma is v rounded to a multiple of
+// sigma 2^-53 and v - q is exact; 256 such q sum to less than sigma, so their double sum is exact in any
+// order. The remainders are at most sigma 2^-52: the next level takes them, until none is left.
+// Writes the levels' sums (at most max_sums) and returns their number; -1 where a value is not finite or
+// 2^1000 or more in magnitude (or the levels run out): the caller then adds the values one by one.
+inline int64_t level_sums_impl(const double* values, int64_t n, double* sums, int64_t max_sums) {
+    constexpr int64_t MAX = 256;
+    if (n > MAX) return -1;
+    using dd::V;
+    using dd::W;
+    V r[MAX / W + 1];
+    const int64_t nv = (n + W - 1) / W;
+    std::memset(static_cast<void*>(r), 0, sizeof(V) * size_t(nv));
+    std::memcpy(static_cast<void*>(r), values, sizeof(double) * size_t(n));
+    const V sign_off = V(dd::splat_m(0x7fffffffffffffff));
+    auto magnitude = [&](const V& v) { return V(dd::M(v) & dd::M(sign_off)); };
+    V top{};
+    for (int64_t v = 0; v < nv; ++v) top = dd::sel(magnitude(r[v]) > top, magnitude(r[v]), top);
+    for (int64_t count = 0;; ++count) {
+        double m = 0.0;
+        bool finite = true;
+        for (int j = 0; j < W; ++j) {
+            finite &= top[j] < 0x1p1000;  // false for NaN and infinities
+            m = top[j] > m ? top[j] : m;
+        }
+        if (!finite || count == max_sums) return -1;
+        if (m == 0.0) return count;
+        int e;
+        std::frexp(m, &e);  // m < 2^e
+        const V sigma = dd::splat(std::ldexp(1.0, e + 9));
+        V total{};
+        top = V{};
+        for (int64_t v = 0; v < nv; ++v) {
+            const V q = (sigma + r[v]) - sigma;
+            r[v] = r[v] - q;
+            total = total + q;
+            top = dd::sel(magnitude(r[v]) > top, magnitude(r[v]), top);
+        }
+        double level = 0.0;
+        for (int j = 0; j < W; ++j) level += total[j];  // partial sums of the q: exact as well
+        sums[count] = level;
+    }
+}
 
 // The block's losses; slow[i] = 1 where element i is left to extended_loss (see kernel_api.h).
 inline int64_t losses64_impl(const LossBlock& b, double* loss, uint8_t* slow) {

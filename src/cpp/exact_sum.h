@@ -17,7 +17,25 @@ class ExactSum {
     // carry into bit 2157 at most; the top digit is signed.
     static constexpr int DIGITS = 70;
 
+    // Adds values[0, n): a value's digits go to one of four copies in turn, so that consecutive values of
+    // the same magnitude (adding to the same digits) do not wait on each other's stores.
+    void add(const double* values, int64_t n) {
+        int64_t i = 0;
+        for (; i + 4 <= n; i += 4)
+            for (int k = 0; k < 4; ++k) add_to(copies_[k], values[i + k]);
+        for (; i < n; ++i) add_to(copies_[0], values[i]);
+        pending_ += (n + 3) / 4;
+        if (pending_ >= MAX_PENDING) normalize();
+    }
+
     void add(double v) {
+        add_to(copies_[0], v);
+        if (++pending_ >= MAX_PENDING) normalize();
+    }
+
+  private:
+    using Digits = int64_t[DIGITS];
+    void add_to(Digits& digits, double v) {
         uint64_t bits;
         std::memcpy(&bits, &v, sizeof bits);
         const bool negative = bits >> 63;
@@ -44,19 +62,20 @@ class ExactSum {
         const int64_t d1 = int64_t(uint64_t(shifted >> 32) & 0xffffffffu);
         const int64_t d2 = int64_t(uint64_t(shifted >> 64));
         if (negative) {
-            digits_[digit] -= d0;
-            digits_[digit + 1] -= d1;
-            digits_[digit + 2] -= d2;
+            digits[digit] -= d0;
+            digits[digit + 1] -= d1;
+            digits[digit + 2] -= d2;
         } else {
-            digits_[digit] += d0;
-            digits_[digit + 1] += d1;
-            digits_[digit + 2] += d2;
+            digits[digit] += d0;
+            digits[digit + 1] += d1;
+            digits[digit + 2] += d2;
         }
-        if (++pending_ == MAX_PENDING) normalize();
     }
 
+  public:
     void add(const ExactSum& other) {
-        for (int i = 0; i < DIGITS; ++i) digits_[i] += other.digits_[i];
+        for (int k = 0; k < 4; ++k)
+            for (int i = 0; i < DIGITS; ++i) copies_[k][i] += other.copies_[k][i];
         pos_inf_ += other.pos_inf_;
         neg_inf_ += other.neg_inf_;
         nan_ += other.nan_;
@@ -64,12 +83,19 @@ class ExactSum {
         if (pending_ >= MAX_PENDING / 2) normalize();
     }
 
-    // Carries propagated: digits 0 .. DIGITS-2 in [0, 2^32), the top one signed.
+    // The copies added into the first and carries propagated: digits 0 .. DIGITS-2 in [0, 2^32), the top
+    // one signed.
     void normalize() {
+        int64_t* digits = copies_[0];
+        for (int i = 0; i < DIGITS; ++i)
+            for (int k = 1; k < 4; ++k) {
+                digits[i] += copies_[k][i];
+                copies_[k][i] = 0;
+            }
         for (int i = 0; i + 1 < DIGITS; ++i) {
-            const int64_t carry = digits_[i] >> 32;  // arithmetic shift: floor division
-            digits_[i] -= carry * (int64_t(1) << 32);
-            digits_[i + 1] += carry;
+            const int64_t carry = digits[i] >> 32;  // arithmetic shift: floor division
+            digits[i] -= carry * (int64_t(1) << 32);
+            digits[i + 1] += carry;
         }
         pending_ = 0;
     }
@@ -79,7 +105,7 @@ class ExactSum {
         normalize();
         std::string out(size_t(DIGITS) * 4, '\0');
         for (int i = 0; i < DIGITS; ++i) {
-            const uint32_t d = uint32_t(uint64_t(digits_[i]));
+            const uint32_t d = uint32_t(uint64_t(copies_[0][i]));
             for (int k = 0; k < 4; ++k) out[size_t(i) * 4 + size_t(k)] = char((d >> (8 * k)) & 0xff);
         }
         return out;
@@ -90,9 +116,10 @@ class ExactSum {
     int64_t nan() const { return nan_; }
 
   private:
-    // each add moves a digit by less than 2^32: 2^30 of them keep |digit| below 2^63
-    static constexpr int64_t MAX_PENDING = int64_t(1) << 30;
-    int64_t digits_[DIGITS] = {};
+    // each add moves a digit of a copy by less than 2^32; 2^28 adds per copy (four copies summed into one
+    // by normalize) keep every digit below 2^62
+    static constexpr int64_t MAX_PENDING = int64_t(1) << 28;
+    int64_t copies_[4][DIGITS] = {};
     int64_t pending_ = 0;
     int64_t pos_inf_ = 0, neg_inf_ = 0, nan_ = 0;
 };

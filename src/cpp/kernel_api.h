@@ -15,6 +15,22 @@ enum Kind : int { PROBABILITIES = 0, LOGITS = 1 };
 // dimension (index i % inner), one value per row of `inner` elements (index i / inner), or all of S.
 enum Broadcast : int { ABSENT = 0, SCALAR = 1, PER_CLASS = 2, PER_ROW = 3, FULL = 4 };
 
+// The float64 loss of a block of contiguous elements: x, y and (where given) a weight and a pos_weight per
+// element (bcekit score's columns, or a float64 pass's gathered block).
+struct LossBlock {
+    int kind = LOGITS;
+    int64_t n = 0;
+    const double* x = nullptr;
+    const double* y = nullptr;
+    const double* w = nullptr;  // or null: 1
+    const double* p = nullptr;  // or null: 1 (logits only)
+    double label_smoothing = 0.0;
+    bool has_ignore = false;
+    double ignore_index = 0.0;  // NaN matches NaN targets
+};
+
+using LossBlockFn = int64_t (*)(const LossBlock&, double* loss, uint8_t* slow);
+
 struct Args {
     int kind = LOGITS;
     int dtype = F32;
@@ -39,6 +55,8 @@ struct Args {
     // Write grad_input with streaming (non-temporal) stores: set by the runner for float32 gradients
     // larger than the last-level cache, 32-byte aligned. Kernels may ignore it.
     bool stream_outputs = false;
+    // float64: the double-double lanes of this CPU's build (set by the runner), or null: long double only
+    LossBlockFn losses64 = nullptr;
 };
 
 // One chunk [begin, end): adds the chunk's loss sum and kept count.
@@ -68,32 +86,34 @@ bool elementwise(const char* name, const double* in, double* out, int64_t n);
 // float64 storage: computed in long double with libm (exact to ~0.5 ulp where long double is x87).
 ChunkResult extended_chunk(const Args&, int64_t begin, int64_t end);
 
-// The float64 loss of a block of contiguous elements, for `bcekit score`: x, y and (where given) a weight
-// and a pos_weight per element.
-struct LossBlock {
-    int kind = LOGITS;
-    int64_t n = 0;
-    const double* x = nullptr;
-    const double* y = nullptr;
-    const double* w = nullptr;  // or null: 1
-    const double* p = nullptr;  // or null: 1 (logits only)
-    double label_smoothing = 0.0;
-    bool has_ignore = false;
-    double ignore_index = 0.0;  // NaN matches NaN targets
-};
-
 // Double-double lanes (dd_kernel.h), one build per ISA: writes loss[0, n) (0 for ignored elements) and
 // sets slow[i] = 1 where element i lies outside the lanes' domain (a value that is not finite, |x| > 600,
 // a target outside [0, 1], a negative pos_weight, a weight beyond 2^400, a result below 2^-900): the caller
 // computes those with extended_loss. Returns how many there are.
 namespace isa_baseline {
 int64_t losses64(const LossBlock&, double* loss, uint8_t* slow);
+int64_t level_sums(const double* values, int64_t n, double* sums, int64_t max_sums);
 }
 #if defined(BCEKIT_HAVE_AVX2)
 namespace isa_avx2 {
 int64_t losses64(const LossBlock&, double* loss, uint8_t* slow);
+int64_t level_sums(const double* values, int64_t n, double* sums, int64_t max_sums);
+}
+namespace isa_avx512 {
+int64_t losses64(const LossBlock&, double* loss, uint8_t* slow);
+int64_t level_sums(const double* values, int64_t n, double* sums, int64_t max_sums);
 }
 #endif
+
+// Exact sums of values[0, n) (n <= 256) as a few doubles whose exact total is the values' exact total
+// (dd_kernel.h): returns how many, or -1 (a value not finite or beyond 2^1000: add them one by one).
+using LevelSumsFn = int64_t (*)(const double* values, int64_t n, double* sums, int64_t max_sums);
+
+// CSV lines [begin, end) of n_fields fields each (csv_numbers.cpp): field f's number goes to out[slot[f]]
+// from row row0 on (slot[f] < 0: not read); returns the lines read, or -1 where a line is not plain numbers
+// exactly as pyarrow would read them (the caller then lets pyarrow read them), or exceeds capacity rows.
+int64_t parse_csv_lines(const char* begin, const char* end, int n_fields, const int* slot, double* const* out,
+                        int64_t row0, int64_t capacity);
 
 // Element i of the block (a kept one) in long double, as extended_chunk computes it, rounded once.
 double extended_loss(const LossBlock&, int64_t i);

@@ -1,0 +1,11 @@
+// The double-double float64 loss (dd_kernel.h) built for AVX-512 (x86-64; chosen at run time when the CPU
+// has AVX512F and AVX512DQ).
+#define BCEKIT_ISA isa_avx512
+#include "dd_kernel.h"
+
+namespace bcekit::isa_avx512 {
+int64_t losses64(const LossBlock& b, double* loss, uint8_t* slow) { return losses64_impl(b, loss, slow); }
+int64_t level_sums(const double* values, int64_t n, double* sums, int64_t max_sums) {
+    return level_sums_impl(values, n, sums, max_sums);
+}
+}  // namespace bcekit::isa_avx512
