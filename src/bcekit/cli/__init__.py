@@ -145,7 +145,7 @@ def _fail(stderr: IO[str], message: str) -> int:
 
 def _score(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
     try:
-        from bcekit.cli._scoring import Job, combine, score_partition
+        from bcekit.cli._scoring import Job, combine, score_partitions
         from bcekit.cli._sources import DataError, expand, open_table, plan
     except ValueError as error:  # a malformed BCEKIT_* variable, raised where the kernels are loaded
         return _fail(stderr, str(error))
@@ -199,11 +199,7 @@ def _score(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
                 ]
                 partials = _dask.run(job, located, args.scheduler, advance)
             else:
-                partials = []
-                for partition in partitions:
-                    partials.append(score_partition(job, partition, advance))
-                    if partials[-1].error is not None:
-                        break
+                partials = score_partitions(job, partitions, advance)
         result = combine(job, partials)
     except DataError as error:
         return _fail(stderr, str(error))
@@ -268,6 +264,10 @@ class _progress:
 
 def run() -> None:
     """Console-script entry point."""
+    # The command does no linear algebra: OpenBLAS's thread pool, started when NumPy is imported, would
+    # only spin (a tenth of a CPU second per run). Set before NumPy is first imported; the user's value wins.
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     sys.exit(main())
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "Result",
     "LabelResult",
     "score_partition",
+    "score_partitions",
     "combine",
     "CALIBRATION_BINS",
 ]
@@ -263,26 +264,57 @@ def _batch_losses(job: Job, x: np.ndarray, y: np.ndarray, weight: np.ndarray | N
 
 def score_partition(job: Job, partition: Partition, progress: Callable[[int], None] | None = None) -> Partial:
     """Score one partition. Bad data ends it early, with the error in :attr:`Partial.error`."""
+    return score_partitions(job, [partition], progress)[0]
+
+
+def score_partitions(
+    job: Job, partitions: Sequence[Partition], progress: Callable[[int], None] | None = None
+) -> list[Partial]:
+    """Score partitions one after another, the next batch read while this one is scored, across partition
+    boundaries too. The first bad data ends it, with the error in that partition's :attr:`Partial.error`
+    (the partials of the partitions after it are not returned)."""
+
+    def batches() -> Iterator[tuple[Partition, int, object]]:
+        for partition in partitions:
+            try:
+                for first_row, raw in read_partition(partition, job.rows_per_batch):
+                    yield partition, first_row, raw
+            except DataError as error:
+                yield partition, -1, error
+                return
+
+    partials: list[Partial] = []
+    paths: dict[str, str] = {}
+    for partition, first_row, raw in _read_ahead(batches()):
+        if not partials or partials[-1].index != partition.index:
+            partials.append(_new_partial(job, partition))
+            paths = {c: piece.path for piece in partition.pieces for c in piece.columns}
+        if isinstance(raw, DataError):
+            partials[-1].error = raw
+            break
+        try:
+            rows = _accumulate(job, partials[-1], first_row, raw, paths)  # type: ignore[arg-type]
+        except DataError as error:
+            partials[-1].error = error
+            break
+        if progress is not None:
+            progress(rows)
+    return partials
+
+
+def _new_partial(job: Job, partition: Partition) -> Partial:
     labels = len(job.targets)
     partial = Partial(partition.index, sums=[ExactSum() for _ in range(labels)], kept=[0] * labels)
     if job.collect_plot:
         partial.calibration = np.zeros((labels, 3, CALIBRATION_BINS))
         partial.loss_histogram = np.zeros((labels, len(LOSS_EDGES) + 1), dtype=np.int64)
-    paths = {c: piece.path for piece in partition.pieces for c in piece.columns}
-    try:
-        for first_row, raw in _read_ahead(read_partition(partition, job.rows_per_batch)):
-            rows = _accumulate(job, partial, first_row, raw, paths)
-            if progress is not None:
-                progress(rows)
-    except DataError as error:
-        partial.error = error
     return partial
 
 
 _DONE = object()
 
 
-def _read_ahead(batches: Iterator[tuple[int, dict[str, object]]]) -> Iterator[tuple[int, dict[str, object]]]:
+def _read_ahead(batches: Iterator[tuple]) -> Iterator[tuple]:
     """The batches, each read on a thread while the one before it is scored (the readers and the kernel
     release the GIL). The reader's exceptions come out here, in order."""
     ready: queue.Queue = queue.Queue(maxsize=1)

@@ -385,12 +385,68 @@ Reader = tuple[int, Iterator[dict[str, object]]]
 
 
 def _iter_csv(piece: Piece, batch_rows: int) -> Reader:
+    from bcekit import _native
+
+    plain = os.path.basename(piece.path).lower().endswith(".csv")  # not compressed
+    if plain and _native.AVAILABLE:
+        return 0, _csv_numbers(piece)
     return 0, _csv_text(piece)  # CSV cannot seek
 
 
-def _csv_text(piece: Piece) -> Iterator[dict[str, object]]:
-    """The CSV file's rows, each value as text, converted and checked later by :func:`to_float64` so that a
-    bad value is reported with its row (pyarrow's float64 reader would trim spaces, and is slower)."""
+# Bytes of an uncompressed CSV file read at a time by the kernels' number reader (then to a line end).
+CSV_CHUNK_BYTES = 16 << 20
+
+
+def _csv_numbers(piece: Piece) -> Iterator[dict[str, object]]:
+    """An uncompressed CSV file's columns as float64, a chunk of whole lines at a time, by the kernels'
+    reader of plain numeric lines (on all threads); from the first chunk it refuses on (quotes, spaces, a
+    missing or non-numeric value, ...), the rows come from :func:`_csv_text`, which reads whatever pyarrow
+    reads and reports bad values with their row. The two read the same numbers to the same float64s.
+    Lines end at ``\n`` (or ``\r\n``), as pyarrow's blocks do (line breaks inside quotes are not supported
+    either way)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from bcekit import _native
+
+    with pa.input_stream(piece.location) as stream:
+        names = pcsv.open_csv(
+            stream, read_options=pcsv.ReadOptions(block_size=1 << 16), parse_options=_csv_parse()
+        ).schema.names
+    slots = [piece.columns.index(name) if name in piece.columns else -1 for name in names]
+    done = 0
+    buffer = bytearray(CSV_CHUNK_BYTES)  # reused: parse_csv is done with it when it returns
+    with open(piece.location, "rb", buffering=0) as stream:
+        stream.readline()  # the header
+        size = 0
+        while True:
+            size += stream.readinto(memoryview(buffer)[size:CSV_CHUNK_BYTES])
+            if size == 0:
+                return
+            end = buffer.rfind(b"\n", 0, size) + 1
+            if end == 0:  # no whole line in the buffer: one longer than it, or the file's last
+                more = stream.read(CSV_CHUNK_BYTES)
+                if more:
+                    buffer[size:size] = more
+                    size += len(more)
+                    continue
+                end = size
+            values = _native.parse_csv(
+                np.frombuffer(buffer, np.uint8, end), len(names), slots, len(piece.columns)
+            )
+            if values is None:
+                break
+            yield {c: values[k] for k, c in enumerate(piece.columns)}
+            done += values.shape[1]
+            buffer[: size - end] = buffer[end:size]  # the part line, first in the next chunk
+            size -= end
+    yield from _csv_text(piece, done)
+
+
+def _csv_text(piece: Piece, skip: int = 0) -> Iterator[dict[str, object]]:
+    """The CSV file's rows from row ``skip`` on, each value as text, converted and checked later by
+    :func:`to_float64` so that a bad value is reported with its row (pyarrow's float64 reader would trim
+    spaces)."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -411,7 +467,11 @@ def _csv_text(piece: Piece) -> Iterator[dict[str, object]]:
             convert_options=convert,
         )
         for batch in reader:
-            yield {c: batch.column(c) for c in piece.columns}
+            if skip >= batch.num_rows:
+                skip -= batch.num_rows
+                continue
+            yield {c: batch.column(c).slice(skip) for c in piece.columns}
+            skip = 0
 
 
 def _iter_parquet(piece: Piece, batch_rows: int) -> Reader:
@@ -487,11 +547,19 @@ def _slice(array: object, start: int, stop: int) -> object:
 
 
 def _concat(parts: list[object]) -> object:
-    if isinstance(parts[0], np.ndarray):
+    if all(isinstance(p, np.ndarray) for p in parts):
         return np.concatenate(parts)  # type: ignore[arg-type]
     import pyarrow as pa
 
-    chunks = [c for p in parts for c in (p.chunks if isinstance(p, pa.ChunkedArray) else [p])]
+    # Where a CSV's float64 chunks meet its text rows (from the first chunk the number reader refused on),
+    # the numbers go back to text: pyarrow writes the shortest text that reads back to the same float64.
+    kind = next(p for p in parts if not isinstance(p, np.ndarray)).type  # type: ignore[attr-defined]
+    chunks = []
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            chunks.append(pa.array(p).cast(kind))
+        else:
+            chunks.extend(p.chunks if isinstance(p, pa.ChunkedArray) else [p])  # type: ignore[attr-defined]
     return pa.chunked_array(chunks)
 
 
@@ -517,16 +585,31 @@ def _rows(piece: Piece, batch_rows: int) -> Iterator[dict[str, object]]:
         buffered += size
         position += size
         while buffered >= batch_rows:
-            merged = {c: _concat([b[c] for b in pending]) for c in piece.columns}
-            yield {c: _slice(a, 0, batch_rows) for c, a in merged.items()}
+            yield _take(pending, batch_rows, piece.columns)
             buffered -= batch_rows
-            pending = [{c: _slice(a, batch_rows, batch_rows + buffered) for c, a in merged.items()}]
-            if not buffered:
-                pending = []
         if piece.stop is not None and position >= piece.stop:
             break
     if buffered:
-        yield {c: _concat([b[c] for b in pending]) for c in piece.columns}
+        yield _take(pending, buffered, piece.columns)
+
+
+def _take(pending: list[dict[str, object]], rows: int, columns: tuple[str, ...]) -> dict[str, object]:
+    """The first ``rows`` rows of the pending batches, removed from them: a view of the first batch where
+    it has them all, else those rows joined (a copy of this batch only, not of the rest)."""
+    parts, need = [], rows
+    while need:
+        first = pending[0]
+        size = _length(next(iter(first.values())))
+        if size <= need:
+            parts.append(pending.pop(0))
+            need -= size
+        else:
+            parts.append({c: _slice(a, 0, need) for c, a in first.items()})
+            pending[0] = {c: _slice(a, need, size) for c, a in first.items()}
+            need = 0
+    if len(parts) == 1:
+        return parts[0]
+    return {c: _concat([p[c] for p in parts]) for c in columns}
 
 
 def read_partition(partition: Partition, batch_rows: int) -> Iterator[tuple[int, dict[str, object]]]:
