@@ -144,7 +144,10 @@ def duckdb_command(path: Path, dataset: str, labels: int) -> list[str]:
     reader = "read_parquet" if path.suffix == ".parquet" else "read_csv"
     sums = " + ".join(f"sum({t})" for t in _sql_terms(dataset, labels))
     query = f"SELECT ({sums}) / ({labels} * count(*)) FROM {reader}('{path}')"
-    code = f"import duckdb; print(repr(duckdb.sql({query!r}).fetchall()[0][0]))"
+    code = (
+        "import duckdb; db = duckdb.connect(); db.execute('SET enable_progress_bar = false'); "
+        f"print(repr(db.sql({query!r}).fetchall()[0][0]))"
+    )
     return [sys.executable, "-c", code]
 
 
