@@ -63,12 +63,14 @@ def _cast(values, dtype: str) -> np.ndarray:
         return np.asarray(values, dtype=np.float64).astype(dtype)
 
 
-def _assert_within(label: str, results: np.ndarray, arguments: list[tuple], exact_of, dtype: str) -> None:
-    """Assert that every result is within MAX_ULP of ``exact_of(*arguments[i])``; report the worst."""
+def _assert_within(
+    label: str, results: np.ndarray, arguments: list[tuple], exact_of, dtype: str, limit: float = MAX_ULP
+) -> None:
+    """Assert that every result is within ``limit`` ulp of ``exact_of(*arguments[i])``; report the worst."""
     errors = [ulp_error(r, exact_of(*a), dtype) for r, a in zip(results.tolist(), arguments, strict=True)]
     worst = int(np.argmax(errors))
     exact = exact_of(*arguments[worst])
-    assert errors[worst] <= MAX_ULP, (
+    assert errors[worst] <= limit, (
         f"{label}: {errors[worst]:.4g} ulp at arguments {arguments[worst]}: "
         f"got {results[worst]!r}, exact {MP.nstr(exact, 20)}"
     )
@@ -260,6 +262,8 @@ def test_probability_loss_property(x: float, y: float, dtype: str) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 ISAS = native._core.DD_ISAS if native.AVAILABLE else ()
+# What docs/accuracy.md says of them: the final rounding (0.5) plus at most 2^-58 relative before it.
+LANES_MAX_ULP = 0.52
 
 
 def _lanes(kind: int, x, y, weight=None, pos_weight=None, smoothing=0.0, isa="baseline") -> np.ndarray:
@@ -278,15 +282,30 @@ def test_score_lanes_logits_grid(isa: str, pos_weight: float | None) -> None:
     xs, ys = zip(*itertools.product(LOGITS, LOGIT_TARGETS), strict=True)
     results = _lanes(1, xs, ys, pos_weight=pos_weight, isa=isa)
     arguments = [(a, b, pos_weight) for a, b in zip(xs, ys, strict=True)]
-    _assert_within(f"lanes {isa} logits pos_weight={pos_weight}", results, arguments, logits_exact, "float64")
+    _assert_within(
+        f"lanes {isa} logits pos_weight={pos_weight}",
+        results,
+        arguments,
+        logits_exact,
+        "float64",
+        LANES_MAX_ULP,
+    )
 
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_score_lanes_probability_grid(isa: str) -> None:
-    xs, ys = zip(*itertools.product(_probabilities("float64").tolist(), PROBABILITY_TARGETS), strict=True)
+    xs, ys = zip(
+        *itertools.product(_probabilities("float64").tolist(), PROBABILITY_TARGETS),
+        strict=True,
+    )
     results = _lanes(0, xs, ys, isa=isa)
     _assert_within(
-        f"lanes {isa} probabilities", results, list(zip(xs, ys, strict=True)), bce_exact, "float64"
+        f"lanes {isa} probabilities",
+        results,
+        list(zip(xs, ys, strict=True)),
+        bce_exact,
+        "float64",
+        LANES_MAX_ULP,
     )
 
 
@@ -299,7 +318,7 @@ def test_score_lanes_amplifying_and_subnormal_points(isa: str) -> None:
     out = np.empty_like(x)
     native._core.losses64(1, x, y, None, p, 0.0, None, out, isa)
     arguments = list(zip(x.tolist(), y.tolist(), p.tolist(), strict=True))
-    _assert_within(f"lanes {isa} logits", out, arguments, logits_exact, "float64")
+    _assert_within(f"lanes {isa} logits", out, arguments, logits_exact, "float64", LANES_MAX_ULP)
 
 
 # Label smoothing down to 1e-300 (where 1 - y' = s/2 for y = 1 needs more than long double's 64 bits) and
@@ -320,17 +339,23 @@ def test_score_lanes_options(isa: str, smoothing: float) -> None:
     arguments = [
         (a, b, None, smoothing, c) for a, b, c in zip(x.tolist(), y.tolist(), w.tolist(), strict=True)
     ]
-    _assert_within(f"lanes {isa} logits s={smoothing}", results, arguments, logits_exact, "float64")
+    _assert_within(
+        f"lanes {isa} logits s={smoothing}", results, arguments, logits_exact, "float64", LANES_MAX_ULP
+    )
     out = np.empty_like(x)
     native._core.losses64(1, x, y, w, p, smoothing, None, out, isa)
     arguments = [(*a[:2], q, smoothing, a[4]) for a, q in zip(arguments, p.tolist(), strict=True)]
-    _assert_within(f"lanes {isa} logits s={smoothing} pos_weight", out, arguments, logits_exact, "float64")
+    _assert_within(
+        f"lanes {isa} logits s={smoothing} pos_weight", out, arguments, logits_exact, "float64", LANES_MAX_ULP
+    )
     xp = np.concatenate(
         [rng.random(n), 10.0 ** rng.uniform(-45.0, 0.0, n // 2), 1 - 10.0 ** -rng.uniform(1, 16, n // 2)]
     )
     results = _lanes(0, xp, y, w, None, smoothing, isa)
     arguments = [(a, b, smoothing, c) for a, b, c in zip(xp.tolist(), y.tolist(), w.tolist(), strict=True)]
-    _assert_within(f"lanes {isa} probabilities s={smoothing}", results, arguments, bce_exact, "float64")
+    _assert_within(
+        f"lanes {isa} probabilities s={smoothing}", results, arguments, bce_exact, "float64", LANES_MAX_ULP
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -348,7 +373,14 @@ def test_score_lanes_logits_property(x: float, y: float, pos_weight: float | Non
 @settings(max_examples=300, deadline=None)
 @given(x=probabilities, y=targets, isa=st.sampled_from(ISAS))
 def test_score_lanes_probability_property(x: float, y: float, isa: str) -> None:
-    _assert_within(f"lanes {isa} probabilities", _lanes(0, [x], [y], isa=isa), [(x, y)], bce_exact, "float64")
+    _assert_within(
+        f"lanes {isa} probabilities",
+        _lanes(0, [x], [y], isa=isa),
+        [(x, y)],
+        bce_exact,
+        "float64",
+        LANES_MAX_ULP,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -319,6 +319,7 @@ inline M lanes(const LossBlock& b, int64_t i, const D& term1, const D& term2, V*
         tiny |= is_tiny(p);
     }
     fast &= logits ? (x >= -600.0) & (x <= 600.0) : (x >= 0.0) & (x <= 1.0);
+    if (!logits) tiny |= is_tiny(x);  // -log(1 - x) = x underflows in the lanes' x / (2 - x)
     const V xs = logits ? valid_logit(x) : valid_probability(x);
     y = sel(fast, y, splat(0.0));
 
