@@ -17,7 +17,8 @@ echo "sanitize.sh: $(git describe --always --dirty 2>/dev/null || echo 'not a gi
 python3 -m venv "$venv"
 py=$venv/bin/python
 "$py" -m pip install --quiet --upgrade pip
-grep -vE '^\s*-e\s' requirements-test.txt > "$venv/requirements-test-noneditable.txt"
+# (the copy lives in the venv: its -r includes are made absolute)
+grep -vE '^\s*-e\s' requirements-test.txt | sed -E "s|^(\s*-r\s+)|\1$root/|" > "$venv/requirements-test-noneditable.txt"
 "$py" -m pip install --quiet -r "$venv/requirements-test-noneditable.txt"
 "$py" -m pip install --quiet --force-reinstall --no-deps . \
   -Ccmake.define.BCEKIT_SANITIZE=ON -Ccmake.build-type=RelWithDebInfo -Cbuild-dir=build/sanitize
