@@ -524,14 +524,6 @@ std::tuple<double, int64_t, int> finish(Args& a, int kind, int reduction, double
 
 constexpr int64_t BLOCK = 256;  // elements per call of the double-double lanes (in L1)
 
-// The block's losses, the double-double lanes' slow elements recomputed in long double.
-void block_losses(LossBlockFn lanes, const LossBlock& b, double* loss) {
-    uint8_t slow[BLOCK];
-    if (lanes(b, loss, slow))
-        for (int64_t i = 0; i < b.n; ++i)
-            if (slow[i]) loss[i] = extended_loss(b, i);
-}
-
 // What `bcekit score` needs of one label over one batch: the exact sum of the kept elements' float64
 // losses, their count, and which checks failed (the Python layer then finds the row and says why).
 enum ScoreFlags : int { BAD_PREDICTION = 1, BAD_TARGET = 2, BAD_WEIGHT = 4 };
@@ -553,6 +545,7 @@ struct ScoreJob {
 void score_chunk(const DoubleDouble& dd, const ScoreJob& job, size_t label, int64_t begin, int64_t end,
                  LabelScore& out) {
     double loss[BLOCK], p[BLOCK];
+    uint8_t slow[BLOCK];
     LossBlock b = job.options;
     const bool logits = b.kind == LOGITS;
     const bool nan_ignore = b.has_ignore && std::isnan(b.ignore_index);
@@ -565,7 +558,7 @@ void score_chunk(const DoubleDouble& dd, const ScoreJob& job, size_t label, int6
         b.x = job.x[label] + start;
         b.y = job.y[label] + start;
         b.w = job.w ? job.w + start : nullptr;
-        block_losses(dd.losses64, b, loss);
+        exact_losses64(dd.losses64, b, loss, slow);
         double levels[64];
         const int64_t count = dd.level_sums(loss, b.n, levels, 64);
         if (count < 0) {
@@ -863,12 +856,8 @@ NB_MODULE(_core, m) {
             b.has_ignore = ignore_index.has_value();
             b.ignore_index = ignore_index.value_or(0.0);
             double* out = const_cast<double*>(float64_column(In(loss), b.n, "loss"));
-            const LossBlockFn lanes = select_dd(isa).losses64;
             std::vector<uint8_t> slow(size_t(b.n));
-            const int64_t count = lanes(b, out, slow.data());
-            for (int64_t i = 0; i < b.n; ++i)
-                if (slow[size_t(i)]) out[i] = extended_loss(b, i);
-            return count;
+            return exact_losses64(select_dd(isa).losses64, b, out, slow.data());
         },
         nb::arg("kind"), nb::arg("input"), nb::arg("target"), nb::arg("weight").none(), nb::arg("pos_weight").none(),
         nb::arg("label_smoothing"), nb::arg("ignore_index").none(), nb::arg("loss"), nb::arg("isa"),

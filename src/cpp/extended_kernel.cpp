@@ -67,6 +67,16 @@ inline R element_loss(bool logits, R xv, R yv, R pv, bool has_p) {
     return yv * std::fmin(-std::log(xv), R(100)) + (1 - yv) * std::fmin(-std::log1p(-xv), R(100));
 }
 
+// Element i of the block (a kept one) as extended_chunk computes it, rounded once.
+double extended_loss(const LossBlock& b, int64_t i) {
+    const R s = b.label_smoothing;
+    R yv = b.y[i];
+    if (s != 0) yv = yv * (1 - s) + s / 2;
+    R loss = element_loss(b.kind == LOGITS, b.x[i], yv, b.p ? b.p[i] : 1.0, b.p != nullptr);
+    if (b.w) loss *= R(b.w[i]);
+    return double(loss);
+}
+
 }  // namespace
 
 ChunkResult extended_chunk(const Args& a, int64_t begin, int64_t end) {
@@ -106,10 +116,7 @@ ChunkResult extended_chunk(const Args& a, int64_t begin, int64_t end) {
             b.label_smoothing = a.label_smoothing;
             b.has_ignore = a.has_ignore;
             b.ignore_index = a.ignore_index;
-            if (!a.losses64) std::fill(slow, slow + count, uint8_t(1));
-            if (!a.losses64 || a.losses64(b, losses, slow))
-                for (int64_t j = 0; j < count; ++j)
-                    if (slow[j]) losses[j] = extended_loss(b, j);
+            exact_losses64(a.losses64, b, losses, slow);
         }
         for (int64_t j = 0; j < count; ++j) {
             const int64_t i = start + j;
@@ -173,13 +180,18 @@ ChunkResult extended_chunk(const Args& a, int64_t begin, int64_t end) {
     return result;
 }
 
-double extended_loss(const LossBlock& b, int64_t i) {
-    const R s = b.label_smoothing;
-    R yv = b.y[i];
-    if (s != 0) yv = yv * (1 - s) + s / 2;
-    R loss = element_loss(b.kind == LOGITS, b.x[i], yv, b.p ? b.p[i] : 1.0, b.p != nullptr);
-    if (b.w) loss *= R(b.w[i]);
-    return double(loss);
+
+int64_t exact_losses64(LossBlockFn lanes, const LossBlock& b, double* loss, uint8_t* slow) {
+    int64_t count = b.n;
+    if (lanes) {
+        count = lanes(b, loss, slow);
+    } else {
+        std::fill(slow, slow + b.n, uint8_t(1));
+    }
+    if (count)
+        for (int64_t i = 0; i < b.n; ++i)
+            if (slow[i]) loss[i] = extended_loss(b, i);
+    return count;
 }
 
 }  // namespace bcekit

@@ -89,7 +89,7 @@ ChunkResult extended_chunk(const Args&, int64_t begin, int64_t end);
 // Double-double lanes (dd_kernel.h), one build per ISA: writes loss[0, n) (0 for ignored elements) and
 // sets slow[i] = 1 where element i lies outside the lanes' domain (a value that is not finite, |x| > 600,
 // a target outside [0, 1], a negative pos_weight, a weight beyond 2^400, a result below 2^-900): the caller
-// computes those with extended_loss. Returns how many there are.
+// computes those in long double (exact_losses64 does both). Returns how many there are.
 namespace isa_baseline {
 int64_t losses64(const LossBlock&, double* loss, uint8_t* slow);
 int64_t level_sums(const double* values, int64_t n, double* sums, int64_t max_sums);
@@ -115,7 +115,9 @@ using LevelSumsFn = int64_t (*)(const double* values, int64_t n, double* sums, i
 int64_t parse_csv_lines(const char* begin, const char* end, int n_fields, const int* slot, double* const* out,
                         int64_t row0, int64_t capacity);
 
-// Element i of the block (a kept one) in long double, as extended_chunk computes it, rounded once.
-double extended_loss(const LossBlock&, int64_t i);
+// The block's losses by `lanes` (a losses64 build; null: none), the elements they leave computed in long
+// double as extended_chunk computes them, rounded once (extended_kernel.cpp); slow[0, n) is scratch.
+// Returns how many elements went to long double.
+int64_t exact_losses64(LossBlockFn lanes, const LossBlock&, double* loss, uint8_t* slow);
 
 }  // namespace bcekit

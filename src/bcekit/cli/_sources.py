@@ -210,6 +210,11 @@ def open_table(path: str) -> Table:
 def _open_csv(path: str) -> Table:
     if os.path.getsize(path) == 0:
         raise DataError(path, "the file is empty")
+    return Table(path, "csv", _csv_names(path), None)
+
+
+def _csv_names(path: str) -> tuple[str, ...]:
+    """The CSV file's column names, from its header, as pyarrow reads them."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -217,8 +222,7 @@ def _open_csv(path: str) -> Table:
         reader = pcsv.open_csv(
             stream, read_options=pcsv.ReadOptions(block_size=1 << 16), parse_options=_csv_parse()
         )
-        names = tuple(reader.schema.names)
-    return Table(path, "csv", names, None)
+        return tuple(reader.schema.names)
 
 
 def _open_parquet(path: str) -> Table:
@@ -404,15 +408,9 @@ def _csv_numbers(piece: Piece) -> Iterator[dict[str, object]]:
     reads and reports bad values with their row. The two read the same numbers to the same float64s.
     Lines end at ``\n`` (or ``\r\n``), as pyarrow's blocks do (line breaks inside quotes are not supported
     either way)."""
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-
     from bcekit import _native
 
-    with pa.input_stream(piece.location) as stream:
-        names = pcsv.open_csv(
-            stream, read_options=pcsv.ReadOptions(block_size=1 << 16), parse_options=_csv_parse()
-        ).schema.names
+    names = _csv_names(piece.location)
     slots = [piece.columns.index(name) if name in piece.columns else -1 for name in names]
     done = 0
     buffer = bytearray(CSV_CHUNK_BYTES)  # reused: parse_csv is done with it when it returns
