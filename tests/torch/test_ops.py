@@ -265,13 +265,61 @@ def test_the_focal_loss_under_fx_and_trace() -> None:
     torch.testing.assert_close(graph_module(x2, y2), expected)
 
 
-@pytest.mark.parametrize(("ours", "theirs", "probabilities"), _loss_modules()[:1] + _loss_modules()[2:3])
-def test_onnx_export_refuses_rather_than_writing_a_constant(ours, theirs, probabilities, tmp_path) -> None:
-    """ONNX has no such operator: the TorchScript-based exporter stops at the bcekit operator, naming it,
-    instead of writing a graph whose only node is the example's loss."""
-    (x1, y1), _ = _examples(probabilities)
-    with pytest.raises(Exception, match="bcekit::"):
-        torch.onnx.export(_Holding(ours), (x1, y1), str(tmp_path / "loss.onnx"), dynamo=False)
+def _onnx_cases():
+    """(bcekit module, reference, probabilities): torch's modules, and for what torch lacks (target
+    options, the focal loss) bcekit's own eager call of the same module."""
+    cases = _loss_modules()
+    for reduction in ("none", "sum"):
+        ours = bce.BCEWithLogitsLoss(pos_weight=torch.rand(3) + 0.5, reduction=reduction)
+        theirs = torch.nn.BCEWithLogitsLoss(pos_weight=ours.pos_weight, reduction=reduction)
+        cases.append(pytest.param(ours, theirs, False, id=f"logits-{reduction}"))
+    for module, probabilities in (
+        (bce.BCEWithLogitsLoss(label_smoothing=0.2, ignore_index=0.0), False),
+        (bce.BCELoss(label_smoothing=0.1, ignore_index=1.0), True),
+        (bce.SigmoidFocalLoss(reduction="mean"), False),
+    ):
+        cases.append(pytest.param(module, module, probabilities, id=type(module).__name__ + "-options"))
+    return cases
+
+
+def _onnx_examples(probabilities: bool):
+    """An example to export with, and inputs of other batch sizes to run the exported graph on (some
+    targets exactly 0 or 1, which ``ignore_index`` matches)."""
+    torch.manual_seed(5)
+    examples = []
+    for rows in (4, 7, 1):
+        x, y = torch.randn(rows, 3) * 4, torch.rand(rows, 3)
+        y[0, 0], y[-1, -1] = 0.0, 1.0
+        examples.append((torch.sigmoid(x) if probabilities else x, y))
+    return examples
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript-exporter", "dynamo-exporter"])
+@pytest.mark.parametrize(("ours", "reference", "probabilities"), _onnx_cases())
+def test_onnx_export_writes_the_loss_in_standard_operators(ours, reference, probabilities, dynamo, tmp_path):
+    """An exported model returning the loss, run by ONNX Runtime on batches of other sizes than the
+    example's, gives the reference's loss: the graph holds the loss's formulas in ONNX operators, not
+    the example's value (and no ``bcekit::`` operator, which ONNX would not know)."""
+    onnx = pytest.importorskip("onnx")
+    runtime = pytest.importorskip("onnxruntime")
+    (x1, y1), *others = _onnx_examples(probabilities)
+    path = str(tmp_path / "loss.onnx")
+    names = {"input_names": ["x", "y"], "output_names": ["loss"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            rows = torch.export.Dim("rows")
+            shapes = ({0: rows}, {0: rows})
+            torch.onnx.export(_Holding(ours), (x1, y1), path, dynamo=True, dynamic_shapes=shapes, **names)
+        else:
+            axes = {"x": {0: "rows"}, "y": {0: "rows"}, "loss": {0: "rows"}}
+            torch.onnx.export(_Holding(ours), (x1, y1), path, dynamo=False, dynamic_axes=axes, **names)
+    graph = onnx.load(path).graph
+    assert len(graph.node) > 1 and all(node.domain in ("", "ai.onnx") for node in graph.node)
+    session = runtime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for x, y in others:
+        (loss,) = session.run(None, {"x": x.numpy(), "y": y.numpy()})
+        torch.testing.assert_close(torch.from_numpy(loss), reference(x, y), rtol=2e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(

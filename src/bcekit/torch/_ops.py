@@ -127,7 +127,8 @@ def composed_loss(
     result_dtype: torch.dtype,
 ) -> Tensor:
     """The loss composed of torch operations only (no NumPy, no data-dependent Python): what the
-    torch.func transforms can batch and differentiate (:mod:`bcekit.torch._transforms`)."""
+    torch.func transforms can batch and differentiate (:mod:`bcekit.torch._transforms`), and what an ONNX
+    export writes."""
     dtype = compute_dtype(input.dtype, target.dtype)
     values, kept = _math.elementwise_loss(
         _OPS,

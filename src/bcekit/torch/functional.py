@@ -82,6 +82,12 @@ def _recording() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def _exporting() -> bool:
+    """``torch.onnx.export``, with either exporter: ONNX has no ``bcekit::`` operators, so the loss is
+    written in standard ones (the composed formulas of :mod:`bcekit._math`)."""
+    return torch.onnx.is_in_onnx_export()
+
+
 def _check_devices(*tensors: Tensor | None) -> None:
     """torch's error for meta tensors mixed with tensors that hold data (the composed path would otherwise
     return a tensor of uninitialised memory). Other mixes are left to the operators, which refuse them as
@@ -117,14 +123,19 @@ def _autocast_enabled(device_type: str) -> bool:
 
 def _autocast_to_float32(input: Tensor, *others: Tensor | None) -> tuple[Tensor | None, ...]:
     """Under autocast, both losses run in float32 (torch's policy for BCE with logits, which we extend to
-    the probability loss that torch refuses to autocast on CUDA)."""
+    the probability loss that torch refuses to autocast on CUDA): autocast's rule casts the half-precision
+    tensors on the autocast device and leaves float64 ones as they are."""
+    device = input.device.type
     tensors = (input, *others)
-    if not _autocast_enabled(input.device.type):
+    if not _autocast_enabled(device):
         return tensors
     return tuple(
-        t.float() if t is not None and t.is_floating_point() and t.dtype != torch.float32 else t
+        t.float() if t is not None and t.dtype in _HALF_TYPES and t.device.type == device else t
         for t in tensors
     )
+
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 def _fuse(input: Tensor, reduction: int) -> bool:
@@ -160,12 +171,52 @@ def _optional_float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
-def _check_no_weight_grad(function: str, **weights: Tensor | None) -> None:
-    if not torch.is_grad_enabled():
+def _check_no_weight_grad(function: str, grad_enabled: bool, **weights: Tensor | None) -> None:
+    if not grad_enabled:
         return
     for name, weight in weights.items():
         if weight is not None and weight.requires_grad:
             raise _semantics.weight_requires_grad_error(function, name)
+
+
+def check_probability_arguments(
+    input: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float, grad_enabled: bool
+) -> None:
+    """The probability loss's checks of tensors and options (after the reduction's and autocast's): the
+    functional's, and the scripted modules' (:mod:`bcekit.torch._scripted`)."""
+    _semantics.check_binary_cross_entropy(
+        _spec(input), _spec(target), None if weight is None else _spec(weight), _format_shape
+    )
+    _check_no_weight_grad("binary_cross_entropy", grad_enabled, weight=weight)
+    _semantics.check_label_smoothing(label_smoothing)
+
+
+def check_logits_arguments(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    label_smoothing: float,
+    grad_enabled: bool,
+) -> None:
+    """The logits loss's checks of tensors and options, as :func:`check_probability_arguments`."""
+    _semantics.check_binary_cross_entropy_with_logits(
+        _spec(input),
+        _spec(target),
+        None if weight is None else _spec(weight),
+        None if pos_weight is None else _spec(pos_weight),
+        _format_shape,
+    )
+    _check_no_weight_grad(
+        "binary_cross_entropy_with_logits", grad_enabled, weight=weight, pos_weight=pos_weight
+    )
+    _semantics.check_label_smoothing(label_smoothing)
+
+
+def check_focal_arguments(input: Tensor, target: Tensor, alpha: float, gamma: float) -> None:
+    """The focal loss's checks of its parameters and tensors (after the reduction's and autocast's)."""
+    _semantics.check_focal_parameters(alpha, gamma)
+    _semantics.check_binary_cross_entropy_with_logits(_spec(input), _spec(target), None, None, _format_shape)
 
 
 def binary_cross_entropy(
@@ -229,12 +280,11 @@ def binary_cross_entropy(
     _check_devices(input, target, weight)
     enum = _resolve_reduction(size_average, reduce, reduction)
     input, target, weight = _autocast_to_float32(input, target, weight)
-    _semantics.check_binary_cross_entropy(
-        _spec(input), _spec(target), None if weight is None else _spec(weight), _format_shape
-    )
-    _check_no_weight_grad("binary_cross_entropy", weight=weight)
-    _semantics.check_label_smoothing(label_smoothing)
+    check_probability_arguments(input, target, weight, label_smoothing, torch.is_grad_enabled())
     smoothing, ignore = float(label_smoothing), _optional_float(ignore_index)
+    if _exporting():
+        spec = LossSpec("bce", enum, smoothing, ignore)
+        return _ops.composed_loss(spec, input, target, weight, None, input.dtype)
     if _transforms.active(input, target, weight):
         if not _transforms.wrapped(input, target):
             _ops.check_probabilities(input, target, ignore)
@@ -309,16 +359,11 @@ def binary_cross_entropy_with_logits(
     _check_devices(input, target, weight, pos_weight)
     enum = _resolve_reduction(size_average, reduce, reduction)
     input, target, weight, pos_weight = _autocast_to_float32(input, target, weight, pos_weight)
-    _semantics.check_binary_cross_entropy_with_logits(
-        _spec(input),
-        _spec(target),
-        None if weight is None else _spec(weight),
-        None if pos_weight is None else _spec(pos_weight),
-        _format_shape,
-    )
-    _check_no_weight_grad("binary_cross_entropy_with_logits", weight=weight, pos_weight=pos_weight)
-    _semantics.check_label_smoothing(label_smoothing)
+    check_logits_arguments(input, target, weight, pos_weight, label_smoothing, torch.is_grad_enabled())
     smoothing, ignore = float(label_smoothing), _optional_float(ignore_index)
+    if _exporting():
+        spec = LossSpec("logits", enum, smoothing, ignore)
+        return _ops.composed_loss(spec, input, target, weight, pos_weight, target.dtype)
     if _transforms.active(input, target, weight, pos_weight):
         spec = LossSpec("logits", enum, smoothing, ignore)
         return _transforms.loss(spec, input, target, weight, pos_weight, target.dtype)
@@ -372,9 +417,11 @@ def sigmoid_focal_loss(
     _require_tensors("sigmoid_focal_loss", input=input, target=target)
     _check_devices(input, target)
     enum = _reduction_enum(reduction)
-    _semantics.check_focal_parameters(alpha, gamma)
     input, target = _autocast_to_float32(input, target)
-    _semantics.check_binary_cross_entropy_with_logits(_spec(input), _spec(target), None, None, _format_shape)
+    check_focal_arguments(input, target, alpha, gamma)
+    if _exporting():
+        spec = LossSpec("focal", enum, alpha=float(alpha), gamma=float(gamma))
+        return _ops.composed_loss(spec, input, target, None, None, target.dtype)
     if _transforms.active(input, target):
         spec = LossSpec("focal", enum, alpha=float(alpha), gamma=float(gamma))
         return _transforms.loss(spec, input, target, None, None, target.dtype)

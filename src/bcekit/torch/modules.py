@@ -3,9 +3,11 @@ r"""``nn.Module`` forms of the losses: thin classes that hold their configuratio
 As in torch, ``weight`` and ``pos_weight`` are registered buffers (same ``state_dict`` keys, moved by
 ``.to()`` and ``.double()``), ``reduction`` is a plain attribute, and the deprecated ``size_average`` /
 ``reduce`` pair is mapped to ``reduction`` once, at construction, with torch's warning.
-"""
 
-from __future__ import annotations
+``torch.jit.script`` compiles their ``forward``: under scripting it calls :mod:`bcekit.torch._scripted`
+(the same checks and operators, in the TorchScript subset) instead of the functionals. TorchScript reads
+the attributes' annotations as objects, not strings (no ``from __future__ import annotations``).
+"""
 
 import math
 
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from bcekit import _semantics
-from bcekit.torch import functional
+from bcekit.torch import _scripted, functional
 
 __all__ = ["BCELoss", "BCEWithLogitsLoss", "SigmoidFocalLoss", "LinearBCEWithLogitsLoss"]
 
@@ -24,6 +26,8 @@ class _Loss(nn.modules.loss._Loss):
     loss modules are, for the frameworks that look for one."""
 
     reduction: str
+    label_smoothing: float
+    ignore_index: float | None
 
     def __init__(
         self,
@@ -37,8 +41,8 @@ class _Loss(nn.modules.loss._Loss):
             reduction = _semantics.legacy_reduction(size_average, reduce)
         super().__init__(reduction=reduction)
         _semantics.check_label_smoothing(label_smoothing)
-        self.label_smoothing = label_smoothing
-        self.ignore_index = ignore_index
+        self.label_smoothing = float(label_smoothing)
+        self.ignore_index = None if ignore_index is None else float(ignore_index)
 
     def extra_repr(self) -> str:
         options = []
@@ -83,6 +87,10 @@ class BCELoss(_Loss):
         self.register_buffer("weight", weight)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return _scripted.binary_cross_entropy(
+                input, target, self.weight, self.reduction, self.label_smoothing, self.ignore_index
+            )
         return functional.binary_cross_entropy(
             input,
             target,
@@ -131,6 +139,16 @@ class BCEWithLogitsLoss(_Loss):
         self.register_buffer("pos_weight", pos_weight)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return _scripted.binary_cross_entropy_with_logits(
+                input,
+                target,
+                self.weight,
+                self.pos_weight,
+                self.reduction,
+                self.label_smoothing,
+                self.ignore_index,
+            )
         return functional.binary_cross_entropy_with_logits(
             input,
             target,
@@ -154,12 +172,17 @@ class SigmoidFocalLoss(nn.modules.loss._Loss):
     tensor(0.6931)
     """
 
+    alpha: float
+    gamma: float
+
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none") -> None:
         super().__init__(reduction=reduction)
         _semantics.check_focal_parameters(alpha, gamma)
-        self.alpha, self.gamma = alpha, gamma
+        self.alpha, self.gamma = float(alpha), float(gamma)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return _scripted.sigmoid_focal_loss(input, target, self.alpha, self.gamma, self.reduction)
         return functional.sigmoid_focal_loss(input, target, self.alpha, self.gamma, self.reduction)
 
     def extra_repr(self) -> str:
