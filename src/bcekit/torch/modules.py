@@ -26,8 +26,6 @@ class _Loss(nn.modules.loss._Loss):
     loss modules are, for the frameworks that look for one."""
 
     reduction: str
-    label_smoothing: float
-    ignore_index: float | None
 
     def __init__(
         self,
@@ -41,8 +39,8 @@ class _Loss(nn.modules.loss._Loss):
             reduction = _semantics.legacy_reduction(size_average, reduce)
         super().__init__(reduction=reduction)
         _semantics.check_label_smoothing(label_smoothing)
-        self.label_smoothing = float(label_smoothing)
-        self.ignore_index = None if ignore_index is None else float(ignore_index)
+        self.label_smoothing = label_smoothing
+        self.ignore_index = ignore_index
 
     def extra_repr(self) -> str:
         options = []
@@ -89,7 +87,12 @@ class BCELoss(_Loss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         if torch.jit.is_scripting():
             return _scripted.binary_cross_entropy(
-                input, target, self.weight, self.reduction, self.label_smoothing, self.ignore_index
+                input,
+                target,
+                self.weight,
+                self.reduction,
+                float(self.label_smoothing),
+                None if self.ignore_index is None else float(self.ignore_index),
             )
         return functional.binary_cross_entropy(
             input,
@@ -146,8 +149,8 @@ class BCEWithLogitsLoss(_Loss):
                 self.weight,
                 self.pos_weight,
                 self.reduction,
-                self.label_smoothing,
-                self.ignore_index,
+                float(self.label_smoothing),
+                None if self.ignore_index is None else float(self.ignore_index),
             )
         return functional.binary_cross_entropy_with_logits(
             input,
@@ -172,17 +175,15 @@ class SigmoidFocalLoss(nn.modules.loss._Loss):
     tensor(0.6931)
     """
 
-    alpha: float
-    gamma: float
-
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none") -> None:
         super().__init__(reduction=reduction)
         _semantics.check_focal_parameters(alpha, gamma)
-        self.alpha, self.gamma = float(alpha), float(gamma)
+        self.alpha, self.gamma = alpha, gamma
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         if torch.jit.is_scripting():
-            return _scripted.sigmoid_focal_loss(input, target, self.alpha, self.gamma, self.reduction)
+            alpha, gamma = float(self.alpha), float(self.gamma)
+            return _scripted.sigmoid_focal_loss(input, target, alpha, gamma, self.reduction)
         return functional.sigmoid_focal_loss(input, target, self.alpha, self.gamma, self.reduction)
 
     def extra_repr(self) -> str:
