@@ -259,3 +259,35 @@ def test_registered_fused_ops_match_the_eager_path(logits, dtype) -> None:
         (loss * 2.5).backward()
         assert torch.equal(loss.detach(), eager.detach())
         assert torch.equal(op_x.grad, eager_x.grad)
+
+
+@pytest.mark.parametrize("logits", [True, False], ids=["logits", "probabilities"])
+@pytest.mark.parametrize("shape", [(64, 16), (1024, 1024)])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("edit", ["mul_", "zero_"])
+def test_a_returned_gradient_is_the_callers_to_edit(logits, shape, weighted, edit) -> None:
+    """``torch.autograd.grad(loss, x, retain_graph=True)`` returns a tensor the caller owns: editing it in
+    place (``mul_``, ``zero_``) changes neither what the next backward of the same graph gives nor whether
+    it runs, as with torch's loss (the plain call's path and the weighted one's)."""
+    torch.manual_seed(8)
+    x, y = torch.randn(shape), torch.rand(shape)
+    if not logits:
+        x = torch.sigmoid(x)
+    weight = torch.rand(shape[-1]) + 0.5 if weighted else None
+    ours, theirs = (
+        (bce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits)
+        if logits
+        else (bce.binary_cross_entropy, F.binary_cross_entropy)
+    )
+    results = []
+    for fn in (ours, theirs):
+        leaf = x.clone().requires_grad_()
+        loss = fn(leaf, y, weight)
+        (first,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+        kept = first.clone()
+        getattr(first, edit)(*([100.0] if edit == "mul_" else []))
+        (second,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+        loss.backward()
+        results.append((kept, second, leaf.grad))
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected)
