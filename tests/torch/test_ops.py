@@ -155,22 +155,30 @@ def test_legacy_arguments_compile_with_torchs_warning(legacy, loss) -> None:
 
 @pytest.mark.parametrize("loss", ["logits", "probabilities"])
 @pytest.mark.parametrize("transform", ["grad", "vmap(grad)"])
-def test_compiled_torch_func_transforms_match_torch(loss, transform) -> None:
-    """torch.compile(torch.func.grad(loss)) and of vmap(grad(loss)) (per-sample gradients) give torch's."""
+@pytest.mark.parametrize("layer", [False, True], ids=["loss", "layer-then-loss"])
+def test_compiled_torch_func_transforms_match_torch(loss, transform, layer) -> None:
+    """torch.compile(torch.func.grad(loss), fullgraph=True) and of vmap(grad(loss)) (per-sample
+    gradients), of the loss alone and of a layer followed by the loss, give torch's."""
     torch._dynamo.reset()
     x, y, w = torch.randn(4, 3), torch.rand(4, 3), torch.rand(3) + 0.5
-
-    def make(fn, squash):
-        return lambda x, y: fn(torch.sigmoid(x) if squash else x, y, weight=w)
-
-    ours_fn, torch_fn = FUNCTIONS[loss]
+    scale = torch.linspace(-2.0, 2.0, 3)
     squash = loss == "probabilities"
 
+    def make(fn):
+        def f(x, y):
+            z = x * scale + 0.5 if layer else x
+            return fn(torch.sigmoid(z) if squash else z, y, weight=w)
+
+        return f
+
+    ours_fn, torch_fn = FUNCTIONS[loss]
+
     def transformed(fn):
-        gradient = torch.func.grad(make(fn, squash))
+        gradient = torch.func.grad(make(fn))
         return gradient if transform == "grad" else torch.func.vmap(gradient)
 
-    torch.testing.assert_close(torch.compile(transformed(ours_fn))(x, y), transformed(torch_fn)(x, y))
+    compiled = torch.compile(transformed(ours_fn), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, y), transformed(torch_fn)(x, y))
 
 
 @pytest.mark.parametrize(

@@ -27,13 +27,20 @@ from bcekit.torch import _ops
 __all__ = ["active", "loss"]
 
 
+@torch.compiler.assume_constant_result
+def _in_transform() -> bool:
+    """Whether a torch.func transform is active (the current functorch level). Dynamo traces neither the
+    per-tensor checks of :func:`active` nor this non-tensor result; marked a constant, it is read once
+    while tracing and the graph is specialised on it (Dynamo guards on the functorch stack)."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 def active(*tensors: Tensor | None) -> bool:
     """Whether this call runs under a torch.func transform or carries forward-mode tangents."""
     if torch.compiler.is_compiling():
-        # Dynamo cannot trace the per-tensor checks below, but it can read the current functorch level:
-        # a plain compiled call keeps the custom ops, a transform compiled with torch.compile (say
-        # torch.compile(torch.func.grad(f))) takes the transformable Function.
-        return torch._C._functorch.maybe_current_level() is not None
+        # a plain compiled call keeps the custom ops; a transform compiled with torch.compile (say
+        # torch.compile(torch.func.grad(f))) takes the composed loss (see :func:`loss`)
+        return _in_transform()
     for tensor in tensors:
         if tensor is None:
             continue
@@ -46,6 +53,8 @@ def active(*tensors: Tensor | None) -> bool:
 
 def wrapped(*tensors: Tensor | None) -> bool:
     """Whether any argument is functorch-wrapped (its values then cannot become Python booleans)."""
+    if torch.compiler.is_compiling():
+        return _in_transform()
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
@@ -102,5 +111,10 @@ def loss(
     pos_weight: Tensor | None,
     result_dtype: torch.dtype,
 ) -> Tensor:
-    """The loss through the transformable ``autograd.Function`` (see the module docstring)."""
+    """The loss through the transformable ``autograd.Function`` (see the module docstring). Under
+    ``torch.compile`` the composed loss itself, which the transforms differentiate and batch op by op:
+    Dynamo traces no Function with a ``jvp``, nor one under ``vmap(grad)`` applied to the result of
+    other operations."""
+    if torch.compiler.is_compiling():
+        return _ops.composed_loss(spec, input, target, weight, pos_weight, result_dtype)
     return _Loss.apply(input, target, weight, pos_weight, spec, result_dtype)
