@@ -477,6 +477,128 @@ def test_bias_without_gradient_and_no_bias() -> None:
     assert not b.requires_grad and b.grad is None
 
 
+# ----------------------------------------------------------------- in-place edits after the forward pass
+
+_EDITABLE = ("input", "weight", "bias", "target", "pos_weight")
+
+
+def _unfused(x, w, y, b=None, *, pos_weight=None):
+    return F.binary_cross_entropy_with_logits(F.linear(x, w, b), y.to_dense(), pos_weight=pos_weight)
+
+
+def _fused_chunked(x, w, y, b=None, *, pos_weight=None):
+    return bce.linear_binary_cross_entropy_with_logits(x, w, y, b, pos_weight=pos_weight, chunk_size=5)
+
+
+def _edit_and_backward(loss_fn, wanted, edit, layout="dense", retain=False):
+    """Leaves requiring grad as in ``wanted``; the loss; ``edit`` (a name of ``_EDITABLE``) doubled in place
+    under no_grad; ``backward`` (twice with ``retain``). ``(error or None, {name: grad})``."""
+    x, w, b, y, p = _data((6,), 4, 13, seed=30, pos_weight="per_label")
+    tensors = {"input": x, "weight": w, "bias": b, "target": _as_layout(y, layout), "pos_weight": p}
+    tensors = {k: v.detach().clone().requires_grad_(k in wanted) for k, v in tensors.items()}
+    loss = loss_fn(
+        tensors["input"],
+        tensors["weight"],
+        tensors["target"],
+        tensors["bias"],
+        pos_weight=tensors["pos_weight"],
+    )
+    try:
+        if retain:
+            loss.backward(retain_graph=True)
+        with torch.no_grad():
+            tensors[edit].mul_(2)
+        loss.backward()
+    except RuntimeError as error:
+        return error, {}
+    return None, {k: tensors[k].grad for k in wanted}
+
+
+def _assert_edit_like_torch(wanted, edit, layout="dense", retain=False) -> None:
+    theirs, their_grads = _edit_and_backward(_unfused, wanted, edit, layout, retain)
+    ours, our_grads = _edit_and_backward(_fused_chunked, wanted, edit, layout, retain)
+    assert (ours is None) == (theirs is None), f"torch: {theirs!r}; bcekit: {ours!r}"
+    if theirs is not None:
+        assert type(ours) is type(theirs), f"torch: {theirs!r}; bcekit: {ours!r}"
+        assert "modified by an inplace operation" in str(ours), ours
+        assert f"{edit} " in str(ours), f"the message does not name {edit}: {ours}"
+        return
+    for name in wanted:
+        _assert_close(our_grads[name], their_grads[name], F64_RTOL, f"grad {name}")
+
+
+@pytest.mark.parametrize(
+    "wanted",
+    [("input", "weight", "bias"), ("weight", "bias"), ("input",)],
+    ids="+".join,
+)
+@pytest.mark.parametrize("edit", _EDITABLE)
+def test_in_place_edit_before_backward_is_an_error_where_torch_raises(wanted, edit) -> None:
+    """Where torch's unfused loss saved the edited tensor (the input for the weight's gradient, the weight
+    for the input's, the target and pos_weight always; never the bias) its backward raises, and so must
+    the fused one, naming the tensor; elsewhere both give the gradients of the values before the edit."""
+    _assert_edit_like_torch(wanted, edit)
+
+
+@pytest.mark.parametrize("edit", _EDITABLE)
+def test_in_place_edit_between_backwards_of_a_retained_graph_like_torch(edit) -> None:
+    _assert_edit_like_torch(("input", "weight", "bias"), edit, retain=True)
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+@pytest.mark.parametrize("retain", [False, True], ids=["once", "retained"])
+def test_in_place_edit_of_a_sparse_target_like_torch(layout, retain) -> None:
+    """torch's unfused loss saves the densified copy, so editing the sparse target changes nothing."""
+    _assert_edit_like_torch(("input", "weight", "bias"), "target", layout, retain)
+
+
+# ------------------------------------------------------------------------------------------- autocast
+
+
+def _autocast_run(loss_fn, dtype, wanted, bias):
+    """The loss and gradients of float32 leaves (``wanted`` require grad) under CPU autocast to ``dtype``."""
+    x, w, b, y, p = _data((9,), 6, 21, seed=31, dtype=torch.float32, bias=bias, pos_weight="per_label")
+    leaves = {
+        name: None if t is None else t.detach().clone().requires_grad_(name in wanted)
+        for name, t in (("input", x), ("weight", w), ("bias", b))
+    }
+    with torch.autocast("cpu", dtype=dtype):
+        loss = loss_fn(leaves["input"], leaves["weight"], y, leaves["bias"], pos_weight=p)
+    loss.backward()
+    return loss.detach(), {name: leaves[name].grad for name in wanted if leaves[name] is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("wanted", [("weight",), ("input",), ("input", "weight", "bias")], ids="+".join)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_cpu_autocast_like_torch(dtype, wanted, bias) -> None:
+    """As torch's unfused loss under autocast: the linear map in ``dtype`` (operands and logits rounded to
+    it), the BCE in float32, a float32 loss; gradients reach the float32 leaves in float32, with the values
+    of ``dtype`` computations. Each side rounds the operands (unit roundoff u = eps / 2) and the logits and
+    matmul results once more; on the same rounded operands each is within ~2u of the exact answer, so the
+    two differ by at most ~4u = 2 eps of the largest entry: checked against torch, and against the float64
+    unfused loss of the rounded operands (torch's answer is checked to meet the same bound)."""
+    got_loss, got = _autocast_run(_fused_chunked, dtype, wanted, bias)
+    want_loss, want = _autocast_run(_unfused, dtype, wanted, bias)
+    rtol = 2 * torch.finfo(dtype).eps
+    assert got_loss.dtype == want_loss.dtype == torch.float32
+    _assert_close(got_loss, want_loss, rtol, "loss")
+    assert got.keys() == want.keys()
+    for name in want:
+        _assert_close(got[name], want[name], rtol, f"grad {name}")
+        representable = [torch.equal(g, g.to(dtype).to(g.dtype)) for g in (got[name], want[name])]
+        assert representable[0] == representable[1], f"grad {name}: {dtype} values: {representable}"
+    # the float64 reference, on the operands rounded to dtype
+    x, w, b, y, p = _data((9,), 6, 21, seed=31, dtype=torch.float32, bias=bias, pos_weight="per_label")
+    rounded = [None if t is None else t.to(dtype).double() for t in (x, w, b)]
+    exact_loss, exact = _reference(*rounded, y.double(), p.double())
+    for loss, grads in ((got_loss, got), (want_loss, want)):
+        _assert_close(loss.double(), exact_loss, rtol, "loss vs float64", check_dtype=False)
+        for name, g in zip(("input", "weight", "bias"), exact, strict=True):
+            if name in grads:
+                _assert_close(grads[name].double(), g, rtol, f"grad {name} vs float64", check_dtype=False)
+
+
 class _Ops(TorchDispatchMode):
     """Records every aten op that runs, and the elements of each tensor an op creates: its strided outputs
     that share no storage with its inputs (views, in-place and ``out=`` results are not new), and the stored

@@ -22,11 +22,18 @@ formulas in float64 on the ``Z_c`` entries they pick. The target is never densif
 Label sharding. With a ``process_group``, ``W``, ``b``, ``pos_weight`` and the target's columns are this
 rank's contiguous shard of the labels; the label count, the loss and ``\nabla_X`` are all-reduced (sums), so
 every rank returns the unsharded loss and ``\nabla_X``, and its own shard of ``\nabla_W``, ``\nabla_b``.
+
+Routes. Eager calls go through an autograd Function (:class:`_LinearBCE`); under ``torch.compile`` the pass
+is the registered op ``bcekit::linear_binary_cross_entropy_with_logits`` (the loss and the stored
+gradients), which Dynamo keeps whole. Sparse targets and label sharding always run eagerly: Dynamo traces
+neither sparse tensors nor collectives.
+
+(No ``from __future__ import annotations``: ``torch.library.custom_op`` reads the op's type hints, which
+torch releases before PEP 604 support need as ``Optional[...]``.)
 """
 
-from __future__ import annotations
-
-from typing import Any
+import weakref
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +44,12 @@ from bcekit._math import LossSpec
 from bcekit._semantics import MEAN, NONE, SUM
 from bcekit.torch import _ops
 
-__all__ = ["linear_binary_cross_entropy_with_logits", "linear_topk", "default_chunk_size"]
+__all__ = [
+    "linear_binary_cross_entropy_with_logits",
+    "linear_topk",
+    "default_chunk_size",
+    "linear_binary_cross_entropy_with_logits_fused",
+]
 
 # Bytes of one (N, chunk) buffer; a pass holds about three (logits, their gradient, the target chunk).
 # On the CPU 8 MiB keeps the matmuls efficient (at N = 2048 float32, 1024 labels a chunk: as fast as 8192)
@@ -46,6 +58,8 @@ _CHUNK_BYTES = {"cpu": 1 << 23, "cuda": 1 << 28}
 _SUM_SPEC = LossSpec("logits", SUM, 0.0, None)
 _NONE_SPEC = LossSpec("logits", NONE, 0.0, None)
 NAME = _semantics.LINEAR_FUNCTION
+#: The dtypes autocast casts (float64 stays as it is)
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def default_chunk_size(rows: int, labels: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -135,19 +149,57 @@ def _sparse_correction(
     return (with_target - base).sum()
 
 
+class _Plan(NamedTuple):
+    """How a call runs, decided once by :func:`linear_binary_cross_entropy_with_logits`."""
+
+    reduction: int
+    chunk: int
+    process_group: Any = None
+    #: Under autocast (the operands already cast to its dtype): the logits in that dtype and the BCE, its
+    #: logit gradients and the loss in float32, as torch's autocast runs ``F.linear`` and the BCE.
+    autocast: bool = False
+
+
+def _autocast_dtype(tensor: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs ``F.linear`` of ``tensor`` in, or None where autocast leaves it alone."""
+    device = tensor.device.type
+    if tensor.dtype not in _AUTOCAST_DTYPES or not _autocast_on(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _autocast_on(device: str) -> bool:
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
 def _fused_pass(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
     target: Tensor,
     pos_weight: Tensor | None,
-    reduction: int,
-    chunk: int,
-    process_group: Any,
+    plan: _Plan,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Loss (float64, 0-d) and the gradients asked for in ``needs`` (input, weight, bias), chunk by chunk."""
+    """The 0-d loss (float32 with ``plan.autocast``, else in ``x``'s dtype) and the gradients asked for in
+    ``needs`` (input, weight, bias), chunk by chunk."""
+    if plan.autocast:  # the operands are cast already; gradients written out= must keep their dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return _chunked_pass(x, weight, bias, target, pos_weight, plan, needs)
+    return _chunked_pass(x, weight, bias, target, pos_weight, plan, needs)
+
+
+def _chunked_pass(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    pos_weight: Tensor | None,
+    plan: _Plan,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     rows, labels = x.shape[0], weight.shape[0]
+    reduction, chunk, process_group = plan.reduction, plan.chunk, plan.process_group
     accumulate = _accumulation_dtype(x.dtype)
     total_labels = labels
     if process_group is not None:
@@ -170,6 +222,8 @@ def _fused_pass(
         stop = min(labels, start + chunk)
         w = weight[start:stop]
         logits = F.linear(x, w, None if bias is None else bias[start:stop])
+        if plan.autocast:
+            logits = logits.float()
         p = None if p_full is None else p_full[start:stop]
         if sparse is None:
             y = target[:, start:stop]
@@ -185,6 +239,8 @@ def _fused_pass(
         del logits
         if grad is None:
             continue
+        if plan.autocast:  # the float32 logit gradient, rounded as the backward of autocast's cast does
+            grad = grad.to(x.dtype)
         if grad_input is not None:
             grad_input += grad @ w
         if grad_weight is not None:
@@ -201,45 +257,203 @@ def _fused_pass(
         total = total * scale if rows * total_labels else torch.full_like(total, float("nan"))
     if grad_input is not None:
         grad_input = grad_input.to(x.dtype)
-    return total, grad_input, grad_weight, grad_bias
+    return total.to(torch.float32 if plan.autocast else x.dtype), grad_input, grad_weight, grad_bias
+
+
+# --------------------------------------------------------------------------------------------------------
+# Eager calls: an autograd Function (less dispatch per call than a registered op)
+# --------------------------------------------------------------------------------------------------------
+
+#: The names of the tensors a :class:`_LinearBCE` node saves, in order.
+_SAVED_NAMES = ("input", "weight", "target", "pos_weight")
+
+# Whether the running backward retains the graph (retain_graph=True); a torch without the query is taken
+# to retain it, which costs a copy of the gradients per backward and changes no result.
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
 
 
 class _LinearBCE(torch.autograd.Function):
     """The fused pass as an autograd node: gradients computed in the forward, scaled in the backward.
 
-    The first backward takes ownership of the stored gradients: it returns them (scaled in place unless
-    ``grad_output`` is 1), so autograd can make them the leaves' ``.grad`` without a copy. A later backward
-    through a retained graph recomputes them from the saved inputs, so that in-place updates of ``.grad``
-    (accumulation, ``zero_()``) never reach a stored gradient.
+    The node saves what torch's unfused loss saves (the input for the weight's gradient, the weight for
+    the input's, a dense target and ``pos_weight`` for the logits'; not the bias, whose gradient needs no
+    values, nor a sparse target, which ``to_dense()`` copies), so an in-place edit of one of them between the
+    forward and a backward raises autograd's error, as it does there; an edit of another leaves the
+    gradients of the values the forward saw, as the unfused loss's saved logits do. The backward does not
+    recompute: a backward through a retained graph returns scaled copies of the stored gradients, the
+    last one takes ownership of them (scaled in place unless ``grad_output`` is 1), so autograd can make
+    them the leaves' ``.grad`` without a copy and no in-place update of ``.grad`` reaches a stored one.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target, pos_weight, reduction, chunk, process_group):
+    def forward(ctx, x, weight, bias, target, pos_weight, *plan):
+        # apply() takes the plan's fields one by one: under torch.jit.trace the chunk size is a traced
+        # value, which the tracer follows only as an argument of its own
+        plan = _Plan(*plan)
         wants = ctx.needs_input_grad
         needs = (wants[0], wants[1], bias is not None and wants[2])
         with torch.no_grad():
-            loss, *grads = _fused_pass(
-                x, weight, bias, target, pos_weight, reduction, chunk, process_group, needs
-            )
+            loss, *grads = _fused_pass(x, weight, bias, target, pos_weight, plan, needs)
         ctx.grads = grads
-        ctx.options = (reduction, chunk, process_group, needs)
-        ctx.save_for_backward(x, weight, bias, target, pos_weight)  # only for a second backward
+        dense = target if target.layout == torch.strided else None
+        saved = (x if needs[1] else None, weight if needs[0] else None, dense, pos_weight)
+        ctx.save_for_backward(*saved)
+        # to name a tensor edited in place (a saved input keeps its Python object alive)
+        ctx.watched = tuple(
+            (name, weakref.ref(t), t._version)
+            for name, t in zip(_SAVED_NAMES, saved, strict=True)
+            if t is not None
+        )
         ctx.set_materialize_grads(False)
-        return loss.to(x.dtype)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         if grad_output is None:
-            return (None,) * 8
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:  # a retained graph, backpropagated again
-            reduction, chunk, process_group, needs = ctx.options
-            with torch.no_grad():
-                _, *grads = _fused_pass(*ctx.saved_tensors, reduction, chunk, process_group, needs)
-        if not _ops._is_one(grad_output):  # on a GPU, scaled without asking (no host synchronisation)
-            grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
-        return (*grads, None, None, None, None, None)
+            return (None,) * 9
+        _check_saved(ctx)
+        grads = ctx.grads
+        if _keep_graph():
+            grads = [None if g is None else g * grad_output.to(g.dtype) for g in grads]
+        else:
+            ctx.grads = None
+            if not _ops._is_one(grad_output):  # on a GPU, scaled without asking (no host synchronisation)
+                grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
+        return (*grads, None, None, None, None, None, None)
+
+
+def _check_saved(ctx) -> None:
+    """Autograd's check of the saved tensors' versions; its error names the tensor edited in place."""
+    try:
+        ctx.saved_tensors  # noqa: B018 (reading them is the check)
+    except RuntimeError as error:
+        changed = [
+            name for name, ref, version in ctx.watched if (t := ref()) is not None and t._version != version
+        ]
+        if ctx.grads is None or not changed:  # the graph was freed (a second backward), or not an edit
+            raise
+        raise RuntimeError(
+            f"{NAME}: {' and '.join(changed)} modified by an inplace operation after the forward pass, which "
+            f"computed the gradients from the values before: {error}"
+        ) from None
+
+
+def _eager_loss(
+    x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, pos_weight: Tensor | None, plan: _Plan
+) -> Tensor:
+    # Evaluation does no gradient work at all; a torch.jit.trace goes through the Function even then, as
+    # the tracer records it as one call, where the chunks' kernel passes would be recorded as a constant.
+    if not torch.is_grad_enabled() and not torch.jit.is_tracing():
+        return _fused_pass(x, weight, bias, target, pos_weight, plan, (False,) * 3)[0]
+    return _LinearBCE.apply(x, weight, bias, target, pos_weight, *plan)
+
+
+_EAGER_ONLY = (
+    f"bcekit: {NAME} with a sparse target or a process_group runs eagerly: torch.compile traces neither "
+    "sparse tensors nor the label sharding's all-reduces. Call it outside the compiled region, or compile "
+    "without fullgraph=True (a graph break)"
+)
+# Those calls are never traced: called from a frame Dynamo gave up on (a sparse argument), each function
+# below would otherwise be compiled on its own, in pieces.
+try:
+    _eager_only_loss = torch.compiler.disable(_eager_loss, reason=_EAGER_ONLY)
+except TypeError:  # torch before 2.7 takes no reason
+    _eager_only_loss = torch.compiler.disable(_eager_loss)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Compiled calls: the fused pass as a registered op, which torch.compile keeps whole
+# --------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("bcekit::linear_binary_cross_entropy_with_logits", mutates_args=())
+def linear_binary_cross_entropy_with_logits_fused(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],  # noqa: UP045
+    target: Tensor,
+    pos_weight: Optional[Tensor],  # noqa: UP045
+    reduction: int,
+    chunk_size: int,
+    autocast: bool,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, grad_input, grad_weight, grad_bias)`` of a dense target from one fused pass (see
+    :func:`_fused_pass`); a gradient not asked for is an empty ``(0,)`` tensor."""
+    plan = _Plan(reduction, chunk_size, None, autocast)
+    loss, *grads = _fused_pass(
+        input, weight, bias, target, pos_weight, plan, (need_input, need_weight, need_bias)
+    )
+    return loss, *(input.new_empty(0) if g is None else g for g in grads)
+
+
+@linear_binary_cross_entropy_with_logits_fused.register_fake
+def _(
+    input,
+    weight,
+    bias,
+    target,
+    pos_weight,
+    reduction,
+    chunk_size,
+    autocast,
+    need_input,
+    need_weight,
+    need_bias,
+):
+    empty = input.new_empty
+    return (
+        empty((), dtype=torch.float32 if autocast else input.dtype),
+        empty(input.shape) if need_input else empty(0),
+        empty(weight.shape) if need_weight else empty(0),
+        torch.empty_like(bias) if need_bias and bias is not None else empty(0),
+    )
+
+
+def _fused_op_setup_context(ctx, inputs, output) -> None:
+    _, *grads = output
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*grads)
+    ctx.needs = inputs[-3:]
+
+
+def _fused_op_backward(ctx, grad_output: Tensor | None, *_):
+    grads = [None] * 3
+    if grad_output is not None:
+        grads = [
+            g * grad_output.to(g.dtype) if need else None
+            for g, need in zip(ctx.saved_tensors, ctx.needs, strict=True)
+        ]
+    return (*grads, *(None,) * 8)
+
+
+linear_binary_cross_entropy_with_logits_fused.register_autograd(
+    _fused_op_backward, setup_context=_fused_op_setup_context
+)
+
+
+def _compiled_loss(
+    x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, pos_weight: Tensor | None, plan: _Plan
+) -> Tensor:
+    grad = torch.is_grad_enabled()
+    loss, *_ = linear_binary_cross_entropy_with_logits_fused(
+        x,
+        weight,
+        bias,
+        target,
+        pos_weight,
+        reduction=plan.reduction,
+        chunk_size=plan.chunk,
+        autocast=plan.autocast,
+        need_input=grad and x.requires_grad,
+        need_weight=grad and weight.requires_grad,
+        need_bias=grad and bias is not None and bias.requires_grad,
+    )
+    return loss
 
 
 def linear_binary_cross_entropy_with_logits(
@@ -283,10 +497,19 @@ def linear_binary_cross_entropy_with_logits(
     Returns:
         The 0-d loss in ``input``'s dtype. float32 and float64 are computed in their own precision (the
         loss summed in float64); float16/bfloat16 matmuls accumulate in float32 (torch's CPU and CUDA
-        matmuls do) and the input gradient is accumulated over chunks in float32.
+        matmuls do) and the input gradient is accumulated over chunks in float32. Under autocast, as
+        torch's autocast runs the unfused loss: ``input``, ``weight`` and ``bias`` are cast to the
+        autocast dtype for the matmuls, the BCE and its logit gradients are float32 and so is the loss.
 
     Gradients flow to ``input``, ``weight`` and ``bias``; not to ``target`` or ``pos_weight`` (an error
-    if they require one) and not twice (the backward is not differentiable).
+    if they require one) and not twice (the backward is not differentiable). An in-place edit between the
+    forward and the backward raises autograd's error wherever the unfused loss's would (edits of the
+    tensors it saves: ``input`` when ``weight`` requires grad, ``weight`` when ``input`` does, a dense
+    ``target``, ``pos_weight``).
+
+    Under ``torch.compile`` the call is one op in the graph (``fullgraph=True`` holds); a sparse target
+    (which Dynamo refuses as an argument, as it refuses torch's own ``to_dense()``) or a ``process_group``
+    is a graph break, an error under ``fullgraph=True``.
 
     >>> import torch
     >>> from bcekit.torch import linear_binary_cross_entropy_with_logits
@@ -349,12 +572,16 @@ def linear_binary_cross_entropy_with_logits(
     chunk = _chunk(chunk_size, rows, labels, input)
     x = input.reshape(rows, input.shape[-1])
     y = target if sparse else target.reshape(rows, labels)
-    # Evaluation does no gradient work at all; a torch.jit.trace goes through the Function even then, as
-    # the tracer records it as one call, where the chunks' kernel passes would be recorded as a constant.
-    if not torch.is_grad_enabled() and not torch.jit.is_tracing():
-        loss, *_ = _fused_pass(x, weight, bias, y, pos_weight, enum, chunk, process_group, (False,) * 3)
-        return loss.to(x.dtype)
-    return _LinearBCE.apply(x, weight, bias, y, pos_weight, enum, chunk, process_group)
+    cast = _autocast_dtype(x)
+    if cast is not None:  # as F.linear under autocast: differentiable casts, the node saves their results
+        x, weight = x.to(cast), weight.to(cast)
+        bias = None if bias is None else bias.to(cast)
+    plan = _Plan(enum, chunk, process_group, cast is not None)
+    if sparse or process_group is not None:
+        return _eager_only_loss(x, weight, bias, y, pos_weight, plan)
+    if torch.compiler.is_compiling():
+        return _compiled_loss(x, weight, bias, y, pos_weight, plan)
+    return _eager_loss(x, weight, bias, y, pos_weight, plan)
 
 
 def _chunk(chunk_size: int | None, rows: int, labels: int, input: Tensor) -> int:
