@@ -330,6 +330,35 @@ def test_onnx_export_writes_the_loss_in_standard_operators(ours, reference, prob
         torch.testing.assert_close(torch.from_numpy(loss), reference(x, y), rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript-exporter", "dynamo-exporter"])
+def test_onnx_export_of_the_fused_linear_loss_is_the_unfused_loss(dynamo, tmp_path) -> None:
+    """The fused linear loss exports as the unfused one (``F.linear`` then the logits loss in standard
+    operators), which ONNX Runtime runs to torch's unfused loss on batches of other sizes."""
+    runtime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    torch.manual_seed(6)
+    head = bce.LinearBCEWithLogitsLoss(4, 30, pos_weight=torch.rand(30) + 0.5, chunk_size=7)
+    path, names = str(tmp_path / "head.onnx"), {"input_names": ["x", "y"]}
+    x, y = torch.randn(6, 4), torch.rand(6, 30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            rows = torch.export.Dim("rows")
+            shapes = ({0: rows}, {0: rows})
+            torch.onnx.export(head, (x, y), path, dynamo=True, dynamic_shapes=shapes, **names)
+        else:
+            axes = {"x": {0: "rows"}, "y": {0: "rows"}}
+            torch.onnx.export(head, (x, y), path, dynamo=False, dynamic_axes=axes, **names)
+    session = runtime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for rows in (9, 2):
+        x, y = torch.randn(rows, 4), torch.rand(rows, 30)
+        (loss,) = session.run(None, {"x": x.numpy(), "y": y.numpy()})
+        expected = F.binary_cross_entropy_with_logits(
+            F.linear(x, head.weight, head.bias), y, pos_weight=head.pos_weight
+        )
+        torch.testing.assert_close(torch.from_numpy(loss), expected.detach(), rtol=2e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "options",
     [{"weight": True}, {"size_average": False}, {"reduce": False}, {"reduction": "elementwise_mean"}],

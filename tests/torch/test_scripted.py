@@ -193,3 +193,62 @@ def test_autocast_leaves_float64_tensors_as_torch_does() -> None:
             expected = torch.nn.functional.binary_cross_entropy_with_logits(*mixed)
             assert ours.dtype == expected.dtype
             torch.testing.assert_close(ours, expected)
+
+
+def _fused_head() -> bce.LinearBCEWithLogitsLoss:
+    torch.manual_seed(2)
+    return bce.LinearBCEWithLogitsLoss(4, 30, pos_weight=torch.rand(30) + 0.5, chunk_size=7)
+
+
+class _FusedModel(torch.nn.Module):
+    """A trunk and bcekit's fused head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = _fused_head()
+        self.trunk = torch.nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.trunk(x)), y)
+
+
+class _UnfusedModel(torch.nn.Module):
+    """The same trunk (same initial values), ``nn.Linear`` with the fused head's values, torch's loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        head = _fused_head()
+        self.trunk = torch.nn.Linear(5, 4)
+        self.linear = torch.nn.Linear(4, 30)
+        with torch.no_grad():
+            self.linear.weight.copy_(head.weight)
+            self.linear.bias.copy_(head.bias)
+        self.loss = torch.nn.BCEWithLogitsLoss(pos_weight=head.pos_weight)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.linear(torch.tanh(self.trunk(x))), y)
+
+
+@pytest.mark.parametrize("layout", ["dense", "coo", "csr"])
+def test_a_scripted_fused_linear_loss_gives_the_unfused_torch_loss_and_gradients(layout) -> None:
+    scripted, reference = torch.jit.script(_FusedModel()), torch.jit.script(_UnfusedModel())
+    torch.manual_seed(3)
+    for rows in (6, 9):
+        x, y = torch.randn(rows, 5), (torch.rand(rows, 30) < 0.3).double().float()
+        y[0] = torch.rand(30)
+        target = {"dense": y, "coo": y.to_sparse_coo(), "csr": y.to_sparse_csr()}[layout]
+        loss, expected = scripted(x, target), reference(x, y)
+        torch.testing.assert_close(loss, expected)
+        ours = torch.autograd.grad(loss, [scripted.trunk.weight, scripted.head.weight, scripted.head.bias])
+        theirs = torch.autograd.grad(
+            expected, [reference.trunk.weight, reference.linear.weight, reference.linear.bias]
+        )
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_a_scripted_fused_linear_loss_refuses_what_the_eager_one_refuses() -> None:
+    head = bce.LinearBCEWithLogitsLoss(4, 30)
+    scripted = torch.jit.script(head)
+    for x, y in ((torch.randn(6, 4), torch.rand(6, 5)), (torch.randn(6, 3), torch.rand(6, 30))):
+        assert _error(lambda x=x, y=y: head(x, y)) in _error(lambda x=x, y=y: scripted(x, y))

@@ -536,6 +536,40 @@ def linear_binary_cross_entropy_with_logits(
         ):
             raise TypeError(f"{NAME}: {name} must be a Tensor, got {type(value).__name__}")
     enum = _semantics.reduction_enum(reduction)
+    sparse, rows, labels = check_arguments(
+        input, weight, target, bias, pos_weight, enum, torch.is_grad_enabled()
+    )
+    chunk = _chunk(chunk_size, rows, labels, input)
+    x = input.reshape(rows, input.shape[-1])
+    y = target if sparse else target.reshape(rows, labels)
+    cast = _autocast_dtype(x)
+    if cast is not None:  # as F.linear under autocast: differentiable casts, the node saves their results
+        x, weight = x.to(cast), weight.to(cast)
+        bias = None if bias is None else bias.to(cast)
+    plan = _Plan(enum, chunk, process_group, cast is not None)
+    if torch.onnx.is_in_onnx_export():  # ONNX has no bcekit operators: the unfused loss, in standard ones
+        logits = F.linear(x, weight, bias)
+        dense = (y.to_dense() if sparse else y).to(logits.dtype)
+        spec = LossSpec("logits", enum, 0.0, None)
+        return _ops.composed_loss(spec, logits, dense, None, pos_weight, logits.dtype)
+    if sparse or process_group is not None:
+        return _eager_only_loss(x, weight, bias, y, pos_weight, plan)
+    if torch.compiler.is_compiling():
+        return _compiled_loss(x, weight, bias, y, pos_weight, plan)
+    return _eager_loss(x, weight, bias, y, pos_weight, plan)
+
+
+def check_arguments(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    pos_weight: Tensor | None,
+    reduction: int,
+    grad_enabled: bool,
+) -> tuple[bool, int, int]:
+    """The checks of the tensors (layouts, shapes, dtypes, what requires grad): the functional's and the
+    scripted module's (:mod:`bcekit.torch._scripted`). Returns (sparse target, rows N, labels C)."""
     sparse = target.layout != torch.strided
     if sparse and target.layout not in (torch.sparse_coo, torch.sparse_csr):
         raise ValueError(f"{NAME}: sparse targets must be COO or CSR, got {target.layout}")
@@ -550,7 +584,7 @@ def linear_binary_cross_entropy_with_logits(
         tuple(target.shape),
         None if bias is None else tuple(bias.shape),
         None if pos_weight is None else tuple(pos_weight.shape),
-        enum,
+        reduction,
         sparse,
     )
     if (
@@ -562,26 +596,14 @@ def linear_binary_cross_entropy_with_logits(
         raise TypeError(f"{NAME}: input, weight and bias must share one floating dtype, got {kinds}")
     if not target.dtype.is_floating_point:
         raise TypeError(f"{NAME}: target must be floating, got {target.dtype}")
-    if torch.is_grad_enabled():
+    if grad_enabled:
         if target.requires_grad:
             raise RuntimeError(
                 f"{NAME}: the loss is not differentiated with respect to target; pass target.detach()"
             )
         if pos_weight is not None and pos_weight.requires_grad:
             raise _semantics.weight_requires_grad_error(NAME, "pos_weight")
-    chunk = _chunk(chunk_size, rows, labels, input)
-    x = input.reshape(rows, input.shape[-1])
-    y = target if sparse else target.reshape(rows, labels)
-    cast = _autocast_dtype(x)
-    if cast is not None:  # as F.linear under autocast: differentiable casts, the node saves their results
-        x, weight = x.to(cast), weight.to(cast)
-        bias = None if bias is None else bias.to(cast)
-    plan = _Plan(enum, chunk, process_group, cast is not None)
-    if sparse or process_group is not None:
-        return _eager_only_loss(x, weight, bias, y, pos_weight, plan)
-    if torch.compiler.is_compiling():
-        return _compiled_loss(x, weight, bias, y, pos_weight, plan)
-    return _eager_loss(x, weight, bias, y, pos_weight, plan)
+    return sparse, rows, labels
 
 
 def _chunk(chunk_size: int | None, rows: int, labels: int, input: Tensor) -> int:

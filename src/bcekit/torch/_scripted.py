@@ -23,9 +23,14 @@ import torch
 from torch import Tensor
 
 from bcekit import _semantics
-from bcekit.torch import _ops, functional
+from bcekit.torch import _linear, _ops, functional
 
-__all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "sigmoid_focal_loss"]
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "sigmoid_focal_loss",
+    "linear_binary_cross_entropy_with_logits",
+]
 
 
 @torch.library.custom_op("bcekit::check_binary_cross_entropy", mutates_args=())
@@ -67,6 +72,23 @@ def _check_sigmoid_focal_loss(
     enum = _semantics.reduction_enum(reduction)
     functional.check_focal_arguments(input, target, alpha, gamma)
     return enum
+
+
+@torch.library.custom_op("bcekit::check_linear_binary_cross_entropy_with_logits", mutates_args=())
+def _check_linear_binary_cross_entropy_with_logits(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+    reduction: str,
+    chunk_size: Optional[int],
+    grad_enabled: bool,
+) -> tuple[int, int, int, int]:
+    """``(reduction enum, labels per chunk, rows N, labels C)``, after the functional's checks."""
+    enum = _semantics.reduction_enum(reduction)
+    _, rows, labels = _linear.check_arguments(input, weight, target, bias, pos_weight, enum, grad_enabled)
+    return enum, _linear._chunk(chunk_size, rows, labels, input), rows, labels
 
 
 def _register_autocast() -> None:
@@ -125,3 +147,38 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: float, gamma: float
     """:func:`bcekit.torch.sigmoid_focal_loss` in the TorchScript subset."""
     enum = torch.ops.bcekit.check_sigmoid_focal_loss(input, target, alpha, gamma, reduction)
     return torch.ops.bcekit.sigmoid_focal_loss(input, target, alpha, gamma, enum)
+
+
+def linear_binary_cross_entropy_with_logits(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+    reduction: str,
+    chunk_size: Optional[int],
+) -> Tensor:
+    """:func:`bcekit.torch.linear_binary_cross_entropy_with_logits` in the TorchScript subset: the same
+    fused pass (the op ``torch.compile`` records). A sparse target is densified first (the op takes dense
+    tensors); autocast is not applied."""
+    if target.is_sparse or target.is_sparse_csr:
+        target = target.to_dense()
+    enum, chunk, rows, labels = torch.ops.bcekit.check_linear_binary_cross_entropy_with_logits(
+        input, weight, target, bias, pos_weight, reduction, chunk_size, torch.is_grad_enabled()
+    )
+    x = input.reshape(rows, input.shape[-1])
+    grad = torch.is_grad_enabled()
+    outputs = torch.ops.bcekit.linear_binary_cross_entropy_with_logits(
+        x,
+        weight,
+        bias,
+        target.reshape(rows, labels),
+        pos_weight,
+        enum,
+        chunk,
+        False,
+        grad and x.requires_grad,
+        grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad,
+    )
+    return outputs[0]

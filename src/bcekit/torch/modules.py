@@ -256,6 +256,10 @@ class LinearBCEWithLogitsLoss(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return _scripted.linear_binary_cross_entropy_with_logits(
+                input, self.weight, target, self.bias, self.pos_weight, self.reduction, self.chunk_size
+            )
         return functional.linear_binary_cross_entropy_with_logits(
             input,
             self.weight,
