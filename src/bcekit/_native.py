@@ -21,7 +21,9 @@ Buffers of 4 MiB and more start on a 2 MiB boundary and are advised as transpare
 a pass streaming through one misses the TLB once per 2 MiB. The cache keeps at most ``BCEKIT_CACHE_BYTES``
 bytes (default 1 GiB, 0 disables it), the least recently returned going first, and releases a buffer no
 request takes within ``_core.CACHE_MAX_AGE`` requests; each buffer is its own memory mapping, so
-:func:`bcekit.empty_cache` gives what it holds back to the system.
+:func:`bcekit.empty_cache` gives what it holds back to the system. That cache serves NumPy outputs: torch
+outputs come from a pool of storages torch allocates (so that torch can resize them), kept under the same
+rules and limit (:mod:`bcekit.torch._buffers`), which registers its release with :func:`register_cache`.
 
 Threads: torch tensors use ``torch.get_num_threads()``; NumPy arrays use :func:`bcekit.get_num_threads`, which
 is ``BCEKIT_NUM_THREADS`` from the environment if set, else the CPUs this process may run on, and which
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bcekit._semantics import NONE, input_range_error, target_range_error
@@ -61,6 +63,9 @@ __all__ = [
     "set_num_threads",
     "empty",
     "empty_cache",
+    "cache_limit",
+    "set_cache_limit",
+    "register_cache",
     "CACHED_MIN_BYTES",
 ]
 
@@ -100,8 +105,13 @@ def _environment_count(name: str, minimum: int, accepts: str) -> int | None:
 _CACHE_BYTES = _environment_count(
     "BCEKIT_CACHE_BYTES", 0, "a whole number of bytes the buffer cache may keep (0 turns it off)"
 )
-if _core is not None and _CACHE_BYTES is not None:
-    _core.set_cache_limit(_CACHE_BYTES)
+#: Most bytes each buffer cache keeps (the C++ core's, and bcekit.torch's pool): the default unless
+#: BCEKIT_CACHE_BYTES says otherwise.
+_cache_limit = (1 << 30) if _CACHE_BYTES is None else _CACHE_BYTES
+if _core is not None:
+    _core.set_cache_limit(_cache_limit)
+#: The release functions of the other caches (see register_cache).
+_releases: list[Callable[[int], None]] = []
 
 
 def empty(shape: Sequence[int], dtype: str, torch: bool) -> Any | None:
@@ -116,6 +126,33 @@ def empty_cache() -> None:
     """Give the buffers the kernels keep for reuse back to the system (see the module docstring)."""
     if _core is not None:
         _core.empty_cache()
+    for release in _releases:
+        release(0)
+
+
+def cache_limit() -> int:
+    """Most bytes each buffer cache keeps: ``BCEKIT_CACHE_BYTES`` (default 1 GiB; 0: none)."""
+    return _cache_limit
+
+
+def set_cache_limit(nbytes: int) -> None:
+    """Set :func:`cache_limit`; each cache releases what it holds beyond the new limit."""
+    global _cache_limit
+    if int(nbytes) < 0:
+        raise ValueError(f"set_cache_limit: expected a whole number of bytes, got {nbytes}")
+    _cache_limit = int(nbytes)
+    if _core is not None:
+        _core.set_cache_limit(_cache_limit)
+    for release in _releases:
+        release(_cache_limit)
+
+
+def register_cache(release: Callable[[int], None]) -> None:
+    """Make :func:`empty_cache` and :func:`set_cache_limit` reach another cache of outputs (a
+    framework's own, registered by its backend): ``release(keep)`` frees what that cache holds for
+    reuse beyond ``keep`` bytes, and gives the memory back to the system (``keep`` is 0 from
+    :func:`empty_cache`, the new limit from :func:`set_cache_limit`)."""
+    _releases.append(release)
 
 
 def _default_threads() -> int:

@@ -34,7 +34,7 @@ from torch import Tensor
 from bcekit import _math, _native, _numpy_core, _semantics
 from bcekit._math import LossSpec
 from bcekit._semantics import MEAN, NONE, SUM
-from bcekit.torch import _triton
+from bcekit.torch import _buffers, _triton
 
 __all__ = [
     "binary_cross_entropy",
@@ -280,12 +280,11 @@ def _concrete(*tensors: Optional[Tensor]) -> bool:
 
 
 def _output(x: Tensor) -> Tensor:
-    """An output shaped like ``x``: from the kernels' buffer cache when large (see :mod:`bcekit._native`);
-    CUDA tensors have torch's caching allocator already."""
+    """An output shaped like ``x``: on the CPU from the pool of reused storages when large (see
+    :mod:`bcekit.torch._buffers`); CUDA tensors have torch's caching allocator already."""
     if x.device.type != "cpu":
         return torch.empty_like(x, memory_format=torch.contiguous_format)
-    cached = _native.empty(x.shape, _KERNEL_DTYPES[x.dtype], torch=True)
-    return torch.empty_like(x) if cached is None else cached
+    return _buffers.empty_like(x)
 
 
 def _kernel_pass(
