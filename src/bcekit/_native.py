@@ -23,7 +23,7 @@ bytes (default 1 GiB, 0 disables it), the least recently returned going first, a
 request takes within ``_core.CACHE_MAX_AGE`` requests; each buffer is its own memory mapping, so
 :func:`bcekit.empty_cache` gives what it holds back to the system. That cache serves NumPy outputs: torch
 outputs come from a pool of storages torch allocates (so that torch can resize them), kept under the same
-rules and limit (:mod:`bcekit.torch._buffers`), which registers its release with :func:`register_cache`.
+rules and limit (:mod:`bcekit.torch._buffers`), which registers its release with ``register_cache``.
 
 Threads: torch tensors use ``torch.get_num_threads()``; NumPy arrays use :func:`bcekit.get_num_threads`, which
 is ``BCEKIT_NUM_THREADS`` from the environment if set, else the CPUs this process may run on, and which

@@ -16,7 +16,7 @@ C++ core's buffer cache (which keeps serving NumPy outputs):
   that can no longer be resized (``Tensor.numpy()`` makes it so) or was moved to shared memory is
   dropped then instead;
 * a free storage serves a request of its size or up to 1/8 smaller, the smallest one that fits;
-* the pool holds at most :func:`bcekit._native.cache_limit` bytes (``BCEKIT_CACHE_BYTES``, default
+* the pool holds at most ``bcekit._native.cache_limit()`` bytes (``BCEKIT_CACHE_BYTES``, default
   1 GiB, 0 turns it off), handed out and free together, as sized when they were last seen free: to make
   room for a new storage the least recently returned free ones are released first, and a request that
   still does not fit gets a plain allocation the pool does not keep;

@@ -23,7 +23,7 @@ Label sharding. With a ``process_group``, ``W``, ``b``, ``pos_weight`` and the t
 rank's contiguous shard of the labels; the label count, the loss and ``\nabla_X`` are all-reduced (sums), so
 every rank returns the unsharded loss and ``\nabla_X``, and its own shard of ``\nabla_W``, ``\nabla_b``.
 
-Routes. Eager calls go through an autograd Function (:class:`_LinearBCE`); under ``torch.compile`` the pass
+Routes. Eager calls go through an autograd Function (``_LinearBCE``); under ``torch.compile`` the pass
 is the registered op ``bcekit::linear_binary_cross_entropy_with_logits`` (the loss and the stored
 gradients), which Dynamo keeps whole. Sparse targets and label sharding always run eagerly: Dynamo traces
 neither sparse tensors nor collectives.
