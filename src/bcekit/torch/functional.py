@@ -84,8 +84,10 @@ def _recording() -> bool:
 
 def _exporting() -> bool:
     """``torch.onnx.export``, with either exporter: ONNX has no ``bcekit::`` operators, so the loss is
-    written in standard ones (the composed formulas of :mod:`bcekit._math`)."""
-    return torch.onnx.is_in_onnx_export()
+    written in standard ones (the composed formulas of :mod:`bcekit._math`). An export traces (the
+    TorchScript-based exporter) or compiles (``torch.export``): eager calls skip the query, which costs
+    about a microsecond."""
+    return (torch.compiler.is_compiling() or torch._C._is_tracing()) and torch.onnx.is_in_onnx_export()
 
 
 def _check_devices(*tensors: Tensor | None) -> None:
