@@ -14,16 +14,14 @@ kills both processes after ``_LAUNCH_TIMEOUT_S`` and shows what they printed.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
+
+import _ranks
 
 WORLD = 2
 STEPS = 4
@@ -173,56 +171,7 @@ def _free_port() -> int:
 
 def _launch(folder: Path) -> list[dict]:
     """Two worker processes; their JSON results, or a test failure with their output."""
-    code = (
-        "import runpy, sys; "
-        "runpy.run_path(sys.argv[1])['_worker'](int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])"
-    )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # the group stays on this machine's loopback
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    processes, logs = [], []
-    for rank in range(WORLD):
-        log = open(folder / f"rank{rank}.log", "w+")  # closed below
-        argv = [
-            str(Path(__file__).resolve()),
-            str(rank),
-            str(WORLD),
-            address,
-            str(folder / f"rank{rank}.json"),
-        ]
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-c", code, *argv], stdout=log, stderr=subprocess.STDOUT, cwd=folder, env=env
-            )
-        )
-        logs.append(log)
-    deadline = time.monotonic() + _LAUNCH_TIMEOUT_S
-    timed_out = False
-    try:
-        for process in processes:
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                break
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        output = []
-        for rank, log in enumerate(logs):
-            log.seek(0)
-            output.append(f"--- rank {rank} (exit status {processes[rank].returncode}) ---\n{log.read()}")
-            log.close()
-    report = "\n".join(output)
-    if timed_out:
-        pytest.fail(f"the workers did not finish within {_LAUNCH_TIMEOUT_S} s\n{report}")
-    failed = [rank for rank, process in enumerate(processes) if process.returncode != 0]
-    if failed:
-        pytest.fail(f"rank(s) {failed} failed\n{report}")
-    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    return _ranks.launch(__file__, folder, WORLD, f"tcp://127.0.0.1:{_free_port()}", _LAUNCH_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

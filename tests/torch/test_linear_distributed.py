@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
+import _ranks
 
 WORLD = 2
 _GROUP_TIMEOUT_S = 60
@@ -256,56 +255,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
 
 def _launch(folder: Path) -> list[dict]:
     """Two worker processes; their JSON results, or a test failure with their output."""
-    code = (
-        "import runpy, sys; "
-        "runpy.run_path(sys.argv[1])['_worker'](int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])"
-    )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # the group stays on this machine's loopback
-    init_file = folder / "rendezvous"
-    processes, logs = [], []
-    for rank in range(WORLD):
-        log = open(folder / f"rank{rank}.log", "w+")  # closed below
-        argv = [
-            str(Path(__file__).resolve()),
-            str(rank),
-            str(WORLD),
-            str(init_file),
-            str(folder / f"rank{rank}.json"),
-        ]
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-c", code, *argv], stdout=log, stderr=subprocess.STDOUT, cwd=folder, env=env
-            )
-        )
-        logs.append(log)
-    deadline = time.monotonic() + _LAUNCH_TIMEOUT_S
-    timed_out = False
-    try:
-        for process in processes:
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                break
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        output = []
-        for rank, log in enumerate(logs):
-            log.seek(0)
-            output.append(f"--- rank {rank} (exit status {processes[rank].returncode}) ---\n{log.read()}")
-            log.close()
-    report = "\n".join(output)
-    if timed_out:
-        pytest.fail(f"the workers did not finish within {_LAUNCH_TIMEOUT_S} s\n{report}")
-    failed = [rank for rank, process in enumerate(processes) if process.returncode != 0]
-    if failed:
-        pytest.fail(f"rank(s) {failed} failed\n{report}")
-    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    return _ranks.launch(__file__, folder, WORLD, str(folder / "rendezvous"), _LAUNCH_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
