@@ -174,3 +174,33 @@ def test_process_group_under_fullgraph_says_why_it_cannot_compile() -> None:
     )
     assert isinstance(error, RuntimeError)
     assert _linear._EAGER_ONLY in str(error), error
+
+
+@pytest.mark.parametrize("edited", ["input", "weight", "bias", "target", "pos_weight"])
+@pytest.mark.parametrize("grads", [("input", "weight"), ("weight",), ("input",)], ids="+".join)
+def test_compiled_in_place_edit_before_backward_raises_where_torch_compiled_does(edited, grads) -> None:
+    """An in-place edit between a compiled forward and its backward: autograd's error where torch's
+    unfused loss compiled the same way gives it, the gradients of the values the forward saw where not."""
+    outcomes = []
+    for loss_fn in (_fused, _unfused):
+        torch._dynamo.reset()
+        problem = {k: None if v is None else v.clone() for k, v in _problem().items()}
+        for name in grads:
+            problem[name].requires_grad_()
+        compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+        loss = compiled(
+            problem["input"], problem["weight"], problem["target"], problem["bias"], problem["pos_weight"]
+        )
+        with torch.no_grad():
+            problem[edited].mul_(2)
+        leaves = [problem[name] for name in grads]
+        try:
+            outcomes.append(torch.autograd.grad(loss, leaves))
+        except RuntimeError as error:
+            assert "modified by an inplace operation" in str(error)
+            outcomes.append(None)
+    ours, theirs = outcomes
+    assert (ours is None) == (theirs is None)
+    if ours is not None:
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b)

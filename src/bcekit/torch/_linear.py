@@ -33,7 +33,7 @@ torch releases before PEP 604 support need as ``Optional[...]``.)
 """
 
 import weakref
-from typing import Any, NamedTuple, Optional
+from typing import Any, List, NamedTuple, Optional  # noqa: UP035 (typing spellings for op hints)
 
 import torch
 import torch.nn.functional as F
@@ -413,20 +413,40 @@ def _(
     )
 
 
+@torch.library.custom_op("bcekit::linear_scaled_gradient", mutates_args=())
+def _scaled_gradient(gradient: Tensor, grad_output: Tensor, kept: List[Tensor]) -> Tensor:  # noqa: UP006
+    """``gradient * grad_output``. ``kept`` are the tensors torch's compiled unfused loss keeps for it;
+    unused here, but as the op's inputs they are inputs of a compiled backward too, which then keeps them
+    and checks their versions: an in-place edit between the forward and the backward raises autograd's
+    error under ``torch.compile`` as it does for the unfused loss."""
+    return gradient * grad_output.to(gradient.dtype)
+
+
+@_scaled_gradient.register_fake
+def _(gradient, grad_output, kept):
+    return torch.empty_like(gradient)
+
+
 def _fused_op_setup_context(ctx, inputs, output) -> None:
     _, *grads = output
+    x, weight = inputs[:2]
+    need_input, need_weight, _ = ctx.needs = inputs[-3:]
+    # what torch's unfused loss, compiled, keeps for its backward (the matmuls' operands; its BCE's
+    # backward reads activations instead of the target), for autograd's check of in-place edits
+    kept = [x if need_weight else None, weight if need_input else None]
     ctx.mark_non_differentiable(*grads)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*grads)
-    ctx.needs = inputs[-3:]
+    ctx.save_for_backward(*grads, *(t for t in kept if t is not None))
 
 
 def _fused_op_backward(ctx, grad_output: Tensor | None, *_):
     grads = [None] * 3
+    saved = ctx.saved_tensors  # raises autograd's error if a kept tensor was edited in place
     if grad_output is not None:
+        kept = list(saved[3:])
         grads = [
-            g * grad_output.to(g.dtype) if need else None
-            for g, need in zip(ctx.saved_tensors, ctx.needs, strict=True)
+            _scaled_gradient(g, grad_output, kept) if need else None
+            for g, need in zip(saved[:3], ctx.needs, strict=True)
         ]
     return (*grads, *(None,) * 8)
 
@@ -505,7 +525,7 @@ def linear_binary_cross_entropy_with_logits(
     if they require one) and not twice (the backward is not differentiable). An in-place edit between the
     forward and the backward raises autograd's error wherever the unfused loss's would (edits of the
     tensors it saves: ``input`` when ``weight`` requires grad, ``weight`` when ``input`` does, a dense
-    ``target``, ``pos_weight``).
+    ``target``, ``pos_weight``; compiled, only the first two, as for torch's unfused loss compiled).
 
     Under ``torch.compile`` the call is one op in the graph (``fullgraph=True`` holds); a sparse target
     (which Dynamo refuses as an argument, as it refuses torch's own ``to_dense()``) or a ``process_group``
