@@ -1,7 +1,8 @@
 """The ``bcekit::`` operators: registered with ``torch.library`` so ``torch.compile`` sees them whole.
 
-Each op takes tensors already checked by :mod:`bcekit.torch.functional` (shapes, dtypes, option values)
-and owns only what needs the data: the [0, 1] check of the probability loss and the arithmetic.
+Each op takes tensors already checked by :mod:`bcekit.torch.functional` (shapes, dtypes, option values;
+under ``torch.jit.script``, by the same checks as operators, :mod:`bcekit.torch._scripted`) and owns only
+what needs the data: the [0, 1] check of the probability loss and the arithmetic.
 
 Where the arithmetic runs:
 
