@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import bcekit.torch as bce
+from _focal import torchvision_focal
 
 #: The rows of a problem and its rows after a resize; the label count
 ROWS, RESIZED_ROWS, LABELS = 8, 12, 5
@@ -381,21 +382,6 @@ FOCAL_FACTORS: dict[str, tuple[str, ...]] = {
     "mode": ("static", "dynamic", "resize"),
 }
 FOCAL_ROWS = covering_array(FOCAL_FACTORS, lambda row: True)
-
-
-def torchvision_focal(
-    x: torch.Tensor, y: torch.Tensor, alpha: float, gamma: float, reduction: str
-) -> torch.Tensor:
-    """``torchvision.ops.sigmoid_focal_loss``'s formula in torch ops (as in ``test_focal.py``)."""
-    p = torch.sigmoid(x)
-    ce_loss = F.binary_cross_entropy_with_logits(x, y, reduction="none")
-    p_t = p * y + (1 - p) * (1 - y)
-    loss = ce_loss * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
-    if reduction == "mean":
-        return loss.mean()
-    return loss.sum() if reduction == "sum" else loss
 
 
 def _focal_problem(row: dict[str, str], rows: int) -> Problem:

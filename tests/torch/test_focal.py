@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 import bcekit.numpy as bce_np
 import bcekit.torch as bce
+from _focal import torchvision_focal
 from _reference import MP, focal_exact, focal_grad_exact, focal_mp, ulp_error
 from bcekit import _math, _numpy_core, _semantics
 
@@ -43,24 +44,6 @@ ALPHAS = (-1.0, 0.0, 0.25, 0.5, 1.0)
 GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 MAX_ULP = 2.0
 EPS64 = torch.finfo(torch.float64).eps
-
-
-def torchvision_focal(
-    inputs: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float, reduction: str
-) -> torch.Tensor:
-    """``torchvision.ops.sigmoid_focal_loss``, line for line (``torchvision/ops/focal_loss.py``)."""
-    p = torch.sigmoid(inputs)
-    ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce_loss * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-        loss = alpha_t * loss
-    if reduction == "mean":
-        loss = loss.mean()
-    elif reduction == "sum":
-        loss = loss.sum()
-    return loss
 
 
 def _one_minus_pt(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
