@@ -567,8 +567,7 @@ def linear_binary_cross_entropy_with_logits(
         x, weight = x.to(cast), weight.to(cast)
         bias = None if bias is None else bias.to(cast)
     plan = _Plan(enum, chunk, process_group, cast is not None)
-    exporting = torch.compiler.is_compiling() or torch._C._is_tracing()  # as an ONNX export does
-    if exporting and torch.onnx.is_in_onnx_export():  # ONNX has no bcekit operators: the unfused loss
+    if _ops.exporting():  # ONNX has no bcekit operators: the unfused loss, in standard ones
         logits = F.linear(x, weight, bias)
         dense = (y.to_dense() if sparse else y).to(logits.dtype)
         spec = LossSpec("logits", enum, 0.0, None)

@@ -50,6 +50,7 @@ __all__ = [
     "binary_cross_entropy_with_logits_fused",
     "eager_kernel_loss",
     "eager_plain_loss",
+    "exporting",
 ]
 
 
@@ -400,6 +401,14 @@ def _backward(spec: LossSpec, ctx, grad_output: Tensor) -> tuple[Optional[Tensor
     ):
         return _kernel_gradients(spec, ctx, grad_output)
     return _gradients(spec, ctx, grad_output)
+
+
+def exporting() -> bool:
+    """Whether ``torch.onnx.export`` (either exporter) is running: ONNX has no ``bcekit::`` operators, so
+    the functionals then write the loss in standard ones (:func:`composed_loss`). An export traces (the
+    TorchScript-based exporter) or compiles (``torch.export``): eager calls skip the query, which costs
+    about a microsecond."""
+    return (torch.compiler.is_compiling() or torch._C._is_tracing()) and torch.onnx.is_in_onnx_export()
 
 
 def _output_shape(input: Tensor, reduction: int):

@@ -82,14 +82,6 @@ def _recording() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def _exporting() -> bool:
-    """``torch.onnx.export``, with either exporter: ONNX has no ``bcekit::`` operators, so the loss is
-    written in standard ones (the composed formulas of :mod:`bcekit._math`). An export traces (the
-    TorchScript-based exporter) or compiles (``torch.export``): eager calls skip the query, which costs
-    about a microsecond."""
-    return (torch.compiler.is_compiling() or torch._C._is_tracing()) and torch.onnx.is_in_onnx_export()
-
-
 def _check_devices(*tensors: Tensor | None) -> None:
     """torch's error for meta tensors mixed with tensors that hold data (the composed path would otherwise
     return a tensor of uninitialised memory). Other mixes are left to the operators, which refuse them as
@@ -284,7 +276,7 @@ def binary_cross_entropy(
     input, target, weight = _autocast_to_float32(input, target, weight)
     check_probability_arguments(input, target, weight, label_smoothing, torch.is_grad_enabled())
     smoothing, ignore = float(label_smoothing), _optional_float(ignore_index)
-    if _exporting():
+    if _ops.exporting():  # ONNX has no bcekit:: operators: the composed loss, in standard ones
         spec = LossSpec("bce", enum, smoothing, ignore)
         return _ops.composed_loss(spec, input, target, weight, None, input.dtype)
     if _transforms.active(input, target, weight):
@@ -363,7 +355,7 @@ def binary_cross_entropy_with_logits(
     input, target, weight, pos_weight = _autocast_to_float32(input, target, weight, pos_weight)
     check_logits_arguments(input, target, weight, pos_weight, label_smoothing, torch.is_grad_enabled())
     smoothing, ignore = float(label_smoothing), _optional_float(ignore_index)
-    if _exporting():
+    if _ops.exporting():  # ONNX has no bcekit:: operators: the composed loss, in standard ones
         spec = LossSpec("logits", enum, smoothing, ignore)
         return _ops.composed_loss(spec, input, target, weight, pos_weight, target.dtype)
     if _transforms.active(input, target, weight, pos_weight):
@@ -421,7 +413,7 @@ def sigmoid_focal_loss(
     enum = _reduction_enum(reduction)
     input, target = _autocast_to_float32(input, target)
     check_focal_arguments(input, target, alpha, gamma)
-    if _exporting():
+    if _ops.exporting():  # ONNX has no bcekit:: operators: the composed loss, in standard ones
         spec = LossSpec("focal", enum, alpha=float(alpha), gamma=float(gamma))
         return _ops.composed_loss(spec, input, target, None, None, target.dtype)
     if _transforms.active(input, target):
