@@ -1,8 +1,9 @@
 """``DistributedDataParallel`` training with bcekit's losses equals the same training with torch's.
 
 One launch serves every test: the module-scoped fixture starts two fresh interpreters (ranks 0 and 1, gloo,
-``tcp://127.0.0.1`` on a free port, CPU, one torch thread each), as ``test_linear_distributed.py`` starts
-its workers. For every configuration of ``RUNS`` each rank builds the same float64 model from a seed, wraps
+CPU, one torch thread each), as ``test_linear_distributed.py`` starts its workers. They meet through a
+file (``file://`` in a temporary folder), not a TCP store: a TCP store lives in rank 0's process, and a
+rank 0 that exits first can abort the other rank's teardown of the group. For every configuration of ``RUNS`` each rank builds the same float64 model from a seed, wraps
 it in DDP and trains it a few SGD steps on its own shard of a seeded global batch, once with bcekit's loss
 and once with torch's; it writes the losses it saw and the parameters it ends with to a JSON file, and the
 parent compares them. A worker that raises records the traceback for its configuration and goes on.
@@ -14,7 +15,6 @@ kills both processes after ``_LAUNCH_TIMEOUT_S`` and shows what they printed.
 from __future__ import annotations
 
 import json
-import socket
 import traceback
 from pathlib import Path
 
@@ -124,7 +124,7 @@ def _train(model: torch.nn.Module, rank: int, sparse: bool) -> dict:
     return {"losses": losses, "parameters": {n: p.detach().tolist() for n, p in model.named_parameters()}}
 
 
-def _worker(rank: int, world: int, address: str, out: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     """One rank: every run, its results (or the exception) written to ``out`` as JSON."""
     from datetime import timedelta
 
@@ -135,7 +135,7 @@ def _worker(rank: int, world: int, address: str, out: str) -> None:
     try:
         dist.init_process_group(
             "gloo",
-            init_method=address,
+            init_method=f"file://{init_file}",
             rank=rank,
             world_size=world,
             timeout=timedelta(seconds=_GROUP_TIMEOUT_S),
@@ -163,15 +163,9 @@ def _worker(rank: int, world: int, address: str, out: str) -> None:
 # --- the parent -----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(folder: Path) -> list[dict]:
     """Two worker processes; their JSON results, or a test failure with their output."""
-    return _ranks.launch(__file__, folder, WORLD, f"tcp://127.0.0.1:{_free_port()}", _LAUNCH_TIMEOUT_S)
+    return _ranks.launch(__file__, folder, WORLD, str(folder / "rendezvous"), _LAUNCH_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
