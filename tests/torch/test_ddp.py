@@ -1,12 +1,13 @@
 """``DistributedDataParallel`` training with bcekit's losses equals the same training with torch's.
 
 One launch serves every test: the module-scoped fixture starts two fresh interpreters (ranks 0 and 1, gloo,
-CPU, one torch thread each), as ``test_linear_distributed.py`` starts its workers. They meet through a
-file (``file://`` in a temporary folder), not a TCP store: a TCP store lives in rank 0's process, and a
-rank 0 that exits first can abort the other rank's teardown of the group. For every configuration of ``RUNS`` each rank builds the same float64 model from a seed, wraps
-it in DDP and trains it a few SGD steps on its own shard of a seeded global batch, once with bcekit's loss
-and once with torch's; it writes the losses it saw and the parameters it ends with to a JSON file, and the
-parent compares them. A worker that raises records the traceback for its configuration and goes on.
+CPU, one torch thread each), as ``test_linear_distributed.py`` starts its workers. They meet through a file
+(``file://`` in a temporary folder), not a TCP store: a TCP store lives in rank 0's process, and a rank 0
+that exits first can abort the other rank's teardown of the group. For every configuration of ``RUNS`` each
+rank builds the same float64 model from a seed, wraps it in DDP and trains it a few SGD steps on its own
+shard of a seeded global batch, once with bcekit's loss and once with torch's; it writes the losses it saw
+and the parameters it ends with to a JSON file, and the parent compares them. A worker that raises records
+the traceback for its configuration and goes on.
 
 The workers never wait for ever: the group's collectives time out after ``_GROUP_TIMEOUT_S``, the parent
 kills both processes after ``_LAUNCH_TIMEOUT_S`` and shows what they printed.
