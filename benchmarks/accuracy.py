@@ -47,7 +47,7 @@ from tests._reference import bce_exact, logits_exact, ulp_error  # noqa: E402
 
 import bcekit.numpy as bce_np  # noqa: E402
 import bcekit.torch as bce_torch  # noqa: E402
-from bcekit.torch import _ops, _triton  # noqa: E402
+from bcekit.torch import _kernel, _triton  # noqa: E402
 
 DTYPES = ("float32", "float64")
 IMPLEMENTATIONS = ("bcekit.torch", "bcekit.numpy", "torch", "bcekit GPU")
@@ -166,11 +166,11 @@ def _kernels(name: str):
     if name != "bcekit GPU" or GPU:
         yield "cuda" if name == "bcekit GPU" else "cpu"
         return
-    _ops._TRITON_ON_CPU = True
+    _kernel._TRITON_ON_CPU = True
     try:
         yield "cpu"
     finally:
-        _ops._TRITON_ON_CPU = False
+        _kernel._TRITON_ON_CPU = False
 
 
 def _logits(name: str, x: np.ndarray, y: np.ndarray, p: np.ndarray | None) -> np.ndarray:

@@ -88,7 +88,7 @@ sweep; the linear loss at N = 64, D = 16, C = 256), in under a minute on two cor
 whose numbers mean nothing.
 Triton's interpreter runs the kernels (``TRITON_INTERPRET=1`` is set before Triton is imported; where it
 was imported already, as ``python -m benchmarks.gpu`` does, the check reruns itself in a fresh process) on
-CPU tensors, which ``bcekit.torch._ops._TRITON_ON_CPU`` sends down the branch CUDA tensors take. Stand-ins
+CPU tensors, which ``bcekit.torch._kernel._TRITON_ON_CPU`` sends down the branch CUDA tensors take. Stand-ins
 for what needs CUDA: ``time.perf_counter`` for events, the step run directly for a graph replay (the same
 static-tensor copy-in and comparison), no sync debug mode, zero memory numbers, CPU autocast, plain
 ``torch.compile()`` for ``reduce-overhead``, and the ``aot_eager`` backend for the torch.compile
@@ -558,7 +558,7 @@ def compare(name: str, got: Tensor, ref: Tensor, dtype_name: str) -> tuple[float
 
 
 def section_environment(section: Section, check: Check) -> None:
-    from bcekit.torch import _ops, _triton
+    from bcekit.torch import _kernel, _triton
     from benchmarks.gpu import machine
 
     info = machine(check.device.backend)
@@ -570,7 +570,7 @@ def section_environment(section: Section, check: Check) -> None:
     section.results |= {"machine": info, "triton_describe": description}
     if not description["available"]:
         section.fail("Triton is not importable: CUDA tensors would take bcekit's composed torch path")
-    elif check.settings.dry_run and not (interpreted and _ops._TRITON_ON_CPU):
+    elif check.settings.dry_run and not (interpreted and _kernel._TRITON_ON_CPU):
         section.fail("dry run: the kernels are not interpreted, or CPU tensors do not take the Triton branch")
     elif not check.settings.dry_run and (interpreted or description["interpreting"]):
         section.fail("TRITON_INTERPRET=1 on a GPU: the kernels are interpreted, not compiled; unset it")
@@ -1649,12 +1649,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.of(arguments)
 
     import bcekit.torch as bce
-    from bcekit.torch import _ops
+    from bcekit.torch import _kernel
     from benchmarks._common import configure_dynamo
 
     started = time.perf_counter()
-    was_on_cpu = _ops._TRITON_ON_CPU
-    _ops._TRITON_ON_CPU = settings.dry_run  # CPU tensors take the CUDA tensors' branch: the Triton kernels
+    was_on_cpu = _kernel._TRITON_ON_CPU
+    _kernel._TRITON_ON_CPU = settings.dry_run  # CPU tensors take the CUDA tensors' branch: the Triton kernels
     launches = Launches()
     configure_dynamo()
     check = Check(settings, Device(settings.dry_run), bce, launches)
@@ -1667,7 +1667,7 @@ def main(argv: list[str] | None = None) -> int:
             carry += own - records[name]["wall_s"]
     finally:
         launches.restore()
-        _ops._TRITON_ON_CPU = was_on_cpu
+        _kernel._TRITON_ON_CPU = was_on_cpu
     passed = all(r["status"] == "passed" for r in records.values())
     environment = records.get("environment", {}).get("machine", {})
     settings.out.mkdir(parents=True, exist_ok=True)

@@ -128,17 +128,19 @@ def _reference(logits: bool, x, y, w, p, reduction: str, dtype=torch.float64):
 
 
 class _Spy:
-    """Counts the calls of ``_native.run`` (every kernel pass of both backends goes through it)."""
+    """Counts the kernel passes: the calls of ``_native.run_planned`` (torch tensors) and
+    ``_native.run_arrays`` (NumPy arrays), which every pass of both backends goes through."""
 
     def __init__(self, monkeypatch) -> None:
         self.calls = 0
-        original = _native.run
+        for name in ("run_planned", "run_arrays"):
+            original = getattr(_native, name)
 
-        def counting(*args, **kwargs):
-            self.calls += 1
-            return original(*args, **kwargs)
+            def counting(*args, _original=original, **kwargs):
+                self.calls += 1
+                return _original(*args, **kwargs)
 
-        monkeypatch.setattr(_native, "run", counting)
+            monkeypatch.setattr(_native, name, counting)
 
 
 @pytest.fixture
@@ -739,9 +741,11 @@ def _with_ignored(y: np.ndarray, ignore_index: float | None, seed: int) -> np.nd
 
 
 def _composed(monkeypatch, call):
-    """``call()`` with the kernels declined: ``_native.eligible`` decides for both backends."""
+    """``call()`` with the kernels declined: ``_native.plan`` decides for both backends (bcekit.torch's
+    eager calls remember the plans they got, so they start here with a fresh memory)."""
     with monkeypatch.context() as patch:
-        patch.setattr(_native, "eligible", lambda *args, **kwargs: False)
+        patch.setattr(_native, "plan", lambda *args, **kwargs: None)
+        patch.setattr(bcekit.torch.functional, "_EAGER_CALLS", {})
         spy = _Spy(patch)
         result = call()
         assert spy.calls == 0

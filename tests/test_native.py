@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 import bcekit
 import bcekit.numpy as bnp
 import bcekit.torch as bce
-from bcekit import _native
+from bcekit import _native, _semantics
+from bcekit._semantics import MEAN, NONE, SUM
 
 FORMS = {
     _native.SCALAR: "SCALAR",
@@ -671,3 +672,66 @@ def test_run_on_torch_tensors_checks_what_a_pointer_cannot_say() -> None:
         _native.run("logits", x, y, torch.ones(4), (6, 1), input_shape=(6, 4))
     with pytest.raises(ValueError, match="'grad_input' must be a contiguous CPU tensor"):
         _torch_pass(x, y, grad_input=torch.empty(4, 6).t())
+
+
+# --------------------------------------------------------------------------------------------------------
+# The plan and the kernels' codes
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_the_codes_come_from_the_core_and_agree_with_the_rules() -> None:
+    """kernel_api.h is the home of the kernels' codes: _native reads them from the core, and the codes the
+    rule book also defines (torch's reduction enum, the gradient's clamp) are the same numbers."""
+    core = _native._core
+    assert dict(core.REDUCTIONS) == {"none": NONE, "mean": MEAN, "sum": SUM}
+    assert core.GRAD_EPSILON == _semantics.GRAD_EPSILON
+    forms = dict(core.BROADCAST_FORMS)
+    assert (_native.ABSENT, _native.SCALAR, _native.PER_CLASS, _native.PER_ROW, _native.FULL) == tuple(
+        forms[name] for name in ("absent", "scalar", "per_class", "per_row", "full")
+    )
+    assert len(set(forms.values())) == 5
+    assert set(core.DTYPES) == {"float32", "float64", "float16", "bfloat16"}
+    assert set(core.KINDS) == {"bce", "logits"}
+
+
+@pytest.mark.parametrize(
+    ("weight_shape", "form", "inner", "size"),
+    [(None, "absent", 1, 0), ((), "scalar", 1, 1), ((7,), "per_class", 7, 7), ((5, 1), "per_row", 7, 5)],
+)
+def test_the_plan_says_how_the_kernels_read_each_operand(weight_shape, form, inner, size) -> None:
+    plan = _native.plan("logits", "float32", (5, 7), weight_shape, (7,), MEAN, 0.1, None)
+    assert plan.weight_form == _native._core.BROADCAST_FORMS[form]
+    assert (plan.weight_inner, plan.weight_size) == (inner, size)
+    assert (plan.pos_weight_form, plan.pos_weight_size) == (_native.PER_CLASS, 7)
+    assert plan.kind == _native._core.KINDS["logits"] and plan.dtype == _native._core.DTYPES["float32"]
+    assert plan.n == 35 and plan.reduction == MEAN and plan.label_smoothing == 0.1
+    assert plan.grad_scale == 1 / 35 and not plan.mean_over_kept
+    assert plan is _native.plan("logits", "float32", (5, 7), weight_shape, (7,), MEAN, 0.1, None)  # cached
+
+
+def test_the_plan_of_a_mean_over_kept_elements_scales_after_the_pass() -> None:
+    plan = _native.plan("bce", "float32", (4, 3), None, None, MEAN, 0.0, -1.0)
+    assert plan.mean_over_kept and plan.grad_scale == 1.0 and plan.ignore_index == -1.0
+    for reduction in (NONE, SUM):
+        plan = _native.plan("bce", "float32", (4, 3), None, None, reduction, 0.0, -1.0)
+        assert not plan.mean_over_kept and plan.grad_scale == 1.0
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ("focal", "float32", (4, 3), None, None),  # a loss the kernels do not compute
+        ("logits", None, (4, 3), None, None),  # operands of different dtypes
+        ("logits", "int64", (4, 3), None, None),
+        ("logits", "float32", (4, 3, 2), (3, 1), None),  # a broadcast the kernels cannot read in place
+        ("logits", "float32", (0, 3), (3,), None),  # an empty input reads no weight
+    ],
+)
+def test_no_plan_where_the_kernels_do_not_serve(arguments) -> None:
+    assert _native.plan(*arguments, MEAN) is None
+    assert not _native.eligible(arguments[0], [arguments[1] or "float32", "float64"], *arguments[2:])
+
+
+def test_triton_plans_take_every_kernel_dtype() -> None:
+    for dtype in ("float32", "float64", "float16", "bfloat16"):
+        assert _native.plan("logits", dtype, (4, 3), None, None, SUM, 0.0, None, True) is not None

@@ -77,7 +77,7 @@ def _misaligned_tensor(tensor: torch.Tensor, offset: int = 1) -> torch.Tensor:
 def kernel_calls(monkeypatch):
     """Counts the kernel passes (so a fallback to the composed path cannot pass the tests unnoticed)."""
     calls = [0]
-    for name in ("run", "run_plain"):
+    for name in ("run_planned", "run_arrays"):
         original = getattr(_native, name)
 
         def counting(*args, _original=original, **kwargs):

@@ -11,7 +11,7 @@ makes is compiled (``JITFunction.warmup``: front end, LLVM, PTX, then the bundle
 nothing runs, so outputs stay garbage and only the host code's path matters.
 
 What is launched comes from the public API: the losses of ``bcekit.torch`` (functional and modules) are
-called on small CPU tensors sent down the branch CUDA tensors take (``_ops._TRITON_ON_CPU``), over both
+called on small CPU tensors sent down the branch CUDA tensors take (``_kernel._TRITON_ON_CPU``), over both
 losses, every dtype, every broadcast form of ``weight`` and ``pos_weight``, forward, fused forward and
 both kinds of backward, options, an odd element count, one element and a misaligned view; kernels with
 2^31 elements or more (int64 indexing) are launched through ``_triton.run`` on expanded one-element
@@ -154,7 +154,7 @@ def record_launches() -> list[Launch]:
     import torch
 
     import bcekit.torch as bce
-    from bcekit.torch import _ops, _triton
+    from bcekit.torch import _kernel, _triton
 
     launches: dict[tuple, Launch] = {}
 
@@ -163,7 +163,7 @@ def record_launches() -> list[Launch]:
         launches.setdefault(launch.key, launch)
 
     _triton._launch = record
-    _ops._TRITON_ON_CPU = True
+    _kernel._TRITON_ON_CPU = True
     dtypes = {name: getattr(torch, name) for name in DTYPE_NAMES}
     rows, columns = 24, 32  # 768 elements: divisible by 16
     forms = {

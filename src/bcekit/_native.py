@@ -2,7 +2,7 @@
 
 Framework-free: it takes anything the kernels can read in place (NumPy arrays through the buffer protocol,
 CPU torch tensors through DLPack: no copies) and knows only shapes, dtypes and the kernel's options. Which
-calls may take the kernels is decided here too (:func:`eligible`), so both backends agree.
+calls may take the kernels, and how, is decided here too (:func:`plan`), so both backends agree.
 
 What the kernels compute is :mod:`bcekit._math`'s pipeline for the probability and logits losses (label
 smoothing and ``ignore_index`` included): per-element losses and gradients of float32, float16 and bfloat16
@@ -34,12 +34,13 @@ system refuses to start only leaves the pass to fewer threads).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from bcekit._semantics import NONE, input_range_error, target_range_error
+from bcekit._semantics import MEAN, NONE, input_range_error, target_range_error
 
 try:
     from bcekit import _core
@@ -49,14 +50,18 @@ except ImportError:  # a source tree without the built extension: the composed p
 __all__ = [
     "AVAILABLE",
     "ISA",
+    "ABSENT",
     "SCALAR",
     "PER_CLASS",
     "PER_ROW",
     "FULL",
     "broadcast_form",
+    "Plan",
+    "plan",
+    "run_planned",
+    "run_arrays",
     "eligible",
     "run",
-    "run_plain",
     "score",
     "parse_csv",
     "get_num_threads",
@@ -73,15 +78,17 @@ AVAILABLE: bool = _core is not None
 #: The instruction set the vector kernel was dispatched to ("avx2", "baseline"), or None without kernels.
 ISA: str | None = _core.ISA if _core is not None else None
 
-SCALAR, PER_CLASS, PER_ROW, FULL = 1, 2, 3, 4
-_KINDS = {"bce": 0, "logits": 1}
+# The kernels' codes, from their one home (src/cpp/kernel_api.h) through the core module; None without it.
+_FORMS = _core.BROADCAST_FORMS if _core is not None else {}
+ABSENT, SCALAR, PER_CLASS, PER_ROW, FULL = (
+    _FORMS.get(name) for name in ("absent", "scalar", "per_class", "per_row", "full")
+)
+_KINDS: dict[str, int] = dict(_core.KINDS) if _core is not None else {}
+_CODES: dict[str, int] = dict(_core.DTYPES) if _core is not None else {}
 #: dtype names the kernels store natively (float64 only where long double is x87's 80-bit format)
 _DTYPES = {"float32", "float16", "bfloat16"} | (
     {"float64"} if _core is not None and _core.EXTENDED_FLOAT64 else set()
 )
-
-
-_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 _ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 #: Outputs smaller than this are allocated as usual; larger ones come from the buffer cache.
 CACHED_MIN_BYTES = 1 << 20
@@ -187,17 +194,6 @@ def _form_size(mode: int, inner: int, n: int) -> int:
     return n if mode == FULL else (inner if mode == PER_CLASS else -(-n // max(inner, 1)))
 
 
-def _pointer(tensor: Any, name: str, dtype: str, size: int) -> int:
-    """The data pointer of a CPU tensor after the checks the C++ side cannot make on a raw pointer."""
-    if tensor is None:
-        return 0
-    if tensor.device.type != "cpu" or not tensor.is_contiguous() or _torch_dtype(tensor) != dtype:
-        raise ValueError(f"bcekit kernels: '{name}' must be a contiguous CPU tensor of dtype {dtype}")
-    if tensor.numel() != size:
-        raise ValueError(f"bcekit kernels: '{name}' has {tensor.numel()} elements, expected {size}")
-    return tensor.data_ptr()
-
-
 def get_num_threads() -> int:
     """Threads the kernels use for NumPy arrays (torch tensors follow ``torch.get_num_threads()``)."""
     return _threads
@@ -209,50 +205,6 @@ def set_num_threads(threads: int) -> None:
     if int(threads) < 1:
         raise ValueError(f"set_num_threads: expected a positive number of threads, got {threads}")
     _threads = int(threads)
-
-
-def run_plain(
-    kind: int,
-    dtype: int,
-    n: int,
-    input: int,
-    target: int,
-    loss: int,
-    grad_input: int,
-    reduction: int,
-    grad_scale: float,
-    threads: int,
-) -> float:
-    """:func:`run` for the common eager call, on raw data pointers: no weights, no options, no target
-    gradient. ``kind`` and ``dtype`` are the kernel's codes (``_KINDS``, ``_CODES``); ``loss`` and
-    ``grad_input`` are 0 or pointers to outputs of ``n`` elements. The caller has checked everything
-    :func:`run` checks (one dtype, C-contiguous CPU data, sizes). Returns the reduced loss (0.0 for NONE)
-    and raises torch's range errors for the probability loss, like :func:`run`."""
-    value, _, flags = _core.run_raw(
-        kind,
-        dtype,
-        n,
-        input,
-        target,
-        0,
-        0,
-        1,
-        0,
-        0,
-        1,
-        0,
-        grad_scale,
-        loss,
-        grad_input,
-        0,
-        reduction,
-        0.0,
-        None,
-        threads,
-    )
-    if flags:
-        raise input_range_error() if flags & 1 else target_range_error()
-    return value
 
 
 def score(
@@ -330,14 +282,153 @@ def broadcast_form(weight_shape: Sequence[int], input_shape: Sequence[int]) -> t
     return None
 
 
+class Plan(NamedTuple):
+    """How the kernels serve one call: decided once by :func:`plan` from what the decision depends on
+    (the loss, the dtype, the input's and the weights' shapes, the reduction and the options), and
+    trusted by everything below it. The backends allocate the outputs and hand a plan and their data
+    pointers to :func:`run_planned`."""
+
+    kind: int  #: the kernel's code of the loss (kernel_api.h ``Kind``)
+    dtype: int  #: the kernel's code of the one dtype of every operand (``Dtype``)
+    dtype_name: str
+    n: int  #: elements of the input (and of the target, the gradients and a per-element loss)
+    weight_form: int  #: ``Broadcast`` code of the weight (ABSENT without one), and its ``inner``
+    weight_inner: int
+    weight_size: int  #: elements the weight holds in that form
+    pos_weight_form: int
+    pos_weight_inner: int
+    pos_weight_size: int
+    reduction: int  #: NONE, MEAN or SUM, the kernel's codes too
+    #: what the gradients are multiplied by for the reduction: 1/n for a mean over every element, else 1
+    grad_scale: float
+    #: a mean whose denominator, the kept elements, is known only after the pass (``ignore_index``)
+    mean_over_kept: bool
+    label_smoothing: float
+    ignore_index: float | None
+
+
+def _weight_form(
+    shape: Sequence[int] | None, input_shape: tuple[int, ...], n: int
+) -> tuple[int, int, int] | None:
+    if shape is None:
+        return ABSENT, 1, 0
+    form = broadcast_form(shape, input_shape)
+    if form is None:
+        return None
+    mode, inner = form
+    return mode, inner, _form_size(mode, inner, n)
+
+
+@functools.lru_cache(maxsize=1024)
+def plan(
+    kind: str,
+    dtype: str | None,
+    input_shape: tuple[int, ...],
+    weight_shape: tuple[int, ...] | None,
+    pos_weight_shape: tuple[int, ...] | None,
+    reduction: int,
+    label_smoothing: float = 0.0,
+    ignore_index: float | None = None,
+    triton: bool = False,
+) -> Plan | None:
+    """The kernels' plan for a call, or None when they do not serve it: a loss they compute (the
+    probability or the logits loss), every operand of the one dtype ``dtype`` (None: the operands' dtypes
+    differ) that they store natively, and each weight in an in-place broadcast form
+    (:func:`broadcast_form`; there is none of an empty input). ``triton``: the plan of the Triton kernels
+    (CUDA tensors), which store every dtype the C++ kernels know. The arguments are hashable, and plans
+    are cached on them. Without the built core there are no plans (the composed path serves every call)."""
+    if _core is None or kind not in _KINDS or dtype not in (_CODES if triton else _DTYPES):
+        return None
+    n = math.prod(input_shape)
+    weight = _weight_form(weight_shape, input_shape, n)
+    pos_weight = _weight_form(pos_weight_shape, input_shape, n)
+    if weight is None or pos_weight is None:
+        return None
+    mean_over_kept = reduction == MEAN and ignore_index is not None
+    return Plan(
+        _KINDS[kind],
+        _CODES[dtype],
+        dtype,
+        n,
+        *weight,
+        *pos_weight,
+        int(reduction),
+        1.0 / n if reduction == MEAN and not mean_over_kept and n else 1.0,
+        mean_over_kept,
+        float(label_smoothing),
+        None if ignore_index is None else float(ignore_index),
+    )
+
+
+def run_planned(
+    plan: Plan,
+    input: int,
+    target: int,
+    weight: int,
+    pos_weight: int,
+    grad_output: int,
+    loss: int,
+    grad_input: int,
+    grad_target: int,
+    grad_scale: float,
+    threads: int,
+) -> tuple[float, int]:
+    """One kernel pass of ``plan`` over data pointers (0 for an absent operand or output): C-contiguous
+    CPU data of ``plan``'s dtype and sizes, which the caller guarantees (nothing is checked here).
+    Gradients are multiplied by ``grad_scale`` (the plan's reduction factor included by the caller) and,
+    when given, the per-element ``grad_output``. Returns ``(value, kept)`` as ``run`` does, and
+    raises torch's range errors for the probability loss."""
+    value, kept, flags = _core.run_raw(
+        plan.kind,
+        plan.dtype,
+        plan.n,
+        input,
+        target,
+        weight,
+        plan.weight_form,
+        plan.weight_inner,
+        pos_weight,
+        plan.pos_weight_form,
+        plan.pos_weight_inner,
+        grad_output,
+        grad_scale,
+        loss,
+        grad_input,
+        grad_target,
+        plan.reduction,
+        plan.label_smoothing,
+        plan.ignore_index,
+        threads,
+    )
+    if flags:
+        raise input_range_error() if flags & 1 else target_range_error()
+    return value, kept
+
+
 def eligible(kind: str, dtypes: Sequence[str], input_shape: Sequence[int], *weight_shapes: Any) -> bool:
-    """Whether the kernels serve this call: a kernel loss, every array of one supported dtype, and each
-    weight (a shape, or None when absent) in one of the in-place broadcast forms."""
-    if _core is None or kind not in _KINDS:
-        return False
-    if len(set(dtypes)) != 1 or dtypes[0] not in _DTYPES:
-        return False
-    return all(shape is None or broadcast_form(shape, input_shape) is not None for shape in weight_shapes)
+    """Whether the kernels serve a call of these dtypes and shapes (weights: a shape, or None when
+    absent): :func:`plan` is not None."""
+    weight_shape, pos_weight_shape = (tuple(weight_shapes) + (None, None))[:2]
+    dtype = dtypes[0] if len(set(dtypes)) == 1 else None
+    return (
+        plan(kind, dtype, tuple(input_shape), _tuple(weight_shape), _tuple(pos_weight_shape), NONE)
+        is not None
+    )
+
+
+def _tuple(shape: Sequence[int] | None) -> tuple[int, ...] | None:
+    return None if shape is None else tuple(int(d) for d in shape)
+
+
+def _pointer(tensor: Any, name: str, dtype: str, size: int) -> int:
+    """The data pointer of a CPU tensor after the checks the C++ side cannot make on a raw pointer."""
+    if tensor is None:
+        return 0
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or _torch_dtype(tensor) != dtype:
+        raise ValueError(f"bcekit kernels: '{name}' must be a contiguous CPU tensor of dtype {dtype}")
+    if tensor.numel() != size:
+        raise ValueError(f"bcekit kernels: '{name}' has {tensor.numel()} elements, expected {size}")
+    return tensor.data_ptr()
 
 
 def run(
@@ -360,64 +451,99 @@ def run(
     ignore_index: float | None = None,
     threads: int | None = None,
 ) -> tuple[float, int]:
-    """One pass of the kernel over C-contiguous, same-dtype operands (outputs preallocated by the caller).
+    """One pass of the kernel over C-contiguous, same-dtype operands (outputs preallocated by the caller),
+    checked here: NumPy arrays (through the buffer protocol) or CPU tensors. The NumPy backend's and the
+    tests' way in; bcekit.torch's passes take :func:`run_planned`.
 
     Returns ``(value, kept)``: the mean or sum of the per-element losses (0.0 for ``'none'``), reduced in
     the kernel's extended precision and rounded to float64 once, and the number of kept elements.
-    Gradients are multiplied by ``grad_scale`` and, if given, the per-element ``grad_output``. For the
-    probability loss the same pass checks that inputs and (kept) targets lie in [0, 1], and raises torch's
-    errors if not (outputs are then garbage).
+    Gradients are multiplied by ``grad_scale`` and, if given, the per-element ``grad_output`` (the plan's
+    1/n is not applied here: ``grad_scale`` is the whole factor). For the probability loss the same pass
+    checks that inputs and (kept) targets lie in [0, 1], and raises torch's errors if not (outputs are
+    then garbage).
     """
     assert _core is not None
-    w_mode, w_inner = (0, 1) if weight is None else broadcast_form(weight_shape, input_shape)
-    p_mode, p_inner = (0, 1) if pos_weight is None else broadcast_form(pos_weight_shape, input_shape)
-    options = (
-        int(reduction),  # NONE, MEAN, SUM are the kernel's 0, 1, 2
+    torch_tensors = hasattr(input, "data_ptr")
+    dtype = _torch_dtype(input) if torch_tensors else input.dtype.name
+    planned = plan(
+        kind,
+        dtype,
+        _tuple(input_shape),
+        None if weight is None else _tuple(weight_shape),
+        None if pos_weight is None else _tuple(pos_weight_shape),
+        int(reduction),
         float(label_smoothing),
         None if ignore_index is None else float(ignore_index),
-        _threads if threads is None else int(threads),
     )
-    if hasattr(input, "data_ptr"):  # torch tensors: raw pointers, checked here (DLPack costs ~5 us each)
-        n, dtype = input.numel(), _torch_dtype(input)
-        value, kept, flags = _core.run_raw(
-            _KINDS[kind],
-            _CODES[dtype],
-            n,
+    if planned is None:
+        raise ValueError("bcekit kernels: this call is not one the kernels serve (see bcekit._native.plan)")
+    threads = _threads if threads is None else int(threads)
+    if torch_tensors:  # raw pointers, checked here (DLPack costs ~5 us each)
+        n = planned.n
+        return run_planned(
+            planned,
             _pointer(input, "input", dtype, n),
             _pointer(target, "target", dtype, n),
-            _pointer(weight, "weight", dtype, _form_size(w_mode, w_inner, n)),
-            w_mode,
-            w_inner,
-            _pointer(pos_weight, "pos_weight", dtype, _form_size(p_mode, p_inner, n)),
-            p_mode,
-            p_inner,
+            _pointer(weight, "weight", dtype, planned.weight_size),
+            _pointer(pos_weight, "pos_weight", dtype, planned.pos_weight_size),
             _pointer(grad_output, "grad_output", dtype, n),
-            float(grad_scale),
             _pointer(loss, "loss", dtype, n),
             _pointer(grad_input, "grad_input", dtype, n),
             _pointer(grad_target, "grad_target", dtype, n),
-            *options,
-        )
-    else:
-        value, kept, flags = _core.run(
-            _KINDS[kind],
-            input,
-            target,
-            weight,
-            w_mode,
-            w_inner,
-            pos_weight,
-            p_mode,
-            p_inner,
-            grad_output,
             float(grad_scale),
-            loss,
-            grad_input,
-            grad_target,
-            *options,
+            threads,
         )
-    if flags & 1:
-        raise input_range_error()
-    if flags & 2:
-        raise target_range_error()
+    return run_arrays(
+        planned,
+        input,
+        target,
+        weight,
+        pos_weight,
+        loss=loss,
+        grad_input=grad_input,
+        grad_target=grad_target,
+        grad_output=grad_output,
+        grad_scale=float(grad_scale),
+        threads=threads,
+    )
+
+
+def run_arrays(
+    plan: Plan,
+    input: Any,
+    target: Any,
+    weight: Any,
+    pos_weight: Any,
+    *,
+    loss: Any = None,
+    grad_input: Any = None,
+    grad_target: Any = None,
+    grad_output: Any = None,
+    grad_scale: float,
+    threads: int | None = None,
+) -> tuple[float, int]:
+    """:func:`run_planned` for NumPy arrays (read in place through the buffer protocol; the core checks
+    their dtypes, sizes and contiguity)."""
+    value, kept, flags = _core.run(
+        plan.kind,
+        input,
+        target,
+        weight,
+        plan.weight_form,
+        plan.weight_inner,
+        pos_weight,
+        plan.pos_weight_form,
+        plan.pos_weight_inner,
+        grad_output,
+        grad_scale,
+        loss,
+        grad_input,
+        grad_target,
+        plan.reduction,
+        plan.label_smoothing,
+        plan.ignore_index,
+        _threads if threads is None else threads,
+    )
+    if flags:
+        raise input_range_error() if flags & 1 else target_range_error()
     return value, kept

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 __all__ = [
     "NONE",
@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 NONE, MEAN, SUM = 0, 1, 2
-Reduction = Literal["none", "mean", "sum"]
 
 #: The probability loss clamps each log term at >= -100 (torch's choice, see the BCELoss docs):
 #: a prediction of exactly 0 or 1 costs at most 100 per element instead of infinity.
@@ -269,7 +268,7 @@ def target_range_error() -> RuntimeError:
 def compute_precision(bits: int) -> int:
     """The floating width the math runs in for a result of ``bits`` bits.
 
-    Half types (16 bits) are computed in float32, as the brief asks. float32 is computed in float64: every
+    Half types (16 bits) are computed in float32, as torch does. float32 is computed in float64: every
     per-element result is then within 0.5 ulp (plus a 2^-29 relative error) of the exact value after rounding,
     which no float32 formulation with libm-quality exp/log can promise. float64 losses on the CPU are
     evaluated in ``long double`` where the platform has one (:mod:`bcekit._numpy_core`), elsewhere in float64

@@ -37,7 +37,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from bcekit import _math, _native, _numpy_core, _semantics
-from bcekit._semantics import MEAN, NONE, ArraySpec
+from bcekit._semantics import NONE, ArraySpec
 
 __all__ = [
     "binary_cross_entropy",
@@ -137,14 +137,18 @@ def _evaluate(
     result: np.dtype,
     with_grad: bool,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    if _native.eligible(
+    plan = _native.plan(
         spec.kind,
-        [a.dtype.name for a in (x, y, weight, pos_weight) if a is not None],
+        x.dtype.name if all(a is None or a.dtype == x.dtype for a in (y, weight, pos_weight)) else None,
         x.shape,
         None if weight is None else weight.shape,
         None if pos_weight is None else pos_weight.shape,
-    ):
-        return _kernel(spec, x, y, weight, pos_weight, with_grad)  # checks [0, 1] in the same pass
+        spec.reduction,
+        spec.label_smoothing,
+        spec.ignore_index,
+    )
+    if plan is not None:
+        return _kernel(plan, x, y, weight, pos_weight, with_grad)  # checks [0, 1] in the same pass
     if spec.kind == "bce":
         _check_probabilities(x, y, spec.ignore_index)
     compute, compensated = _compute(result)
@@ -165,7 +169,7 @@ def _output(x: np.ndarray) -> np.ndarray:
 
 
 def _kernel(
-    spec: _math.LossSpec,
+    plan: _native.Plan,
     x: np.ndarray,
     y: np.ndarray,
     weight: np.ndarray | None,
@@ -175,25 +179,12 @@ def _kernel(
     """The C++ kernels: loss and gradient in one pass over the data (see :mod:`bcekit._native`)."""
     contiguous = [None if a is None else np.asarray(a, order="C") for a in (x, y, weight, pos_weight)]
     x, y, weight, pos_weight = contiguous
-    per_element = _output(x) if spec.reduction == NONE else None
+    per_element = _output(x) if plan.reduction == NONE else None
     grad = _output(x) if with_grad else None
-    value, kept = _native.run(
-        spec.kind,
-        x,
-        y,
-        weight,
-        None if weight is None else weight.shape,
-        pos_weight,
-        None if pos_weight is None else pos_weight.shape,
-        input_shape=x.shape,
-        reduction=spec.reduction,
-        loss=per_element,
-        grad_input=grad,
-        grad_scale=1.0 / x.size if spec.reduction == MEAN and spec.ignore_index is None and x.size else 1.0,
-        label_smoothing=spec.label_smoothing,
-        ignore_index=spec.ignore_index,
+    value, kept = _native.run_arrays(
+        plan, x, y, weight, pos_weight, loss=per_element, grad_input=grad, grad_scale=plan.grad_scale
     )
-    if grad is not None and spec.reduction == MEAN and spec.ignore_index is not None and kept:
+    if grad is not None and plan.mean_over_kept and kept:
         grad /= kept  # the mean's denominator is known only after the pass
     loss = per_element if per_element is not None else np.asarray(value, dtype=np.float64).astype(x.dtype)
     return loss, grad

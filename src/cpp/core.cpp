@@ -507,7 +507,7 @@ std::tuple<double, int64_t, int> finish(Args& a, int kind, int reduction, double
                                         std::optional<double> ignore_index, int threads) {
     if (kind != PROBABILITIES && kind != LOGITS) throw std::invalid_argument("bcekit._core: bad kind");
     if (reduction < 0 || reduction > 2) throw std::invalid_argument("bcekit._core: bad reduction");
-    a.want_sum = reduction != 0;
+    a.want_sum = reduction != REDUCE_NONE;
     a.label_smoothing = label_smoothing;
     a.has_ignore = ignore_index.has_value();
     a.ignore_index = ignore_index.value_or(0.0);
@@ -518,7 +518,7 @@ std::tuple<double, int64_t, int> finish(Args& a, int kind, int reduction, double
     }
     // reduction: 0 none, 1 mean (over the kept elements; NaN when none is kept), 2 sum
     long double value = r.sum;
-    if (reduction == 1) value = r.kept ? value / r.kept : std::numeric_limits<long double>::quiet_NaN();
+    if (reduction == REDUCE_MEAN) value = r.kept ? value / r.kept : std::numeric_limits<long double>::quiet_NaN();
     return {double(value), r.kept, r.flags};
 }
 
@@ -669,6 +669,20 @@ NB_MODULE(_core, m) {
     using namespace bcekit;
     m.doc() = "bcekit's CPU kernels. Use bcekit._native, not this module.";
     m.attr("CHUNK") = CHUNK;
+    // kernel_api.h's codes by name, for the Python layer
+    nb::dict dtypes, kinds, forms, reductions;
+    dtypes["float32"] = int(F32), dtypes["float64"] = int(F64), dtypes["float16"] = int(F16);
+    dtypes["bfloat16"] = int(BF16);
+    kinds["bce"] = int(PROBABILITIES), kinds["logits"] = int(LOGITS);
+    forms["absent"] = int(ABSENT), forms["scalar"] = int(SCALAR), forms["per_class"] = int(PER_CLASS);
+    forms["per_row"] = int(PER_ROW), forms["full"] = int(FULL);
+    reductions["none"] = int(REDUCE_NONE), reductions["mean"] = int(REDUCE_MEAN);
+    reductions["sum"] = int(REDUCE_SUM);
+    m.attr("DTYPES") = dtypes;
+    m.attr("KINDS") = kinds;
+    m.attr("BROADCAST_FORMS") = forms;
+    m.attr("REDUCTIONS") = reductions;
+    m.attr("GRAD_EPSILON") = GRAD_EPSILON;
     m.attr("ISA") = isa_name();
     // the builds of the double-double lanes this CPU runs, the one chosen last
     m.attr("DD_ISAS") = HAS_AVX512 ? nb::make_tuple("baseline", "avx2", "avx512")

@@ -17,7 +17,6 @@ namespace bcekit {
 namespace {
 
 using R = long double;
-constexpr R GRAD_EPSILON = 9.999999960041972e-13L;  // float32(1e-12): torch's clamp of x (1 - x)
 
 // Element i of float64 data at any address: the operands may be misaligned (a NumPy view at an odd
 // byte offset, a tensor over a byte buffer), where reading through a double* is undefined; memcpy is
@@ -159,7 +158,7 @@ ChunkResult extended_chunk(const Args& a, int64_t begin, int64_t end) {
                     }
                 } else {
                     double denom = xd * (1.0 - xd);
-                    if (!(denom > double(GRAD_EPSILON))) denom = double(GRAD_EPSILON);
+                    if (!(denom > GRAD_EPSILON)) denom = GRAD_EPSILON;
                     gi = (xd - yd) / denom;
                     const double log_1mx = std::abs(xd) < 0x1p-54 ? -xd : std::log1p(-xd);
                     gt = log_1mx - std::log(xd);

@@ -9,11 +9,18 @@
 
 namespace bcekit {
 
+// The codes and constants below are exported by the core module (core.cpp) and read from there by the
+// Python layer (bcekit._native) and the Triton launcher: this header is their one home.
 enum Dtype : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 enum Kind : int { PROBABILITIES = 0, LOGITS = 1 };
 // How a weight of the input's shape S is stored: absent, one value, S[-1] values along the last
 // dimension (index i % inner), one value per row of `inner` elements (index i / inner), or all of S.
 enum Broadcast : int { ABSENT = 0, SCALAR = 1, PER_CLASS = 2, PER_ROW = 3, FULL = 4 };
+// torch's reduction enum (torch.nn._reduction.get_enum): per-element losses, their mean, their sum.
+enum Reduction : int { REDUCE_NONE = 0, REDUCE_MEAN = 1, REDUCE_SUM = 2 };
+// The probability loss's input gradient is (x - y) / max(x (1 - x), GRAD_EPSILON): torch's clamp,
+// 1e-12 as torch stores it (rounded to float32).
+constexpr double GRAD_EPSILON = 9.999999960041972e-13;
 
 // The float64 loss of a block of contiguous elements: x, y and (where given) a weight and a pos_weight per
 // element (bcekit score's columns, or a float64 pass's gathered block).

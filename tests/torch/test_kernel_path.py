@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import bcekit.torch as bce
-from bcekit.torch import _ops
+from bcekit.torch import _kernel
 
 DTYPES = {
     "float16": torch.float16,
@@ -31,9 +31,9 @@ def _per_element(grad_output, input) -> bool:
 
 @pytest.fixture
 def passes(monkeypatch) -> list[dict]:
-    """The kernel passes (``_ops._kernel_pass``) made while a test runs: which outputs each one asked for."""
+    """The kernel passes (``_kernel.kernel_pass``) made while a test runs: the outputs each one asked for."""
     made: list[dict] = []
-    original = _ops._kernel_pass
+    original = _kernel.kernel_pass
 
     def recording(*args, **kwargs):
         made.append(
@@ -45,7 +45,7 @@ def passes(monkeypatch) -> list[dict]:
         )
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(_ops, "_kernel_pass", recording)
+    monkeypatch.setattr(_kernel, "kernel_pass", recording)
     return made
 
 
@@ -291,3 +291,90 @@ def test_a_returned_gradient_is_the_callers_to_edit(logits, shape, weighted, edi
         results.append((kept, second, leaf.grad))
     for got, expected in zip(*results, strict=True):
         torch.testing.assert_close(got, expected)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The eager route: every option and weight form, and the checks it remembers
+# --------------------------------------------------------------------------------------------------------
+
+#: (name, the call's options given the shape (N, C)): every weight form and option the kernels serve
+EAGER_OPTIONS = {
+    "plain": lambda n, c, dt: {},
+    "pos_weight (C,)": lambda n, c, dt: {"pos_weight": torch.linspace(0.5, 2.0, c, dtype=dt)},
+    "weight (C,)": lambda n, c, dt: {"weight": torch.linspace(0.5, 2.0, c, dtype=dt)},
+    "weight (N, 1)": lambda n, c, dt: {"weight": torch.linspace(0.5, 2.0, n, dtype=dt).reshape(n, 1)},
+    "weight scalar": lambda n, c, dt: {"weight": torch.tensor(1.5, dtype=dt)},
+    "weight full": lambda n, c, dt: {"weight": torch.linspace(0.5, 2.0, n * c, dtype=dt).reshape(n, c)},
+    "label_smoothing": lambda n, c, dt: {"label_smoothing": 0.1},
+    "ignore_index": lambda n, c, dt: {"ignore_index": -1.0},
+    "everything": lambda n, c, dt: {
+        "weight": torch.linspace(0.5, 2.0, c, dtype=dt),
+        "pos_weight": torch.linspace(2.0, 0.5, n, dtype=dt).reshape(n, 1),
+        "label_smoothing": 0.2,
+        "ignore_index": -1.0,
+    },
+}
+
+
+def _registered(logits: bool, x, y, options: dict, reduction: int):
+    """The same loss through the registered operator (torch.library's dispatch: what compile records)."""
+    args = (options.get("weight"), options.get("label_smoothing", 0.0), options.get("ignore_index"))
+    if logits:
+        return torch.ops.bcekit.binary_cross_entropy_with_logits(
+            x, y, args[0], options.get("pos_weight"), reduction, args[1], args[2]
+        )
+    return torch.ops.bcekit.binary_cross_entropy(x, y, args[0], reduction, args[1], args[2])
+
+
+@pytest.mark.parametrize("logits", [True, False], ids=["logits", "probabilities"])
+@pytest.mark.parametrize("option", list(EAGER_OPTIONS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_option_takes_the_eager_route(passes, logits, option, reduction) -> None:
+    """Eager calls with any weight form and option run the kernels' eager Function (no torch.library
+    dispatch), twice (the second from the remembered plan), with the registered operator's results."""
+    options = EAGER_OPTIONS[option](53, 7, torch.float32)
+    if not logits:
+        options.pop("pos_weight", None)
+    x, y, _, _ = _data(logits, seed=3)
+    y[::5, 1] = -1.0 if "ignore_index" in options else 0.0
+    enum = {"none": 0, "mean": 1, "sum": 2}[reduction]
+    loss_fn = bce.binary_cross_entropy_with_logits if logits else bce.binary_cross_entropy
+    reference_x = _leaf(x)
+    reference = _registered(logits, reference_x, y, options, enum)
+    reference.sum().backward()
+    for _ in range(2):
+        made = len(passes)
+        leaf = _leaf(x)
+        loss = loss_fn(leaf, y, reduction=reduction, **options)
+        assert type(loss.grad_fn).__name__ == "_EagerLossBackward"
+        assert len(passes) == made + 1
+        loss.sum().backward()
+        assert torch.equal(loss.detach(), reference.detach())
+        assert torch.equal(leaf.grad, reference_x.grad)
+
+
+def test_remembered_calls_still_check_what_changes(monkeypatch) -> None:
+    """What the eager route remembers depends on the dtypes, shapes and options only: a call that differs
+    in any of them is checked afresh, and raises torch's errors as the first call would."""
+    monkeypatch.setattr(bce.functional, "_EAGER_CALLS", {})
+    x, y, w, _ = _data(True, seed=4)
+    bce.binary_cross_entropy_with_logits(x, y, w)  # remembered
+    with pytest.raises(RuntimeError, match="must match the size|expanded size|broadcast"):
+        bce.binary_cross_entropy_with_logits(x, y, torch.ones(3))  # a weight that does not broadcast
+    with pytest.raises(ValueError):
+        bce.binary_cross_entropy_with_logits(x, y, w, reduction="average")
+    with pytest.raises(ValueError):
+        bce.binary_cross_entropy_with_logits(x, y, w, label_smoothing=1.5)
+    with pytest.raises(RuntimeError):  # a weight that requires grad, as torch refuses it (see _semantics)
+        bce.binary_cross_entropy_with_logits(x, y, w.clone().requires_grad_())
+    with pytest.raises(ValueError):  # a target of another shape
+        bce.binary_cross_entropy_with_logits(x, y[:-1], w)
+    double = bce.binary_cross_entropy_with_logits(x.double(), y.double(), w.double())
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(
+        double, F.binary_cross_entropy_with_logits(x.double(), y.double(), w.double()), rtol=1e-12, atol=0
+    )
+    probabilities = torch.sigmoid(x)
+    bce.binary_cross_entropy(probabilities, y)  # remembered
+    with pytest.raises(RuntimeError, match="between 0 and 1"):  # the values are checked on every call
+        bce.binary_cross_entropy(probabilities * 2, y)

@@ -1,7 +1,7 @@
 """The probability loss's [0, 1] check on the Triton route (``bcekit.torch._range_check``).
 
 On a GPU the kernel counts bad programs on the device and the error surfaces at a later call, once a copy
-of the counters has landed. Here the Triton branch runs on CPU tensors (``_ops._TRITON_ON_CPU``, Triton's
+of the counters has landed. Here the Triton branch runs on CPU tensors (``_kernel._TRITON_ON_CPU``, Triton's
 interpreter) and the CUDA events are stand-ins whose completion the tests decide, so each rule of when the
 error surfaces is checked: not before the copy has landed, at the first call after it, once per bad call,
 an input error before a target error, at ``check_errors``, at the call in synchronous mode, nothing copied
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.i
 
 import bcekit.torch as bce  # noqa: E402
 from bcekit import _semantics  # noqa: E402
-from bcekit.torch import _ops, _range_check, _triton  # noqa: E402
+from bcekit.torch import _kernel, _range_check, _triton  # noqa: E402
 
 if not _triton._interpreting():  # pragma: no cover - a GPU machine runs tests/torch/test_triton.py compiled
     pytest.skip("these tests drive the CPU stand-in of the CUDA events", allow_module_level=True)
@@ -59,7 +59,7 @@ class _Board:
 @pytest.fixture
 def gpu(monkeypatch) -> _Board:
     """A fresh device state for the CPU whose events complete only when the test finishes them."""
-    monkeypatch.setattr(_ops, "_TRITON_ON_CPU", True)
+    monkeypatch.setattr(_kernel, "_TRITON_ON_CPU", True)
     monkeypatch.setattr(_range_check, "_devices", {})
     monkeypatch.setattr(_range_check, "_sync", False)
     board = _Board()

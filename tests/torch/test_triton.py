@@ -39,7 +39,7 @@ from _reference import MP, bce_exact, logits_exact, ulp_error  # noqa: E402
 from bcekit import _native, _semantics  # noqa: E402
 from bcekit._math import LossSpec  # noqa: E402
 from bcekit._semantics import MEAN, NONE, SUM  # noqa: E402
-from bcekit.torch import _ops, _range_check, _triton  # noqa: E402
+from bcekit.torch import _kernel, _range_check, _triton  # noqa: E402
 
 INTERPRETING = _triton._interpreting()
 #: Where the kernel runs: CPU tensors under the interpreter, else the GPU.
@@ -118,8 +118,8 @@ def _on(tensor, device):
 
 
 def _triton_run(kind, x, y, w=None, p=None, reduction=NONE, *, loss=True, gi=True, gt=True, **options):
-    """What ``_ops`` asks of ``_triton.run``, with fresh (NaN-filled) outputs: a forward pass (the loss, and
-    the input gradient too when it is the only gradient asked for and there is no ``grad_output``: the
+    """What ``_kernel`` asks of ``_triton.run``, with fresh (NaN-filled) outputs: a forward pass (the loss,
+    and the input gradient too when it is the only gradient asked for and there is no ``grad_output``: the
     fused pass) and, for the other gradients, a backward pass (``grad_output``, or a one-element 1).
     Returns ``(value, count, loss, grad_input, grad_target)``: value a float or None for 'none', the
     tensors on the CPU (None where not asked for)."""
@@ -187,7 +187,7 @@ def _cpu_run(kind, x, y, w=None, p=None, reduction=NONE, *, loss=True, gi=True, 
     grad_output = options.pop("grad_output", None)
     grad_scale = options.pop("grad_scale", 1.0)
     if grad_output is not None and grad_output.numel() == 1 and x.numel() != 1:
-        grad_scale, grad_output = grad_scale * float(grad_output), None  # as _ops._kernel_pass does
+        grad_scale, grad_output = grad_scale * float(grad_output), None  # as _kernel.kernel_pass does
     value, count = _native.run(
         kind,
         x,
@@ -639,8 +639,8 @@ def test_a_single_element(kind: str) -> None:
 @KINDS
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_non_contiguous_operands_are_made_contiguous(kind: str, dtype: str) -> None:
-    """``_triton.run`` reads raw pointers: ``_ops._kernel_pass`` hands it ``_ops._plain`` copies, whose
-    results equal bcekit.torch's on the non-contiguous tensors (the C++ kernels on CPU tensors)."""
+    """``_triton.run`` reads raw pointers: ``_kernel.kernel_pass`` hands it ``_kernel._contiguous`` copies,
+    whose results equal bcekit.torch's on the non-contiguous tensors (the C++ kernels on CPU tensors)."""
     import bcekit.torch as bce
 
     torch_dtype = DTYPES[dtype]
@@ -651,10 +651,10 @@ def test_non_contiguous_operands_are_made_contiguous(kind: str, dtype: str) -> N
     yt = wide[:, 1::3]  # a strided slice
     w = _weight((2 * SHAPE[1],), torch_dtype, seed=13)[::2]  # a strided per-class weight
     assert not (xt.is_contiguous() or yt.is_contiguous() or w.is_contiguous())
-    plain = [_ops._plain(t) for t in (xt, yt, w)]
+    plain = [_kernel._contiguous(t) for t in (xt, yt, w)]
     assert all(t.is_contiguous() for t in plain)
     for reduction, enum in REDUCTIONS.items():
-        # the mean's 1/count as _ops._kernel_pass gives it (applied before rounding: half gradients are tiny)
+        # the mean's 1/count as kernel_pass gives it (applied before rounding: half gradients are tiny)
         got = _triton_run(kind, *plain, None, enum, gt=False, grad_scale=1.0 / N if enum == MEAN else 1.0)
         leaf = xt.detach().requires_grad_(True)
         if kind == "logits":
@@ -922,54 +922,55 @@ SPEC = LossSpec("logits", MEAN, 0.0, None)
 
 @pytest.fixture
 def no_triton(monkeypatch) -> None:
-    monkeypatch.setattr(_ops._triton, "AVAILABLE", False)
-    monkeypatch.setattr(_ops, "_warned_no_triton", False)
+    monkeypatch.setattr(_kernel._triton, "AVAILABLE", False)
+    monkeypatch.setattr(_kernel, "_warned_no_triton", False)
 
 
 def test_without_triton_the_gpu_check_warns_once(no_triton) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert _ops._gpu_kernels_available() is False
-        assert _ops._gpu_kernels_available() is False
+        assert _kernel._gpu_kernels_available() is False
+        assert _kernel._gpu_kernels_available() is False
     assert len(caught) == 1
     assert caught[0].category is RuntimeWarning and "bcekit[gpu]" in str(caught[0].message)
-    assert _ops._warned_no_triton
+    assert _kernel._warned_no_triton
 
 
 def test_with_triton_the_gpu_check_is_silent(monkeypatch) -> None:
-    monkeypatch.setattr(_ops, "_warned_no_triton", False)
+    monkeypatch.setattr(_kernel, "_warned_no_triton", False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _ops._gpu_kernels_available() is True
-    assert not _ops._warned_no_triton
+        assert _kernel._gpu_kernels_available() is True
+    assert not _kernel._warned_no_triton
 
 
 @pytest.mark.parametrize("triton_available", [True, False])
 def test_kernel_ready_off_the_cpu(monkeypatch, triton_available: bool) -> None:
     """Tensors on a device that is neither the CPU nor CUDA (meta) take no kernel, and do not ask for
     Triton (no warning); CPU tensors take the C++ kernels whether Triton is there or not."""
-    monkeypatch.setattr(_ops._triton, "AVAILABLE", triton_available)
-    monkeypatch.setattr(_ops, "_warned_no_triton", False)
+    monkeypatch.setattr(_kernel._triton, "AVAILABLE", triton_available)
+    monkeypatch.setattr(_kernel, "_warned_no_triton", False)
     meta = torch.empty(SHAPE, device="meta")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _ops.kernel_ready(SPEC, meta, meta, None, None) is False
-        assert _ops.kernel_ready(SPEC, meta, meta, torch.empty(SHAPE[1], device="meta"), None) is False
+        assert _kernel.plan_for(SPEC, meta, meta, None, None) is None
+        assert _kernel.plan_for(SPEC, meta, meta, torch.empty(SHAPE[1], device="meta"), None) is None
         cpu = torch.zeros(SHAPE)
-        assert _ops.kernel_ready(SPEC, cpu, cpu, None, None) is _native.AVAILABLE
-        assert _ops.kernel_ready(SPEC, cpu, meta, None, None) is False  # devices differ
-    assert not _ops._warned_no_triton
+        assert (_kernel.plan_for(SPEC, cpu, cpu, None, None) is not None) is _native.AVAILABLE
+        assert _kernel.plan_for(SPEC, cpu, meta, None, None) is None  # devices differ
+    assert not _kernel._warned_no_triton
 
 
 def test_non_cpu_outputs_and_grad_outputs(monkeypatch) -> None:
     """``_output`` of a non-CPU tensor is a contiguous empty_like (no C++ buffer cache), and ``_is_one``
     does not synchronise for a small non-CPU grad_output."""
     meta = torch.empty(SHAPE[1], SHAPE[0], device="meta").t()
-    out = _ops._output(meta)
+    out = _kernel._output(meta)
     assert out.device.type == "meta" and out.shape == meta.shape and out.is_contiguous()
-    assert _ops._is_one(torch.ones((), device="meta")) is False  # .item() on meta would raise
-    assert _ops._form(torch.empty(SHAPE[0], 1), torch.empty(SHAPE)) == (_native.PER_ROW, SHAPE[1])
-    assert _ops._form(None, torch.empty(SHAPE)) is None
+    assert _kernel._is_one(torch.ones((), device="meta")) is False  # .item() on meta would raise
+    plan = _kernel.plan_for(SPEC, torch.empty(SHAPE), torch.empty(SHAPE), torch.empty(SHAPE[0], 1), None)
+    assert (plan.weight_form, plan.weight_inner) == (_native.PER_ROW, SHAPE[1])
+    assert (plan.pos_weight_form, plan.pos_weight_inner) == (_native.ABSENT, 1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1068,7 +1069,7 @@ def _torch_path(logits, x, y, w, p, reduction, options, grad_scale):
 def test_device_branch_of_the_ops_matches_the_cpu_kernels(
     monkeypatch, logits, dtype, reduction, options, grad_scale
 ) -> None:
-    """``_ops._TRITON_ON_CPU`` sends CPU tensors down the branch CUDA tensors take (Triton, loss and count
+    """``_kernel._TRITON_ON_CPU`` sends CPU tensors down the branch CUDA tensors take (Triton, loss and count
     left on the device, the ignore_index mean scaled on the device, grad_output as a tensor), so the torch
     plumbing of the GPU path is tested here against the C++ kernels' results."""
     rng = np.random.default_rng(5)
@@ -1083,7 +1084,7 @@ def test_device_branch_of_the_ops_matches_the_cpu_kernels(
     calls = []
     original = _triton.run
     monkeypatch.setattr(_triton, "run", lambda *a, **k: calls.append(1) or original(*a, **k))
-    monkeypatch.setattr(_ops, "_TRITON_ON_CPU", True)
+    monkeypatch.setattr(_kernel, "_TRITON_ON_CPU", True)
     got = _torch_path(logits, x, y, w, p, reduction, options, grad_scale)
     assert calls, "the Triton branch was not taken"
     eps = torch.finfo(dtype).eps

@@ -1,7 +1,7 @@
 """A training step on the Triton route, through the public API: no host synchronisation, and the fused
 backward's in-place rewrite of the stored gradient.
 
-``_ops._TRITON_ON_CPU`` sends CPU tensors down the branch CUDA tensors take (Triton's interpreter runs the
+``_kernel._TRITON_ON_CPU`` sends CPU tensors down the branch CUDA tensors take (Triton's interpreter runs the
 kernels). On a GPU, reading a device value on the host (``.item()``, ``.tolist()``, ``bool()``,
 ``float()``, ``.numpy()``, ...) waits for the GPU and cannot be captured in a CUDA graph, and building a
 tensor from host data (``torch.tensor([...])``) copies it to the device on every call. On CPU tensors
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.i
 
 import bcekit  # noqa: E402
 import bcekit.torch as bce  # noqa: E402
-from bcekit.torch import _ops, _triton  # noqa: E402
+from bcekit.torch import _kernel, _triton  # noqa: E402
 
 BCEKIT = str(Path(bcekit.__file__).parent)
 TRITON = str(Path(triton.__file__).parent)
@@ -69,7 +69,7 @@ class _HostAccess:
 
 @pytest.fixture
 def triton_route(monkeypatch) -> None:
-    monkeypatch.setattr(_ops, "_TRITON_ON_CPU", True)
+    monkeypatch.setattr(_kernel, "_TRITON_ON_CPU", True)
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ from torch import Tensor
 from bcekit import _semantics
 from bcekit._math import LossSpec
 from bcekit._semantics import MEAN, NONE, SUM
-from bcekit.torch import _ops
+from bcekit.torch import _composed, _kernel, _ops
 
 __all__ = [
     "linear_binary_cross_entropy_with_logits",
@@ -103,14 +103,14 @@ def _chunk_pass(
     """``(sum of the chunk's losses in float64, scale * d loss / d logits)`` in one kernel pass."""
     y = target if target.dtype == logits.dtype else target.to(logits.dtype)
     p = None if pos_weight is None else pos_weight.to(logits.dtype)
-    if _ops.kernel_ready(_SUM_SPEC, logits, y, None, p):
-        loss, grad, _ = _ops._kernel_pass(
-            _SUM_SPEC,
+    plan = _kernel.plan_for(_SUM_SPEC, logits, y, None, p)
+    if plan is not None:
+        loss, grad, _ = _kernel.kernel_pass(
+            plan,
             logits,
             y,
             None,
             p,
-            reduction=SUM,
             grad_input=want_grad,
             grad_scale=scale,
             loss_dtype=torch.float64,
@@ -118,10 +118,10 @@ def _chunk_pass(
         return loss, grad
     # composed fallback (e.g. CUDA without Triton): the library's formulas, in its compute dtype (float32
     # in float64, as the kernels do: a sparse target's corrections cancel the base term to the last digit)
-    loss = _ops.composed_loss(_SUM_SPEC, logits, y, None, p, torch.float64)
+    loss = _composed.composed_loss(_SUM_SPEC, logits, y, None, p, torch.float64)
     grad = None
     if want_grad:
-        grad_logits, _, _ = _ops.elementwise_gradients(_SUM_SPEC, logits, y, None, p, True, False)
+        grad_logits, _, _ = _composed.elementwise_gradients(_SUM_SPEC, logits, y, None, p, True, False)
         grad = (grad_logits * scale).to(logits.dtype)
     return loss, grad
 
@@ -141,10 +141,10 @@ def _sparse_correction(
         return torch.zeros((), dtype=torch.float64, device=logits.device)
     z, y = logits[rows, labels].double(), values.double()
     p = None if pos_weight is None else pos_weight.double()[labels]
-    with_target = _ops.composed_loss(_NONE_SPEC, z, y, None, p, torch.float64)
-    base = _ops.composed_loss(_NONE_SPEC, z, torch.zeros_like(y), None, p, torch.float64)
+    with_target = _composed.composed_loss(_NONE_SPEC, z, y, None, p, torch.float64)
+    base = _composed.composed_loss(_NONE_SPEC, z, torch.zeros_like(y), None, p, torch.float64)
     if grad is not None:
-        exact, _, _ = _ops.elementwise_gradients(_NONE_SPEC, z, y, None, p, True, False)
+        exact, _, _ = _composed.elementwise_gradients(_NONE_SPEC, z, y, None, p, True, False)
         grad[rows, labels] = (exact * scale).to(grad.dtype)
     return (with_target - base).sum()
 
@@ -318,7 +318,7 @@ class _LinearBCE(torch.autograd.Function):
             grads = [None if g is None else g * grad_output.to(g.dtype) for g in grads]
         else:
             ctx.grads = None
-            if not _ops._is_one(grad_output):  # on a GPU, scaled without asking (no host synchronisation)
+            if not _kernel._is_one(grad_output):  # on a GPU, scaled without asking (no host synchronisation)
                 grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
         return (*grads, None, None, None, None, None, None)
 
@@ -571,7 +571,7 @@ def linear_binary_cross_entropy_with_logits(
         logits = F.linear(x, weight, bias)
         dense = (y.to_dense() if sparse else y).to(logits.dtype)
         spec = LossSpec("logits", enum, 0.0, None)
-        return _ops.composed_loss(spec, logits, dense, None, pos_weight, logits.dtype)
+        return _composed.composed_loss(spec, logits, dense, None, pos_weight, logits.dtype)
     if sparse or process_group is not None:
         return _eager_only_loss(x, weight, bias, y, pos_weight, plan)
     if torch.compiler.is_compiling():

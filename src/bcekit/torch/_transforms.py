@@ -22,7 +22,7 @@ from torch import Tensor
 
 from bcekit._math import LossSpec
 from bcekit._semantics import NONE
-from bcekit.torch import _ops
+from bcekit.torch import _composed
 
 __all__ = ["active", "loss"]
 
@@ -63,7 +63,7 @@ class _Loss(torch.autograd.Function):
 
     @staticmethod
     def forward(input, target, weight, pos_weight, spec: LossSpec, result_dtype: torch.dtype) -> Tensor:
-        return _ops.composed_loss(spec, input, target, weight, pos_weight, result_dtype)
+        return _composed.composed_loss(spec, input, target, weight, pos_weight, result_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -75,7 +75,7 @@ class _Loss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         input, target, weight, pos_weight = ctx.saved_tensors
-        grad_input, grad_target, reduction_scale = _ops.elementwise_gradients(
+        grad_input, grad_target, reduction_scale = _composed.elementwise_gradients(
             ctx.spec, input, target, weight, pos_weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         )
         scale = grad_output.to(reduction_scale.dtype) * reduction_scale
@@ -89,7 +89,7 @@ class _Loss(torch.autograd.Function):
     def jvp(ctx, input_tangent, target_tangent, *_unused) -> Tensor:
         input, target, weight, pos_weight = ctx.saved_tensors
         need_input, need_target = input_tangent is not None, target_tangent is not None
-        grad_input, grad_target, reduction_scale = _ops.elementwise_gradients(
+        grad_input, grad_target, reduction_scale = _composed.elementwise_gradients(
             ctx.spec, input, target, weight, pos_weight, need_input, need_target
         )
         dtype = reduction_scale.dtype
@@ -116,5 +116,5 @@ def loss(
     Dynamo traces no Function with a ``jvp``, nor one under ``vmap(grad)`` applied to the result of
     other operations."""
     if torch.compiler.is_compiling():
-        return _ops.composed_loss(spec, input, target, weight, pos_weight, result_dtype)
+        return _composed.composed_loss(spec, input, target, weight, pos_weight, result_dtype)
     return _Loss.apply(input, target, weight, pos_weight, spec, result_dtype)

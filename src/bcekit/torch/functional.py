@@ -8,8 +8,10 @@ Same signatures, same semantics, same errors as torch 2.x eager, with these diff
 
 Argument checks come from :mod:`bcekit._semantics`; the arithmetic runs in the ``bcekit::`` operators
 (:mod:`bcekit.torch._ops`), so ``torch.compile(fullgraph=True)`` traces through these functions. Eager
-calls on CPU tensors that the C++ kernels serve skip the operator dispatch and call the kernels through
-an ``autograd.Function`` (same passes, less per-call overhead).
+calls that the kernels serve skip the operator dispatch and run the kernels' plan through an
+``autograd.Function`` (:mod:`bcekit.torch._kernel`: same passes, less per-call overhead); the common
+ones, plain CPU tensors, reach it by ``_eager_call``, which remembers the outcome of the checks and
+the plan for each combination of shapes, dtypes and options it has seen.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from bcekit import _semantics
 from bcekit._math import LossSpec
 from bcekit._semantics import ArraySpec
-from bcekit.torch import _ops, _transforms
+from bcekit.torch import _composed, _kernel, _ops, _transforms
 from bcekit.torch._linear import linear_binary_cross_entropy_with_logits, linear_topk
 
 __all__ = [
@@ -132,35 +134,6 @@ def _autocast_to_float32(input: Tensor, *others: Tensor | None) -> tuple[Tensor 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
-def _fuse(input: Tensor, reduction: int) -> bool:
-    """A reduced loss whose input needs a gradient: compute that gradient in the forward's kernel pass."""
-    return reduction != _semantics.NONE and input.requires_grad and torch.is_grad_enabled()
-
-
-def _plain_call(
-    input: Any,
-    target: Any,
-    weight: Any,
-    pos_weight: Any,
-    size_average: Any,
-    reduce: Any,
-    label_smoothing: Any,
-    ignore_index: Any,
-) -> bool:
-    """No weights, legacy arguments or options, and plain tensors: the call :func:`_ops.eager_plain_loss`
-    may take (it checks the rest, and declines what it cannot serve)."""
-    return (
-        weight is None
-        and pos_weight is None
-        and size_average is None
-        and reduce is None
-        and label_smoothing == 0.0
-        and ignore_index is None
-        and type(input) is Tensor
-        and type(target) is Tensor
-    )
-
-
 def _optional_float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
@@ -213,6 +186,136 @@ def check_focal_arguments(input: Tensor, target: Tensor, alpha: float, gamma: fl
     _semantics.check_binary_cross_entropy_with_logits(_spec(input), _spec(target), None, None, _format_shape)
 
 
+try:  # the device argument is torch >= 2.4's; the CPU-only function is deprecated there
+    torch.is_autocast_enabled("cpu")
+
+    def _autocast_cpu() -> bool:
+        return torch.is_autocast_enabled("cpu")
+except TypeError:
+    _autocast_cpu = torch.is_autocast_cpu_enabled
+
+_NUMBERS = (float, int)
+_REDUCTIONS = frozenset(("mean", "sum", "none"))  # the legacy "elementwise_mean" warns: the general path
+#: What :func:`_eager_call` found for each call it has seen: ``(spec, plan)``, or None where the kernels
+#: do not serve the call. Bounded: a program that keeps changing shapes starts it afresh now and then.
+_EAGER_CALLS: dict = {}
+_EAGER_CALLS_LIMIT = 4096
+
+
+def _eager_call(
+    kind: str,
+    input: Any,
+    target: Any,
+    weight: Any,
+    pos_weight: Any,
+    reduction: Any,
+    label_smoothing: Any,
+    ignore_index: Any,
+) -> Tensor | None:
+    """The loss of an eager call on plain CPU tensors through the kernels, or None when the call is not
+    one (the general path then runs, and its checks and errors apply): no legacy arguments, no autocast,
+    torch.compile, ``torch.jit.trace``, ``__torch_function__`` mode, torch.func transform or forward-mode
+    AD, weights that do not require a gradient.
+
+    What the general path decides before its kernel pass (the checks' outcome, the spec, the plan) depends
+    only on the key below: the first call with a key runs those checks (:func:`_checked_spec`, raising
+    their errors) and remembers the plan, and later calls with that key go straight to the kernels."""
+    if (
+        type(input) is not Tensor
+        or type(target) is not Tensor
+        or type(reduction) is not str
+        or reduction not in _REDUCTIONS
+        or type(label_smoothing) not in _NUMBERS
+        or not (ignore_index is None or type(ignore_index) in _NUMBERS)
+        or not input.is_cpu
+        or not target.is_cpu
+        or torch.compiler.is_compiling()
+        or torch._C._is_tracing()
+        or torch._C._is_torch_function_mode_enabled()
+        or _autocast_cpu()
+        or torch._C._functorch.maybe_current_level() is not None
+        or torch.autograd.forward_ad._current_level >= 0
+        or _kernel._TRITON_ON_CPU
+    ):
+        return None
+    weight_key = pos_weight_key = None
+    if weight is not None:
+        if type(weight) is not Tensor or not weight.is_cpu or weight.requires_grad:
+            return None
+        weight_key = (weight.dtype, weight.shape)
+    if pos_weight is not None:
+        if type(pos_weight) is not Tensor or not pos_weight.is_cpu or pos_weight.requires_grad:
+            return None
+        pos_weight_key = (pos_weight.dtype, pos_weight.shape)
+    key = (
+        kind,
+        input.dtype,
+        target.dtype,
+        input.shape,
+        target.shape,
+        weight_key,
+        pos_weight_key,
+        reduction,
+        label_smoothing,
+        ignore_index,
+    )
+    found = _EAGER_CALLS.get(key, False)
+    if found is False:
+        enum = _semantics.resolve_reduction(None, None, reduction)
+        spec = _checked_spec(kind, input, target, weight, pos_weight, enum, label_smoothing, ignore_index)
+        plan = _kernel.plan_for(spec, input, target, weight, pos_weight)
+        found = None if plan is None else (spec, plan)
+        if len(_EAGER_CALLS) >= _EAGER_CALLS_LIMIT:
+            _EAGER_CALLS.clear()
+        _EAGER_CALLS[key] = found
+    if found is None:
+        return None
+    return _kernel.eager_loss(found[1], found[0], input, target, weight, pos_weight)
+
+
+def _checked_spec(
+    kind: str,
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    reduction: int,
+    label_smoothing: float,
+    ignore_index: float | None,
+) -> LossSpec:
+    """The checks of a call's tensors and options (after the reduction's and autocast's), and its spec."""
+    grad_enabled = torch.is_grad_enabled()
+    if kind == "bce":
+        check_probability_arguments(input, target, weight, label_smoothing, grad_enabled)
+    else:
+        check_logits_arguments(input, target, weight, pos_weight, label_smoothing, grad_enabled)
+    return LossSpec(kind, reduction, float(label_smoothing), _optional_float(ignore_index))
+
+
+def _checked_loss(kind: str, spec: LossSpec, input, target, weight, pos_weight) -> Tensor:
+    """The loss of a checked call: where it goes (ONNX export, a torch.func transform, the kernels'
+    eager route, the registered operators) decided here, once."""
+    result_dtype = input.dtype if kind == "bce" else target.dtype
+    if _ops.exporting():  # ONNX has no bcekit:: operators: the composed loss, in standard ones
+        return _composed.composed_loss(spec, input, target, weight, pos_weight, result_dtype)
+    if _transforms.active(input, target, weight, pos_weight):
+        if kind == "bce" and not _transforms.wrapped(input, target):
+            _composed.check_probabilities(input, target, spec.ignore_index)
+        return _transforms.loss(spec, input, target, weight, pos_weight, result_dtype)
+    options = (spec.reduction, spec.label_smoothing, spec.ignore_index)
+    plan = _kernel.plan_for(spec, input, target, weight, pos_weight)
+    if plan is not None:
+        if not _recording():
+            return _kernel.eager_loss(plan, spec, input, target, weight, pos_weight)
+        if spec.reduction != _semantics.NONE and input.requires_grad and torch.is_grad_enabled():
+            if kind == "bce":
+                return _ops.binary_cross_entropy_fused(input, target, weight, *options)[0]
+            return _ops.binary_cross_entropy_with_logits_fused(input, target, weight, pos_weight, *options)[0]
+    if kind == "bce":
+        return _ops.binary_cross_entropy(input, target, weight, *options)
+    return _ops.binary_cross_entropy_with_logits(input, target, weight, pos_weight, *options)
+
+
 def binary_cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -253,8 +356,8 @@ def binary_cross_entropy(
     >>> binary_cross_entropy(x, y, reduction="none")  # log(0) is clamped: the last costs 100
     tensor([  0.1054,   0.2231, 100.0000])
     """
-    if _plain_call(input, target, weight, None, size_average, reduce, label_smoothing, ignore_index):
-        loss = _ops.eager_plain_loss("bce", input, target, reduction)
+    if size_average is None and reduce is None:
+        loss = _eager_call("bce", input, target, weight, None, reduction, label_smoothing, ignore_index)
         if loss is not None:
             return loss
     if has_torch_function_variadic(input, target, weight):
@@ -274,23 +377,8 @@ def binary_cross_entropy(
     _check_devices(input, target, weight)
     enum = _resolve_reduction(size_average, reduce, reduction)
     input, target, weight = _autocast_to_float32(input, target, weight)
-    check_probability_arguments(input, target, weight, label_smoothing, torch.is_grad_enabled())
-    smoothing, ignore = float(label_smoothing), _optional_float(ignore_index)
-    if _ops.exporting():  # ONNX has no bcekit:: operators: the composed loss, in standard ones
-        spec = LossSpec("bce", enum, smoothing, ignore)
-        return _ops.composed_loss(spec, input, target, weight, None, input.dtype)
-    if _transforms.active(input, target, weight):
-        if not _transforms.wrapped(input, target):
-            _ops.check_probabilities(input, target, ignore)
-        spec = LossSpec("bce", enum, smoothing, ignore)
-        return _transforms.loss(spec, input, target, weight, None, input.dtype)
-    spec = LossSpec("bce", enum, smoothing, ignore)
-    if _ops.kernel_ready(spec, input, target, weight, None):
-        if not _recording():
-            return _ops.eager_kernel_loss(spec, input, target, weight, None)
-        if _fuse(input, enum):
-            return _ops.binary_cross_entropy_fused(input, target, weight, enum, smoothing, ignore)[0]
-    return _ops.binary_cross_entropy(input, target, weight, enum, smoothing, ignore)
+    spec = _checked_spec("bce", input, target, weight, None, enum, label_smoothing, ignore_index)
+    return _checked_loss("bce", spec, input, target, weight, None)
 
 
 def binary_cross_entropy_with_logits(
@@ -329,8 +417,10 @@ def binary_cross_entropy_with_logits(
     >>> binary_cross_entropy_with_logits(x, y, reduction="none")  # torch: [nan, nan, 0.]
     tensor([0.0000e+00, 0.0000e+00, 9.3576e-14])
     """
-    if _plain_call(input, target, weight, pos_weight, size_average, reduce, label_smoothing, ignore_index):
-        loss = _ops.eager_plain_loss("logits", input, target, reduction)
+    if size_average is None and reduce is None:
+        loss = _eager_call(
+            "logits", input, target, weight, pos_weight, reduction, label_smoothing, ignore_index
+        )
         if loss is not None:
             return loss
     if has_torch_function_variadic(input, target, weight, pos_weight):
@@ -353,24 +443,8 @@ def binary_cross_entropy_with_logits(
     _check_devices(input, target, weight, pos_weight)
     enum = _resolve_reduction(size_average, reduce, reduction)
     input, target, weight, pos_weight = _autocast_to_float32(input, target, weight, pos_weight)
-    check_logits_arguments(input, target, weight, pos_weight, label_smoothing, torch.is_grad_enabled())
-    smoothing, ignore = float(label_smoothing), _optional_float(ignore_index)
-    if _ops.exporting():  # ONNX has no bcekit:: operators: the composed loss, in standard ones
-        spec = LossSpec("logits", enum, smoothing, ignore)
-        return _ops.composed_loss(spec, input, target, weight, pos_weight, target.dtype)
-    if _transforms.active(input, target, weight, pos_weight):
-        spec = LossSpec("logits", enum, smoothing, ignore)
-        return _transforms.loss(spec, input, target, weight, pos_weight, target.dtype)
-    spec = LossSpec("logits", enum, smoothing, ignore)
-    if _ops.kernel_ready(spec, input, target, weight, pos_weight):
-        if not _recording():
-            return _ops.eager_kernel_loss(spec, input, target, weight, pos_weight)
-        if _fuse(input, enum):
-            loss, _ = _ops.binary_cross_entropy_with_logits_fused(
-                input, target, weight, pos_weight, enum, smoothing, ignore
-            )
-            return loss
-    return _ops.binary_cross_entropy_with_logits(input, target, weight, pos_weight, enum, smoothing, ignore)
+    spec = _checked_spec("logits", input, target, weight, pos_weight, enum, label_smoothing, ignore_index)
+    return _checked_loss("logits", spec, input, target, weight, pos_weight)
 
 
 def sigmoid_focal_loss(
@@ -415,7 +489,7 @@ def sigmoid_focal_loss(
     check_focal_arguments(input, target, alpha, gamma)
     if _ops.exporting():  # ONNX has no bcekit:: operators: the composed loss, in standard ones
         spec = LossSpec("focal", enum, alpha=float(alpha), gamma=float(gamma))
-        return _ops.composed_loss(spec, input, target, None, None, target.dtype)
+        return _composed.composed_loss(spec, input, target, None, None, target.dtype)
     if _transforms.active(input, target):
         spec = LossSpec("focal", enum, alpha=float(alpha), gamma=float(gamma))
         return _transforms.loss(spec, input, target, None, None, target.dtype)
