@@ -5,6 +5,7 @@ Run from the repository root::
     python -m benchmarks.cpu [--min-log2 10] [--max-log2 26] [--step 1] [--budget 1.0] [--min-repeats 3]
                              [--max-repeats 200] [--memory-log2 24] [--targets soft]
                              [--out benchmarks/results]
+    python -m benchmarks.cpu --matrix [--shapes 64x16,256x128,1024x1024] [--budget 1.0] [--out DIR]
 
 What is timed. For each loss (logits, probabilities), dtype (float32, bfloat16), pass (forward,
 forward+backward) and size 2^k (``--min-log2`` to ``--max-log2``), every contender runs once as a warm-up
@@ -63,6 +64,34 @@ glibc's mmap threshold, so their pages come and go with each allocation.
 Outputs: Markdown tables (milliseconds and the ratios torch eager / bcekit, torch.compile / bcekit and
 bcekit / floor) per (loss, dtype, pass), the machine description, ``cpu.json`` and ``cpu.png`` (time per
 element against size, log-log, one panel per (loss, dtype, pass)) in ``--out``.
+
+Option matrix (``--matrix``): what each option of the losses costs in a training step, at shapes N x C
+(``--shapes``) where the options' broadcasting is real. For each shape and row, the forward+backward step
+above (float32, hard targets, logits ``x ~ N(0, 1)``, probabilities ``sigmoid`` of those, ``mean``) of
+bcekit, torch eager and torch.compile, interleaved in rounds as above (``--budget`` seconds per contender
+per cell, default 1.0: thousands of steps at 64x16, a hundred or more at 1024x1024; the default matrix
+takes about 2 minutes on 2 cores, 3 where Inductor's on-disk cache is cold: torch.compile's 27
+compilations then take some 75 s).
+
+* rows: logits plain, ``pos_weight`` (C,), ``weight`` (C,), ``weight`` (N, 1), ``label_smoothing=0.1``,
+  ``ignore_index=-1.0`` (no target is -1, so nothing is ignored: what is timed is the cost of having the
+  option on); probabilities plain, ``weight`` (C,), ``weight`` (N, 1). Weights are fixed tensors in
+  [0.5, 1.5) from a seeded generator, the same on both sides.
+* torch eager: the same ``torch.nn.functional`` calls. torch has neither option for these losses, so for
+  those its side is the composition an engineer would write: smoothing
+  ``F.binary_cross_entropy_with_logits(x, y * (1 - s) + s / 2)``; ignoring ``mask = y != ignore;``
+  ``(F.binary_cross_entropy_with_logits(x, y, reduction="none") * mask).sum() / mask.sum()``.
+* torch.compile: that torch function compiled per (row, shape) after ``torch._dynamo.reset()``,
+  ``dynamic=False, fullgraph=True``: one graph each, specialised to its shape, the best case for Inductor.
+  The warm-up call compiles, so compile time is not timed, and compiles in this process
+  (``compile_threads = 1``): a pool of compile workers would still be starting up during the timed rounds.
+* each cell: best and median in µs. The ratios eager / bcekit, compile / bcekit and the option cost
+  (bcekit's row over bcekit's plain row of the same loss and shape) are headlined by the best, as the
+  project's targets are stated ("best of many runs": on a shared machine the least disturbed run is the
+  closest to what the code costs), the median follows in brackets.
+
+Output: one Markdown table per shape, the machine description and ``matrix.json`` in ``--out`` (no NumPy,
+floor, memory or plot).
 """
 
 from __future__ import annotations
@@ -78,6 +107,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -204,17 +234,17 @@ def _runners(
     return runners
 
 
-def _time_interleaved(
+def _time_rounds(
     runners: dict[str, Runner], budget: float, min_repeats: int, max_repeats: int
-) -> dict[str, tuple[float, int, float]]:
-    """``{name: (median ms, runs, warm-up seconds)}``. Each runner runs once as a warm-up, then all run in
-    rounds until every one has min_repeats timed runs and the rounds have taken ``budget`` seconds per
-    runner, or max_repeats rounds. In a round each runner is called twice in a row and only the second
-    call is timed: the first settles what the previous contender left behind (its data in the caches,
-    its spinning OpenMP threads), which would otherwise be billed to whoever runs next. Interleaving puts
-    a contender's runs among the others', so a slow spell of the machine (a busy neighbour on a shared
-    host) weighs on all alike and the ratios stay fair; timing one contender after another would charge
-    it to whoever ran then."""
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """``({name: its timed runs, seconds}, {name: its warm-up, seconds})``. Each runner runs once as a
+    warm-up, then all run in rounds until every one has min_repeats timed runs and the rounds have taken
+    ``budget`` seconds per runner, or max_repeats rounds. In a round each runner is called twice in a row
+    and only the second call is timed: the first settles what the previous contender left behind (its
+    data in the caches, its spinning OpenMP threads), which would otherwise be billed to whoever runs
+    next. Interleaving puts a contender's runs among the others', so a slow spell of the machine (a busy
+    neighbour on a shared host) weighs on all alike and the ratios stay fair; timing one contender after
+    another would charge it to whoever ran then."""
     warm_up = {}
     for name, run in runners.items():
         start = time.perf_counter()
@@ -232,6 +262,14 @@ def _time_interleaved(
             run()
             times[name].append(time.perf_counter() - t0)
         rounds += 1
+    return times, warm_up
+
+
+def _time_interleaved(
+    runners: dict[str, Runner], budget: float, min_repeats: int, max_repeats: int
+) -> dict[str, tuple[float, int, float]]:
+    """``{name: (median ms, runs, warm-up seconds)}``, timed by :func:`_time_rounds`."""
+    times, warm_up = _time_rounds(runners, budget, min_repeats, max_repeats)
     return {name: (statistics.median(t) * 1e3, len(t), warm_up[name]) for name, t in times.items()}
 
 
@@ -432,6 +470,193 @@ def measure_memory(log2: int) -> list[dict]:
     return results
 
 
+# --- option matrix: a training step per (shape, loss, option) ---------------------------------------------
+
+MATRIX_CONTENDERS = ("bcekit", "torch eager", "torch.compile")
+MATRIX_SHAPES = "64x16,256x128,1024x1024"
+SMOOTHING, IGNORE = 0.1, -1.0
+MATRIX_ROWS = (
+    ("logits", "plain"),
+    ("logits", "pos_weight (C,)"),
+    ("logits", "weight (C,)"),
+    ("logits", "weight (N, 1)"),
+    ("logits", f"label_smoothing={SMOOTHING}"),
+    ("logits", f"ignore_index={IGNORE}"),
+    ("probabilities", "plain"),
+    ("probabilities", "weight (C,)"),
+    ("probabilities", "weight (N, 1)"),
+)
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"64x16,256x128"`` -> ``[(64, 16), (256, 128)]``."""
+    shapes = []
+    for item in text.split(","):
+        n, c = (int(v) for v in item.strip().lower().split("x"))
+        shapes.append((n, c))
+    return shapes
+
+
+@dataclass(frozen=True)
+class MatrixCase:
+    """One row of the matrix at one shape: its inputs and each side's loss as a function of ``(x, y)``."""
+
+    loss: str
+    option: str
+    x: torch.Tensor
+    y: torch.Tensor
+    bcekit: Loss
+    eager: Loss
+
+
+def _matrix_pair(loss: str, option: str, n: int, c: int, generator: torch.Generator) -> tuple[Loss, Loss]:
+    """``(bcekit's loss, torch's equivalent)`` for a row; the weights are fixed tensors in [0.5, 1.5)."""
+    ours_fn, torch_fn = functions(loss)
+    if option == "plain":
+        return ours_fn, torch_fn
+    if option.startswith("label_smoothing"):
+
+        def smoothed(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch_fn(x, y * (1 - SMOOTHING) + SMOOTHING / 2)
+
+        return lambda x, y: ours_fn(x, y, label_smoothing=SMOOTHING), smoothed
+    if option.startswith("ignore_index"):
+
+        def ignoring(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            mask = y != IGNORE
+            return (torch_fn(x, y, reduction="none") * mask).sum() / mask.sum()
+
+        return lambda x, y: ours_fn(x, y, ignore_index=IGNORE), ignoring
+    name, shape = option.split(" ", 1)  # "weight (C,)", "pos_weight (N, 1)"
+    tensor = torch.rand((c,) if shape == "(C,)" else (n, 1), generator=generator) + 0.5
+
+    def ours(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ours_fn(x, y, **{name: tensor})
+
+    def eager(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch_fn(x, y, **{name: tensor})
+
+    return ours, eager
+
+
+def matrix_cases(n: int, c: int, seed: int = 0) -> list[MatrixCase]:
+    """Every row at shape ``(n, c)``: float32, hard 0/1 targets; the rows of a loss share its inputs."""
+    inputs = {
+        loss: tuple(t.reshape(n, c) for t in _inputs(loss, torch.float32, n * c, hard=True, seed=seed))
+        for loss in LOSSES
+    }
+    generator = torch.Generator().manual_seed(seed + 1)
+    return [
+        MatrixCase(loss, option, *inputs[loss], *_matrix_pair(loss, option, n, c, generator))
+        for loss, option in MATRIX_ROWS
+    ]
+
+
+def _us(value: float) -> str:
+    return f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+
+
+def _pair(values: dict | None) -> str:
+    """``"best (median)"`` of a ratio, or ``-``."""
+    return "-" if values is None else f"{values['min']:.2f} ({values['median']:.2f})"
+
+
+MATRIX_HEAD = (
+    f"| loss | option | {' | '.join(MATRIX_CONTENDERS)} | eager / bcekit | compile / bcekit | option cost "
+    "| runs |\n|---|---" + "|---:" * (len(MATRIX_CONTENDERS) + 4) + "|"
+)
+
+
+def _matrix_line(row: dict) -> str:
+    times = " | ".join(
+        f"{_us(row['us'][c]['min'])} / {_us(row['us'][c]['median'])}" if c in row["us"] else "-"
+        for c in MATRIX_CONTENDERS
+    )
+    ratios = " | ".join(
+        _pair(row.get(key)) for key in ("eager_over_bcekit", "compile_over_bcekit", "option_cost")
+    )
+    return f"| {row['loss']} | {row['option']} | {times} | {ratios} | {row['us']['bcekit']['runs']} |"
+
+
+def _over(a: dict | None, b: dict) -> dict | None:
+    return None if a is None else {k: a[k] / b[k] for k in ("min", "median")}
+
+
+def measure_matrix(
+    shapes: list[tuple[int, int]],
+    budget: float,
+    min_repeats: int,
+    max_repeats: int,
+    contenders: tuple[str, ...] = MATRIX_CONTENDERS,
+) -> list[dict]:
+    """One row per (shape, loss, option): each contender's training step in µs (best, median, runs) and the
+    ratios eager / bcekit, compile / bcekit and option cost (bcekit's time over its plain row's), each as
+    best and median. The contenders run interleaved per cell, by :func:`_time_rounds`."""
+    rows = []
+    for n, c in shapes:
+        print(
+            f"\n### {n}x{c} (N x C, {n * c} elements): training step, float32, hard targets, mean; "
+            "µs best / median; ratios best (median)\n\n" + MATRIX_HEAD,
+            flush=True,
+        )
+        plain: dict[str, dict] = {}
+        for case in matrix_cases(n, c):
+            leaf = case.x.detach().clone().requires_grad_()
+            functions_ = {"bcekit": case.bcekit, "torch eager": case.eager}
+            graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            if "torch.compile" in contenders:
+                torch._dynamo.reset()  # one compilation per (row, shape), shape-specialised
+                functions_["torch.compile"] = torch.compile(case.eager, dynamic=False, fullgraph=True)
+            runners = {name: _torch_runner(functions_[name], case.x, case.y, leaf) for name in contenders}
+            times, warm_up = _time_rounds(runners, budget, min_repeats, max_repeats)
+            us = {
+                name: {
+                    "min": min(t) * 1e6,
+                    "median": statistics.median(t) * 1e6,
+                    "runs": len(t),
+                    "warm_up_s": round(warm_up[name], 3),
+                }
+                for name, t in times.items()
+            }
+            if case.option == "plain":
+                plain[case.loss] = us["bcekit"]
+            row = {
+                "shape": f"{n}x{c}",
+                "n": n,
+                "c": c,
+                "loss": case.loss,
+                "option": case.option,
+                "us": us,
+                "eager_over_bcekit": _over(us.get("torch eager"), us["bcekit"]),
+                "compile_over_bcekit": _over(us.get("torch.compile"), us["bcekit"]),
+                "option_cost": _over(us["bcekit"], plain[case.loss]),
+                "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before,
+            }
+            rows.append(row)
+            print(_matrix_line(row), flush=True)
+        gc.collect()
+    return rows
+
+
+def matrix_main(arguments: argparse.Namespace, info: dict, started: float) -> None:
+    shapes = parse_shapes(arguments.shapes)
+    # Compile in this process: a pool of compile workers would start importing torch in the background
+    # during the first cell's timed rounds and bill its CPU time to whichever contender runs then.
+    torch._inductor.config.compile_threads = 1
+    print(
+        f"\ntorch.set_num_threads(os.cpu_count()) = {torch.get_num_threads()} for every contender. "
+        f"Option matrix: one training step per cell, at least {arguments.min_repeats} runs and "
+        f"{arguments.budget} s per contender per cell, at most {arguments.max_repeats} runs; torch.compile "
+        "compiled once per (row, shape), dynamic=False, fullgraph=True, compile time excluded.",
+        flush=True,
+    )
+    rows = measure_matrix(shapes, arguments.budget, arguments.min_repeats, arguments.max_repeats)
+    wall = write_results(arguments, info, started, "matrix", rows=rows)
+    print(f"\nwrote {arguments.out / 'matrix.json'}; wall time {wall:.0f} s")
+
+
 # --- plot ------------------------------------------------------------------------------------------------
 
 
@@ -461,8 +686,8 @@ def main() -> None:
     parser.add_argument("--max-log2", type=int, default=26)
     parser.add_argument("--step", type=int, default=1, help="step between exponents (default 1)")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per cell, at least")
-    parser.add_argument("--min-repeats", type=int, default=3)
-    parser.add_argument("--max-repeats", type=int, default=200)
+    parser.add_argument("--min-repeats", type=int, help="default 3; --matrix: 5")
+    parser.add_argument("--max-repeats", type=int, help="default 200; --matrix: 100000")
     parser.add_argument(
         "--memory-log2", type=int, default=24, help="size 2^k of the peak-memory measurement; 0 skips it"
     )
@@ -470,7 +695,22 @@ def main() -> None:
         "--targets", choices=("soft", "hard"), default="soft", help="uniform in [0, 1) or 0/1 labels"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--matrix", action="store_true", help="the option matrix instead: a training step per (shape, option)"
+    )
+    parser.add_argument(
+        "--shapes", default=MATRIX_SHAPES, help=f"--matrix: N x C shapes (default {MATRIX_SHAPES})"
+    )
     arguments = parser.parse_args()
+    matrix = arguments.matrix
+    defaults = (5, 100_000) if matrix else (3, 200)  # --matrix: its small shapes need thousands of runs
+    for name, default in zip(("min_repeats", "max_repeats"), defaults, strict=True):
+        if getattr(arguments, name) is None:
+            setattr(arguments, name, default)
+    # Each JSON records its own mode's settings only (write_results writes them all).
+    unused = ("min_log2", "max_log2", "step", "memory_log2", "targets") if matrix else ("shapes",)
+    for name in (*unused, "matrix"):
+        delattr(arguments, name)
 
     started = time.perf_counter()
     threads = _set_threads()
@@ -479,6 +719,9 @@ def main() -> None:
     print("## Machine\n")
     for key, value in info.items():
         print(f"- {key}: {value}")
+    if matrix:
+        matrix_main(arguments, info, started)
+        return
     print(
         f"\ntorch.set_num_threads(os.cpu_count()) = {threads} for every contender (NumPy: single-threaded). "
         f"Milliseconds, median of runs after a warm-up: at least {arguments.min_repeats} runs and "
