@@ -114,6 +114,91 @@ def test_weighted_logits_sum_is_within_two_ulps_per_element() -> None:
     assert max(errors) <= 2.0, max(errors)
 
 
+def _ignore_padded_sums(x: np.ndarray, y: np.ndarray, pad_x: float, rows: int = 1, **options) -> list:
+    """The reduced logits sum of each (x[i], y[i]) alone: padded with ignored elements (target -1, the
+    ignore_index; any logit), which add exactly nothing, also to the product of 1 / (1 + e). With
+    ``pad_x`` within 18 every block stays bounded (no test e < 2^-27); beyond 18 it takes the general
+    form. ``rows`` > 1: the element sits in the first of ``rows`` rows of 64 (a PER_ROW weight's runs)."""
+    size = 64 * rows if rows > 1 else GROUP
+    shape = (rows, 64) if rows > 1 else (GROUP,)
+    sums = []
+    for i in range(x.size):
+        xs = np.full(size, pad_x, np.float32)
+        ys = np.full(size, -1.0, np.float32)
+        xs[i % GROUP], ys[i % GROUP] = x[i], y[i]
+        extra = dict(options)
+        if "weight" in options:
+            w = np.asarray(options["weight"], np.float32)
+            extra.update(weight=w, weight_shape=w.shape)
+        value, _ = _native.run("logits", xs, ys, input_shape=shape, reduction=SUM, ignore_index=-1.0, **extra)
+        sums.append(value)
+    return sums
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 1e-6])
+@pytest.mark.parametrize("pad_x", [0.0, 30.0], ids=["bounded", "general"])
+def test_unweighted_logits_sum_with_options_is_within_two_ulps_per_element(
+    smoothing: float, pad_x: float
+) -> None:
+    """With ignore_index and label smoothing (no weights) the sum is the product's too: c |x| formed
+    directly (1 - y exact for the smoothed double y), log1p(e) as -log of the product of 1 / (1 + e);
+    blocks within 18 of 0 put every factor in the product."""
+    rng = np.random.default_rng(62)
+    x, y = _logits_points(rng)
+    if pad_x == 0.0:  # the bounded form: every |x| <= 18
+        x = np.clip(x, -18.0, 18.0)
+    sums = _ignore_padded_sums(x, y, pad_x, label_smoothing=smoothing)
+    errors = [
+        _error_in_float32_ulps(s, logits_exact(float(a), float(b), smoothing=smoothing))
+        for s, a, b in zip(sums, x, y, strict=True)
+    ]
+    assert max(errors) <= 2.0, (max(errors), x[int(np.argmax(errors))], y[int(np.argmax(errors))])
+
+
+@pytest.mark.parametrize("form", ["scalar", "per-row"])
+@pytest.mark.parametrize("pad_x", [0.0, 30.0], ids=["bounded", "general"])
+def test_run_weighted_logits_sum_is_within_two_ulps_per_element(form: str, pad_x: float) -> None:
+    """A weight that is one value over a run (a scalar; a per-row weight with rows of at least 64, a
+    multiple of 8) and no pos_weight: the run's sum is w (sum of c |x| - log of the product of 1 / (1 +
+    e)), one logarithm per run (LogProduct.log_combined)."""
+    rng = np.random.default_rng(63)
+    x, y = _logits_points(rng)
+    if pad_x == 0.0:
+        x = np.clip(x, -18.0, 18.0)
+    w = np.float32(1.7)
+    weight = np.array(w, np.float32) if form == "scalar" else np.array([[w], [0.25]], np.float32)
+    sums = _ignore_padded_sums(x, y, pad_x, rows=1 if form == "scalar" else 2, weight=weight)
+    errors = [
+        _error_in_float32_ulps(s, logits_exact(float(a), float(b), weight=float(w)))
+        for s, a, b in zip(sums, x, y, strict=True)
+    ]
+    assert max(errors) <= 2.0, (max(errors), x[int(np.argmax(errors))], y[int(np.argmax(errors))])
+
+
+@pytest.mark.parametrize("columns", [64, 136, 1024, 8192 + 64])
+def test_run_weighted_logits_over_many_rows_and_chunks(columns: int) -> None:
+    """Per-row weights over rows shorter and longer than a block and than a chunk (a run then spans
+    chunks: each chunk sums its part of it): the sum matches the float64 terms summed exactly, and the
+    gradient is the weighted one (torch in float64)."""
+    rng = np.random.default_rng(64)
+    rows = max(2, 3 * 8192 // columns)
+    x = rng.normal(0.0, 4.0, (rows, columns)).astype(np.float32)
+    x[0, :3] = (25.0, -25.0, 0.5)  # some blocks beyond 18
+    y = (rng.random(x.shape) < 0.5).astype(np.float32)
+    w = rng.uniform(0.25, 4.0, (rows, 1)).astype(np.float32)
+    grad = np.empty_like(x)
+    value, _ = _native.run("logits", x, y, w, w.shape, input_shape=x.shape, reduction=SUM, grad_input=grad)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    terms = w.astype(np.float64) * (y64 * np.logaddexp(0.0, -x64) + (1.0 - y64) * np.logaddexp(0.0, x64))
+    exact = math.fsum(terms.reshape(-1).tolist())
+    assert abs(value - exact) <= 2.0**-40 * exact
+    xt = torch.from_numpy(x).double().requires_grad_()
+    F.binary_cross_entropy_with_logits(
+        xt, torch.from_numpy(y).double(), torch.from_numpy(w).double(), reduction="sum"
+    ).backward()
+    np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=2.0**-23, atol=1e-30)
+
+
 def test_probability_sum_is_within_two_ulps_per_element() -> None:
     """log x and log(1 - x) in float lanes, combined in double."""
     rng = np.random.default_rng(52)

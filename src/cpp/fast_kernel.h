@@ -251,7 +251,6 @@ BCEKIT_INLINE void prefetch(const T* x, const T* y) {
 constexpr int FAST_BLOCK = 512;  // elements per block: a multiple of 8, stage buffers ~14 KiB in L1
 constexpr int GROUPS = FAST_BLOCK / 8;
 constexpr int SKEW = 2;          // groups between stage 1 and the later stages
-constexpr double GRAD_EPSILON = 9.999999960041972e-13;  // float32(1e-12): torch's clamp of x (1 - x)
 
 struct Scratch {
     vd X[2 * GROUPS], E[2 * GROUPS], R[2 * GROUPS];  // x, exp(-|x|), 1 / (1 + exp(-|x|)) (logits)
@@ -307,9 +306,9 @@ struct FastOptions {
 };
 
 // Targets of group k, half h: ignore mask from the raw target, then label smoothing (as the exact path).
-BCEKIT_INLINE vd half_target(const FastOptions& o, vf8 y8, vf8 kept8, int h, vd& kept_mask) {
+BCEKIT_INLINE vd half_target(const FastOptions& o, vf8 y8, vf8 kept8, int h, vd& kept_mask, bool ignore) {
     vd y = h ? hi4(y8) : lo4(y8);
-    if (o.ignore) {
+    if (ignore) {
         const vd kept = h ? hi4(kept8) : lo4(kept8);  // -1.0f or 0.0f, widened: sign bit set where kept
         kept_mask = kept;
         y = pick_neg(kept, y, splat(0.0));
@@ -318,8 +317,8 @@ BCEKIT_INLINE vd half_target(const FastOptions& o, vf8 y8, vf8 kept8, int h, vd&
     return y;
 }
 
-BCEKIT_INLINE vf8 kept_lanes(const FastOptions& o, vf8 y8) {
-    if (!o.ignore) return splat8(-1.0f);
+BCEKIT_INLINE vf8 kept_lanes(const FastOptions& o, vf8 y8, bool ignore) {
+    if (!ignore) return splat8(-1.0f);
     const vf8 kept = o.nan_ignore ? (vf8)(y8 == y8) : (vf8)(y8 != float(o.ignore_index));
     return (vf8)((vi8)kept & (vi8)splat8(-1.0f));  // -1.0f (sign set) where kept, +0.0f elsewhere
 }
@@ -366,6 +365,25 @@ struct LogProduct {
         for (int j = 0; j < W; ++j) total += std::log((long double)mantissa[j]) + exponent[j] * LN2_L;
         return total;
     }
+    // the same sum from one logarithm (in double, for the short runs of one weight of logits_block's mode
+    // 4): the lanes' mantissas multiplied together (three more roundings of 2^-53, as three more factors),
+    // written 2^j g with g in [sqrt(1/2), sqrt(2)), and log g = log1p(g - 1), g - 1 exact: no cancellation
+    // against j ln 2 where the product is near a power of 2 (r near 1/2 or 1)
+    long double log_combined() const {
+        double m = 1.0;
+        int64_t k = 0;
+        for (int j = 0; j < W; ++j) {
+            m *= mantissa[j];  // below 2^W
+            k += exponent[j];
+        }
+        int j;
+        double g = std::frexp(m, &j);  // in [1/2, 1)
+        if (g < 0.70710678118654752) {
+            g *= 2.0;
+            --j;
+        }
+        return (long double)std::log1p(g - 1.0) + (long double)(k + j) * LN2_L;
+    }
     static constexpr long double LN2_L = 0.693147180559945309417232121458176568L;
 };
 
@@ -398,26 +416,37 @@ constexpr uint32_t MAX_LOGIT_BITS = 0x442f0000u;      // 700.0f
 
 // One block of the logits loss. Returns false (outputs garbage) when a logit is NaN or |x| > 700, or,
 // for BOUNDED, |x| > 18.
-// MODE: 0 plain; 1 unweighted (label smoothing, ignore_index, grad_output as the options say); 2 with
-// weight or pos_weight. Modes 0 and 1 sum log1p(e) as a product (LogProduct); mode 2 weighs each
-// element's log1p(e) = [e > 1/2] ln2 + f + f^2 R(f), R in float lanes, the rest in double.
-// BOUNDED (mode 0 with the sum only): every |x| <= 18, so every element's 1 / (1 + e) goes into the
-// product and none needs the test e < 2^-27; a block that fails is redone without BOUNDED, which sets
+// MODE: 0 plain; 1 unweighted with label smoothing and/or grad_output; 3 as 1 with ignore_index; 2 with
+// weight or pos_weight, per element; 4 with a weight that is one value over the whole block (`run_weight`:
+// a SCALAR weight, or a PER_ROW one whose rows cover whole blocks) and no pos_weight.
+// Modes 0, 1, 3 and 4 sum log1p(e) as a product (LogProduct): in mode 4 the loss w (c |x| + log1p(e)) has
+// the one factor w for the whole block, which the caller applies to the block's sum and to the log of
+// its product (the product of a run of one weight). Mode 2 weighs each element's log1p(e) = [e > 1/2] ln2
+// + f + f^2 R(f), R in float lanes, the rest in double. Mode 4's gradient is mode 2's formula, with w
+// splat: the same bits as mode 2 gives it.
+// BOUNDED (the product modes with the sum only): every |x| <= 18, so every element's 1 / (1 + e) goes into
+// the product and none needs the test e < 2^-27; a block that fails is redone without BOUNDED, which sets
 // `has_large` when some |x| > 18 (the next block then starts without BOUNDED). Both give the same bits
 // where both apply.
 template <class T, int MODE, bool SUM, bool GRAD, bool STREAM, bool BOUNDED = false>
-__attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o, int64_t b, int groups, Scratch& s, double& sum,
-                  vd& product, int64_t& kept_count, bool& has_large) {
-    constexpr bool PLAIN = MODE == 0, WEIGHTED = MODE == 2;
-    static_assert(!BOUNDED || (PLAIN && SUM), "BOUNDED: the plain sum only");
-    constexpr bool TRACK_LARGE = PLAIN && SUM && !BOUNDED;
+__attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& options, int64_t b, int groups, Scratch& s,
+                                             double& sum, vd& product, int64_t& kept_count, bool& has_large,
+                                             double run_weight = 1.0) {
+    // a local copy: the stores through gi could alias the options as far as the compiler knows, and
+    // every group would read them again
+    const FastOptions o = options;
+    constexpr bool PLAIN = MODE == 0, WEIGHTED = MODE == 2, RUN = MODE == 4;
+    static_assert(!BOUNDED || (!WEIGHTED && SUM), "BOUNDED: the product's sum only");
+    constexpr bool TRACK_LARGE = !WEIGHTED && SUM && !BOUNDED;
     const T* x = static_cast<const T*>(a.x) + b;
     const T* y = static_cast<const T*>(a.y) + b;
     const T* go = static_cast<const T*>(a.grad_output) + (a.grad_output ? b : 0);
     T* gi = GRAD ? static_cast<T*>(a.grad_input) + b : nullptr;
     const vd ln2 = splat(LN2);
-    // locals, not o.*: the stores through gi could alias the options as far as the compiler knows
     const double scale0 = o.scale;
+    // ignore_index: known at compile time where it matters most (modes 1 and 3)
+    const bool ignore = MODE == 3 || ((WEIGHTED || RUN) && o.ignore);
+    const bool has_grad_output = !PLAIN && o.grad_output;
     vu8 bad{}, beyond{};
     vd acc0{}, acc1{}, prod0 = splat(1.0), prod1 = splat(1.0);
     int64_t kept = 0;
@@ -447,24 +476,29 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o,
     };
     auto stage3 = [&](int k) __attribute__((always_inline)) {
         const vf8 y8 = Lanes<T>::load(y + 8 * k);
-        const vf8 kept8 = PLAIN ? splat8(-1.0f) : kept_lanes(o, y8);
-        if (!PLAIN && o.ignore) kept += count_set(kept8);
+        const vf8 kept8 = PLAIN ? splat8(-1.0f) : kept_lanes(o, y8, ignore);
+        if (ignore) kept += count_set(kept8);
         vd out[2];  // the gradient's halves
         for (int h = 0; h < 2; ++h) {
             const vd xv = s.X[2 * k + h], e = s.E[2 * k + h], r = s.R[2 * k + h];
             const vd large = r, small = e * r;  // s(|x|), s(-|x|)
             vd keep = splat(-1.0);
-            const vd yv = PLAIN ? (h ? hi4(y8) : lo4(y8)) : half_target(o, y8, kept8, h, keep);
+            const vd yv = PLAIN ? (h ? hi4(y8) : lo4(y8)) : half_target(o, y8, kept8, h, keep, ignore);
+            // kept lanes of v, `dropped` elsewhere (no blend where nothing is ignored)
+            auto masked = [&](vd v, double dropped) __attribute__((always_inline)) {
+                return ignore ? pick_neg(keep, v, splat(dropped)) : v;
+            };
             if constexpr (!WEIGHTED) {
                 if constexpr (SUM) {
                     // c |x| with c = 1 - y (x >= 0) or y (x < 0), plus log1p(e) as below
                     vd& acc = h ? acc1 : acc0;
                     vd& prod = h ? prod1 : prod0;
-                    // plain: c |x| = max(x, 0) - x y, exact (x y and x (1 - y) fit in a double)
-                    const vd linear = PLAIN ? max4(xv, splat(0.0)) - xv * yv : splat(0.0);
+                    // plain: c |x| = max(x, 0) - x y, exact (x y and x (1 - y) fit in a double); with
+                    // options y is a smoothed double, and c |x| is formed directly (1 - y is exact)
+                    const vd linear = PLAIN ? max4(xv, splat(0.0)) - xv * yv : pick_neg(xv, yv, 1.0 - yv) * abs4(xv);
                     if constexpr (BOUNDED) {  // no e below 2^-27
-                        acc = linear + acc;
-                        prod *= r;
+                        acc = PLAIN ? linear + acc : acc + masked(linear, 0.0);
+                        prod *= masked(r, 1.0);
                     } else {
                         const vl tiny = e < 0x1p-27;
                         const vd direct = (vd)((vl)e & tiny);  // log1p(e) = e to 2^-28
@@ -473,23 +507,29 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o,
                             acc = linear + (acc + direct);
                             prod *= factor;
                         } else {
-                            const vd c = pick_neg(xv, yv, 1.0 - yv);
-                            acc += pick_neg(keep, c * abs4(xv) + direct, splat(0.0));
-                            prod *= pick_neg(keep, factor, splat(1.0));
+                            acc += masked(linear + direct, 0.0);
+                            prod *= masked(factor, 1.0);
                         }
                     }
                 }
                 if constexpr (GRAD) {
-                    const vd g = pick_neg(xv, small, large) - yv;
+                    vd g;
+                    if constexpr (RUN) {  // mode 2's formula: p = 1, w splat
+                        const vd one_minus_y = 1.0 - yv;
+                        g = (one_minus_y * pick_neg(xv, small, large) - yv * pick_neg(xv, large, small)) *
+                            splat(run_weight);
+                    } else {
+                        g = pick_neg(xv, small, large) - yv;
+                    }
                     if (PLAIN) {
                         out[h] = g * scale0;
                     } else {
                         vd scale = splat(scale0);
-                        if (o.grad_output) {
+                        if (has_grad_output) {
                             const vf8 g8 = Lanes<T>::load(go + 8 * k);
                             scale = (h ? hi4(g8) : lo4(g8)) * scale0;
                         }
-                        out[h] = pick_neg(keep, g, splat(0.0)) * scale;
+                        out[h] = masked(g, 0.0) * scale;
                     }
                 }
                 continue;
@@ -501,16 +541,16 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o,
                 const vd tail = log1p_unit(s, k, h, e, ln2);
                 const vd c = pick_neg(xv, positive, one_minus_y);
                 const vd loss = (c * abs4(xv) + (positive + one_minus_y) * tail) * w;
-                (h ? acc1 : acc0) += pick_neg(keep, loss, splat(0.0));
+                (h ? acc1 : acc0) += masked(loss, 0.0);
             }
             if constexpr (GRAD) {
                 vd g = (one_minus_y * pick_neg(xv, small, large) - positive * pick_neg(xv, large, small)) * w;
                 vd scale = splat(scale0);
-                if (o.grad_output) {
+                if (has_grad_output) {
                     const vf8 g8 = Lanes<T>::load(go + 8 * k);
                     scale = (h ? hi4(g8) : lo4(g8)) * scale0;
                 }
-                out[h] = pick_neg(keep, g, splat(0.0)) * scale;
+                out[h] = masked(g, 0.0) * scale;
             }
         }
         if constexpr (GRAD) store_halves<T, STREAM>(gi + 8 * k, out[0], out[1]);
@@ -526,7 +566,7 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& o,
     for (int j = 0; j < W; ++j) total += acc[j];
     sum = total;
     product = prod0 * prod1;
-    kept_count = (PLAIN || !o.ignore) ? int64_t(groups) * 8 : kept;
+    kept_count = ignore ? kept : int64_t(groups) * 8;
     return true;
 }
 
@@ -562,14 +602,14 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
         } else {
             bad |= bad_probabilities(x8);
             vu8 bad_y = (vu8)(yb > 0x3f800000u);  // outside [+0, 1] or NaN (-0.0 too: the exact path takes it)
-            if (!PLAIN && o.ignore) bad_y &= (vu8)((vi8)kept_lanes(o, y8) < 0);  // ignored targets: any value
+            if (!PLAIN && o.ignore) bad_y &= (vu8)((vi8)kept_lanes(o, y8, true) < 0);  // ignored targets: any value
             bad |= bad_y;
         }
         if constexpr (SUM) log_pair_f<INTERIOR>(x8, s.L1[k], s.L2[k], edge);
     };
     auto stage3 = [&](int k) __attribute__((always_inline)) {
         const vf8 x8 = Lanes<T>::load(x + 8 * k), y8 = Lanes<T>::load(y + 8 * k);
-        const vf8 kept8 = PLAIN ? splat8(-1.0f) : kept_lanes(o, y8);
+        const vf8 kept8 = PLAIN ? splat8(-1.0f) : kept_lanes(o, y8, o.ignore);
         if (!PLAIN && o.ignore) kept += count_set(kept8);
         if constexpr (PLAIN && GRAD)
             Lanes<T>::template store8<STREAM>(gi + 8 * k, plain_probability_gradient(x8, y8, float(scale0)));
@@ -577,7 +617,7 @@ __attribute__((noinline)) bool probabilities_block(const Args& a, const FastOpti
         for (int h = 0; h < 2; ++h) {
             const vd xv = h ? hi4(x8) : lo4(x8);
             vd keep = splat(-1.0);
-            const vd yv = PLAIN ? (h ? hi4(y8) : lo4(y8)) : half_target(o, y8, kept8, h, keep);
+            const vd yv = PLAIN ? (h ? hi4(y8) : lo4(y8)) : half_target(o, y8, kept8, h, keep, o.ignore);
             const vd w = PLAIN ? splat(1.0) : half_weight(o.w_mode, o.w_scalar, s.w, k, h);
             if constexpr (SUM) {
                 const vd log_x = h ? hi4(s.L1[k]) : lo4(s.L1[k]), log_1mx = h ? hi4(s.L2[k]) : lo4(s.L2[k]);
@@ -679,10 +719,12 @@ template <class T, bool LOGITS, int MODE, bool SUM, bool GRAD, bool STREAM>
 ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, int64_t end) {
     Scratch scratch;
     ChunkResult result;
-    LogProduct product;  // logits, MODE < 2: the product of 1 / (1 + e) (see logits_block)
+    constexpr bool PRODUCT = LOGITS ? MODE != 2 : MODE == 0;
+    LogProduct product;  // logits, MODE != 2: the product of 1 / (1 + e) (see logits_block), of the
+                         // current run of one weight in mode 4
                          // probabilities, MODE 0: the product of q over blocks of hard targets
     bool hard_blocks = false;  // whether there are any (soft targets skip the product's logarithms)
-    bool bounded = true;       // logits, mode 0 with the sum: whether the last block had every |x| <= 18
+    bool bounded = true;       // logits, product modes with the sum: whether the last block had every |x| <= 18
     bool interior = true;      // probabilities, mode 0 with the sum: whether the last soft block had no x = 0, 1
     auto add_exact = [&](int64_t from, int64_t to) {
         const ChunkResult exact = exact_chunk<T>(a, from, to);
@@ -692,8 +734,28 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
         result.bad_target |= exact.bad_target;
     };
     const int64_t whole = begin + (end - begin) / 8 * 8;  // whole groups; the rest takes the exact path
-    for (int64_t b = begin; b < whole; b += FAST_BLOCK) {
-        const int len = int(std::min<int64_t>(FAST_BLOCK, whole - b));
+    // mode 4: runs of one weight (the chunk for a SCALAR weight, else a row: blocks stop at its end), each
+    // summed as w (sum of c |x| - log of the product), added when the run ends
+    const T* run_weights = static_cast<const T*>(a.w);
+    const int64_t run_length = MODE == 4 && o.w_mode == PER_ROW ? a.w_inner : end - begin;
+    int64_t run_end = begin;
+    double run_weight = 1.0;
+    long double run_sum = 0.0L;
+    auto end_run = [&]() {
+        if (SUM && LOGITS && MODE == 4) result.sum += (long double)run_weight * (run_sum - product.log_combined());
+        product = LogProduct();
+        run_sum = 0.0L;
+    };
+    for (int64_t b = begin; b < whole;) {
+        if constexpr (LOGITS && MODE == 4) {
+            if (b == run_end) {  // a new run
+                if (b > begin) end_run();
+                run_end = std::min(whole, (b / run_length + 1) * run_length);
+                run_weight = o.w_mode == SCALAR ? double(o.w_scalar)
+                                                : double(float(Storage<T>::get(run_weights + b / run_length)));
+            }
+        }
+        const int len = int(std::min<int64_t>(MODE == 4 ? run_end - b : FAST_BLOCK, std::min<int64_t>(FAST_BLOCK, whole - b)));
         if constexpr (MODE == 2) {
             if (o.w_mode != ABSENT && o.w_mode != SCALAR)
                 fill_weights<T>(a.w, o.w_mode, a.w_inner, b, len, scratch.w);
@@ -707,16 +769,17 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
             vd block_product;
             bool large = false;
             ok = false;
-            if constexpr (MODE == 0 && SUM) {
+            if constexpr (PRODUCT && SUM) {
                 if (bounded)
-                    ok = logits_block<T, 0, true, GRAD, STREAM, true>(a, o, b, len / 8, scratch, sum, block_product,
-                                                                      kept, large);
+                    ok = logits_block<T, MODE, true, GRAD, STREAM, true>(a, o, b, len / 8, scratch, sum, block_product,
+                                                                         kept, large, run_weight);
             }
             if (!ok) {
-                ok = logits_block<T, MODE, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, block_product, kept, large);
+                ok = logits_block<T, MODE, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, block_product, kept, large,
+                                                              run_weight);
                 bounded = !large;
             }
-            if (ok && SUM && MODE < 2) product.fold(block_product);
+            if (ok && SUM && PRODUCT) product.fold(block_product);
         } else {
             ok = false;
             bool edge = false;
@@ -738,19 +801,24 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
             }
         }
         if (ok) {
-            result.sum += sum;
+            (LOGITS && MODE == 4 ? run_sum : result.sum) += sum;
             result.kept += kept;
         } else {
             add_exact(b, b + len);
         }
+        b += len;
     }
-    if (SUM && (LOGITS ? MODE < 2 : MODE == 0 && hard_blocks)) result.sum -= product.log();
+    if constexpr (LOGITS && MODE == 4) end_run();
+    else if (SUM && (LOGITS ? PRODUCT : hard_blocks)) result.sum -= product.log();
     if (whole < end) add_exact(whole, end);
 #if defined(__AVX2__)
     if constexpr (STREAM) _mm_sfence();  // streaming stores are weakly ordered: publish them first
 #endif
     return result;
 }
+
+// Rows of PER_ROW weights at least this long take mode 4 (each run's product costs four logarithms).
+constexpr int64_t MIN_RUN = 64;
 
 template <class T, bool LOGITS, int MODE>
 ChunkResult fast_chunk_outputs(const Args& a, const FastOptions& o, int64_t begin, int64_t end) {
@@ -771,7 +839,12 @@ ChunkResult fast_chunk(const Args& a, int64_t begin, int64_t end) {
     const int mode = o.plain() ? 0 : (o.w_mode == ABSENT && o.p_mode == ABSENT ? 1 : 2);
     if (a.kind == LOGITS) {
         if (mode == 0) return fast_chunk_outputs<T, true, 0>(a, o, begin, end);
+        if (mode == 1 && o.ignore) return fast_chunk_outputs<T, true, 3>(a, o, begin, end);
         if (mode == 1) return fast_chunk_outputs<T, true, 1>(a, o, begin, end);
+        // one weight over runs of at least MIN_RUN elements, no pos_weight: mode 4
+        if (o.p_mode == ABSENT && (o.w_mode == SCALAR || (o.w_mode == PER_ROW && a.w_inner % 8 == 0 &&
+                                                          a.w_inner >= MIN_RUN)))
+            return fast_chunk_outputs<T, true, 4>(a, o, begin, end);
         return fast_chunk_outputs<T, true, 2>(a, o, begin, end);
     }
     // the probability loss has no product form: its modes 1 and 2 are one (weights read per element)

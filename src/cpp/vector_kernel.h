@@ -399,7 +399,7 @@ ChunkResult exact_chunk(const Args& a, int64_t begin, int64_t end) {
                 gt = log_1mx - log_x;
                 if (a.grad_input) {
                     vd denom = xv * (1.0 - xv);
-                    denom = select(denom > 9.999999960041972e-13, denom, splat(9.999999960041972e-13));
+                    denom = select(denom > GRAD_EPSILON, denom, splat(GRAD_EPSILON));
                     gi = (xv - yv) / denom;
                 }
             }
