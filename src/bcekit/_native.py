@@ -305,6 +305,8 @@ class Plan(NamedTuple):
     mean_over_kept: bool
     label_smoothing: float
     ignore_index: float | None
+    #: the codes above as ``_core.run_plan`` takes them, ahead of a call's pointers
+    core_args: tuple
 
 
 def _weight_form(
@@ -345,6 +347,20 @@ def plan(
     if weight is None or pos_weight is None:
         return None
     mean_over_kept = reduction == MEAN and ignore_index is not None
+    label_smoothing = float(label_smoothing)
+    ignore_index = None if ignore_index is None else float(ignore_index)
+    core_args = (
+        _KINDS[kind],
+        _CODES[dtype],
+        n,
+        weight[0],
+        weight[1],
+        pos_weight[0],
+        pos_weight[1],
+        int(reduction),
+        label_smoothing,
+        ignore_index,
+    )
     return Plan(
         _KINDS[kind],
         _CODES[dtype],
@@ -355,8 +371,9 @@ def plan(
         int(reduction),
         1.0 / n if reduction == MEAN and not mean_over_kept and n else 1.0,
         mean_over_kept,
-        float(label_smoothing),
-        None if ignore_index is None else float(ignore_index),
+        label_smoothing,
+        ignore_index,
+        core_args,
     )
 
 
@@ -378,26 +395,17 @@ def run_planned(
     Gradients are multiplied by ``grad_scale`` (the plan's reduction factor included by the caller) and,
     when given, the per-element ``grad_output``. Returns ``(value, kept)`` as ``run`` does, and
     raises torch's range errors for the probability loss."""
-    value, kept, flags = _core.run_raw(
-        plan.kind,
-        plan.dtype,
-        plan.n,
+    value, kept, flags = _core.run_plan(
+        *plan.core_args,
         input,
         target,
         weight,
-        plan.weight_form,
-        plan.weight_inner,
         pos_weight,
-        plan.pos_weight_form,
-        plan.pos_weight_inner,
         grad_output,
-        grad_scale,
         loss,
         grad_input,
         grad_target,
-        plan.reduction,
-        plan.label_smoothing,
-        plan.ignore_index,
+        grad_scale,
         threads,
     )
     if flags:

@@ -743,6 +743,35 @@ NB_MODULE(_core, m) {
         nb::arg("name"), nb::arg("input"), nb::arg("out"), nb::arg("isa"),
         "For tests: out = f(input) for one of the kernels' vector math functions, on one ISA's build.");
     m.def(
+        "run_plan",
+        [](int kind, int dtype, int64_t n, int w_mode, int64_t w_inner, int p_mode, int64_t p_inner, int reduction,
+           double label_smoothing, std::optional<double> ignore_index, uintptr_t x, uintptr_t y, uintptr_t w,
+           uintptr_t p, uintptr_t grad_output, uintptr_t loss, uintptr_t grad_input, uintptr_t grad_target,
+           double grad_scale, int threads) -> std::tuple<double, int64_t, int> {
+            // The plan's codes first (bcekit._native.Plan.core_args), then the call's pointers; the
+            // caller has checked every pointer's dtype, contiguity and size.
+            if (dtype < 0 || dtype > 3) throw std::invalid_argument("bcekit._core: bad dtype");
+            Args a;
+            a.kind = kind;
+            a.dtype = dtype;
+            a.n = n;
+            a.x = reinterpret_cast<const void*>(x);
+            a.y = reinterpret_cast<const void*>(y);
+            a.w = reinterpret_cast<const void*>(w);
+            a.w_mode = w ? w_mode : ABSENT;
+            a.w_inner = w_inner;
+            a.p = reinterpret_cast<const void*>(p);
+            a.p_mode = p ? p_mode : ABSENT;
+            a.p_inner = p_inner;
+            a.grad_output = reinterpret_cast<const void*>(grad_output);
+            a.grad_scale = grad_scale;
+            a.loss = reinterpret_cast<void*>(loss);
+            a.grad_input = reinterpret_cast<void*>(grad_input);
+            a.grad_target = reinterpret_cast<void*>(grad_target);
+            return finish(a, kind, reduction, label_smoothing, ignore_index, threads);
+        },
+        "A planned pass on raw data pointers (bcekit._native.run_planned); no checks here.");
+    m.def(
         "run_raw",
         [](int kind, int dtype, int64_t n, uintptr_t x, uintptr_t y, uintptr_t w, int w_mode, int64_t w_inner,
            uintptr_t p, int p_mode, int64_t p_inner, uintptr_t grad_output, double grad_scale, uintptr_t loss,

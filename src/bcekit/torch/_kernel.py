@@ -104,7 +104,7 @@ def _gpu_kernels_available() -> bool:
 def _on_triton(tensor: Tensor) -> bool:
     """Whether a kernel call on this tensor runs the Triton kernels (CUDA; CPU tensors in the tests that
     set _TRITON_ON_CPU) rather than the C++ ones. On that route nothing reads device data on the host."""
-    return tensor.device.type == "cuda" or _TRITON_ON_CPU
+    return _TRITON_ON_CPU or tensor.is_cuda
 
 
 def _scalar_view(grad_output: Tensor) -> Tensor:
@@ -127,7 +127,7 @@ def _pointer(tensor: Tensor | None) -> int:
 def _output(x: Tensor) -> Tensor:
     """An output shaped like ``x``: on the CPU from the pool of reused storages when large (see
     :mod:`bcekit.torch._buffers`); CUDA tensors have torch's caching allocator already."""
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     return _buffers.empty_like(x)
 
@@ -161,7 +161,12 @@ def kernel_pass(
     ``rewrite`` (Triton route, a one-element grad_output, no mean over kept elements): the input gradient
     the forward pass stored for grad_output 1, rewritten in place, and only where grad_output is not 1
     (decided on the device)."""
-    x, y, w, p = (_contiguous(t) for t in (input, target, weight, pos_weight))
+    if grad_output is None and rewrite is None and not (_TRITON_ON_CPU or input.is_cuda):
+        loss, gi = _forward_on_cpu(
+            plan, input, target, weight, pos_weight, grad_input, grad_scale, loss_dtype
+        )
+        return loss, gi, None
+    x, y, w, p = _contiguous(input), _contiguous(target), _contiguous(weight), _contiguous(pos_weight)
     forward = grad_output is None
     per_element = _output(x) if forward and plan.reduction == NONE else None
     gi = rewrite if rewrite is not None else _output(x) if grad_input else None
@@ -216,6 +221,43 @@ def kernel_pass(
             if grad is not None:
                 grad.div_(count)
     return (per_element if per_element is not None else value), gi, gt
+
+
+def _forward_on_cpu(
+    plan: Plan,
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    grad_input: bool,
+    grad_scale: float,
+    loss_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`kernel_pass`'s forward pass on the CPU, the pass of every eager training step, written out:
+    at small sizes its Python is a good part of the step."""
+    x, y = input.contiguous(), target.contiguous()
+    w = None if weight is None else weight.contiguous()
+    p = None if pos_weight is None else pos_weight.contiguous()
+    per_element = _buffers.empty_like(x) if plan.reduction == NONE else None
+    gi = _buffers.empty_like(x) if grad_input else None
+    value, kept = _native.run_planned(
+        plan,
+        x.data_ptr(),
+        y.data_ptr(),
+        0 if w is None else w.data_ptr(),
+        0 if p is None else p.data_ptr(),
+        0,
+        0 if per_element is None else per_element.data_ptr(),
+        0 if gi is None else gi.data_ptr(),
+        0,
+        grad_scale * plan.grad_scale,
+        torch.get_num_threads(),
+    )
+    if gi is not None and plan.mean_over_kept:  # the mean's denominator, known only after the pass
+        gi.div_(max(kept, 1))
+    if per_element is not None:
+        return per_element, gi
+    return torch.scalar_tensor(value, dtype=loss_dtype or x.dtype), gi
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ where they serve the call (:mod:`bcekit.torch._kernel`), else composed of torch 
 kernel pass, for reduced losses of an input that needs a gradient. A fake implementation gives
 ``torch.compile`` and the meta device each output's shape and dtype.
 
-Every operator is generated from one table (``_OPERATORS``): the losses' arguments, and whether the op is fused.
+Every operator is generated from one table (``_OPERATORS``): the losses' arguments, and whether the op
+is fused.
 """
 
 from collections.abc import Callable
