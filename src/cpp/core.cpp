@@ -522,6 +522,35 @@ std::tuple<double, int64_t, int> finish(Args& a, int kind, int reduction, double
     return {double(value), r.kept, r.flags};
 }
 
+// A pass on raw data pointers (torch tensors: no DLPack round trip). The caller (bcekit._native) has
+// checked every pointer's dtype, contiguity and size.
+std::tuple<double, int64_t, int> run_pointers(int kind, int dtype, int64_t n, uintptr_t x, uintptr_t y, uintptr_t w,
+                                              int w_mode, int64_t w_inner, uintptr_t p, int p_mode, int64_t p_inner,
+                                              uintptr_t grad_output, double grad_scale, uintptr_t loss,
+                                              uintptr_t grad_input, uintptr_t grad_target, int reduction,
+                                              double label_smoothing, std::optional<double> ignore_index,
+                                              int threads) {
+    if (dtype < 0 || dtype > 3) throw std::invalid_argument("bcekit._core: bad dtype");
+    Args a;
+    a.kind = kind;
+    a.dtype = dtype;
+    a.n = n;
+    a.x = reinterpret_cast<const void*>(x);
+    a.y = reinterpret_cast<const void*>(y);
+    a.w = reinterpret_cast<const void*>(w);
+    a.w_mode = w ? w_mode : ABSENT;
+    a.w_inner = w_inner;
+    a.p = reinterpret_cast<const void*>(p);
+    a.p_mode = p ? p_mode : ABSENT;
+    a.p_inner = p_inner;
+    a.grad_output = reinterpret_cast<const void*>(grad_output);
+    a.grad_scale = grad_scale;
+    a.loss = reinterpret_cast<void*>(loss);
+    a.grad_input = reinterpret_cast<void*>(grad_input);
+    a.grad_target = reinterpret_cast<void*>(grad_target);
+    return finish(a, kind, reduction, label_smoothing, ignore_index, threads);
+}
+
 constexpr int64_t BLOCK = 256;  // elements per call of the double-double lanes (in L1)
 
 // What `bcekit score` needs of one label over one batch: the exact sum of the kept elements' float64
@@ -747,58 +776,15 @@ NB_MODULE(_core, m) {
         [](int kind, int dtype, int64_t n, int w_mode, int64_t w_inner, int p_mode, int64_t p_inner, int reduction,
            double label_smoothing, std::optional<double> ignore_index, uintptr_t x, uintptr_t y, uintptr_t w,
            uintptr_t p, uintptr_t grad_output, uintptr_t loss, uintptr_t grad_input, uintptr_t grad_target,
-           double grad_scale, int threads) -> std::tuple<double, int64_t, int> {
-            // The plan's codes first (bcekit._native.Plan.core_args), then the call's pointers; the
-            // caller has checked every pointer's dtype, contiguity and size.
-            if (dtype < 0 || dtype > 3) throw std::invalid_argument("bcekit._core: bad dtype");
-            Args a;
-            a.kind = kind;
-            a.dtype = dtype;
-            a.n = n;
-            a.x = reinterpret_cast<const void*>(x);
-            a.y = reinterpret_cast<const void*>(y);
-            a.w = reinterpret_cast<const void*>(w);
-            a.w_mode = w ? w_mode : ABSENT;
-            a.w_inner = w_inner;
-            a.p = reinterpret_cast<const void*>(p);
-            a.p_mode = p ? p_mode : ABSENT;
-            a.p_inner = p_inner;
-            a.grad_output = reinterpret_cast<const void*>(grad_output);
-            a.grad_scale = grad_scale;
-            a.loss = reinterpret_cast<void*>(loss);
-            a.grad_input = reinterpret_cast<void*>(grad_input);
-            a.grad_target = reinterpret_cast<void*>(grad_target);
-            return finish(a, kind, reduction, label_smoothing, ignore_index, threads);
+           double grad_scale, int threads) {
+            return run_pointers(kind, dtype, n, x, y, w, w_mode, w_inner, p, p_mode, p_inner, grad_output,
+                                grad_scale, loss, grad_input, grad_target, reduction, label_smoothing,
+                                ignore_index, threads);
         },
-        "A planned pass on raw data pointers (bcekit._native.run_planned); no checks here.");
-    m.def(
-        "run_raw",
-        [](int kind, int dtype, int64_t n, uintptr_t x, uintptr_t y, uintptr_t w, int w_mode, int64_t w_inner,
-           uintptr_t p, int p_mode, int64_t p_inner, uintptr_t grad_output, double grad_scale, uintptr_t loss,
-           uintptr_t grad_input, uintptr_t grad_target, int reduction, double label_smoothing,
-           std::optional<double> ignore_index, int threads) -> std::tuple<double, int64_t, int> {
-            // The caller (bcekit._native) has checked every pointer's dtype, contiguity and size.
-            if (dtype < 0 || dtype > 3) throw std::invalid_argument("bcekit._core: bad dtype");
-            Args a;
-            a.kind = kind;
-            a.dtype = dtype;
-            a.n = n;
-            a.x = reinterpret_cast<const void*>(x);
-            a.y = reinterpret_cast<const void*>(y);
-            a.w = reinterpret_cast<const void*>(w);
-            a.w_mode = w ? w_mode : ABSENT;
-            a.w_inner = w_inner;
-            a.p = reinterpret_cast<const void*>(p);
-            a.p_mode = p ? p_mode : ABSENT;
-            a.p_inner = p_inner;
-            a.grad_output = reinterpret_cast<const void*>(grad_output);
-            a.grad_scale = grad_scale;
-            a.loss = reinterpret_cast<void*>(loss);
-            a.grad_input = reinterpret_cast<void*>(grad_input);
-            a.grad_target = reinterpret_cast<void*>(grad_target);
-            return finish(a, kind, reduction, label_smoothing, ignore_index, threads);
-        },
-        "run() on raw data pointers (torch tensors: no DLPack round trip); no checks here.");
+        "A planned pass on raw data pointers: the plan's codes first (bcekit._native.Plan.core_args), then "
+        "the call's pointers; no checks here.");
+    m.def("run_raw", &run_pointers,
+          "run() on raw data pointers (torch tensors: no DLPack round trip); no checks here.");
     m.def(
         "run",
         [](int kind, const In& x, const In& y, std::optional<In> w, int w_mode, int64_t w_inner,
