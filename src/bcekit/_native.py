@@ -288,9 +288,9 @@ class Plan(NamedTuple):
     trusted by everything below it. The backends allocate the outputs and hand a plan and their data
     pointers to :func:`run_planned`."""
 
+    loss: str  #: the loss, "bce" or "logits" (the Triton launcher's name of it)
     kind: int  #: the kernel's code of the loss (kernel_api.h ``Kind``)
     dtype: int  #: the kernel's code of the one dtype of every operand (``Dtype``)
-    dtype_name: str
     n: int  #: elements of the input (and of the target, the gradients and a per-element loss)
     weight_form: int  #: ``Broadcast`` code of the weight (ABSENT without one), and its ``inner``
     weight_inner: int
@@ -362,9 +362,9 @@ def plan(
         ignore_index,
     )
     return Plan(
+        kind,
         _KINDS[kind],
         _CODES[dtype],
-        dtype,
         n,
         *weight,
         *pos_weight,
@@ -375,6 +375,12 @@ def plan(
         ignore_index,
         core_args,
     )
+
+
+def _raise_range_errors(flags: int) -> None:
+    """torch's errors for what a pass's range checks flagged (1: an input, 2: a target outside [0, 1])."""
+    if flags:
+        raise input_range_error() if flags & 1 else target_range_error()
 
 
 def run_planned(
@@ -408,8 +414,7 @@ def run_planned(
         grad_scale,
         threads,
     )
-    if flags:
-        raise input_range_error() if flags & 1 else target_range_error()
+    _raise_range_errors(flags)
     return value, kept
 
 
@@ -552,6 +557,5 @@ def run_arrays(
         plan.ignore_index,
         _threads if threads is None else threads,
     )
-    if flags:
-        raise input_range_error() if flags & 1 else target_range_error()
+    _raise_range_errors(flags)
     return value, kept

@@ -120,10 +120,6 @@ def _contiguous(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.contiguous()
 
 
-def _pointer(tensor: Tensor | None) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
-
-
 def _output(x: Tensor) -> Tensor:
     """An output shaped like ``x``: on the CPU from the pool of reused storages when large (see
     :mod:`bcekit.torch._buffers`); CUDA tensors have torch's caching allocator already."""
@@ -161,103 +157,99 @@ def kernel_pass(
     ``rewrite`` (Triton route, a one-element grad_output, no mean over kept elements): the input gradient
     the forward pass stored for grad_output 1, rewritten in place, and only where grad_output is not 1
     (decided on the device)."""
-    if grad_output is None and rewrite is None and not (_TRITON_ON_CPU or input.is_cuda):
-        loss, gi = _forward_on_cpu(
-            plan, input, target, weight, pos_weight, grad_input, grad_scale, loss_dtype
+    if not (_TRITON_ON_CPU or input.is_cuda):
+        return _pass_on_cpu(
+            plan,
+            input,
+            target,
+            weight,
+            pos_weight,
+            grad_input,
+            grad_target,
+            grad_output,
+            grad_scale,
+            loss_dtype,
         )
-        return loss, gi, None
     x, y, w, p = _contiguous(input), _contiguous(target), _contiguous(weight), _contiguous(pos_weight)
-    forward = grad_output is None
-    per_element = _output(x) if forward and plan.reduction == NONE else None
+    per_element = _output(x) if grad_output is None and plan.reduction == NONE else None
     gi = rewrite if rewrite is not None else _output(x) if grad_input else None
     gt = _output(x) if grad_target else None
-    grad_scale = grad_scale * plan.grad_scale
-    if _on_triton(x):  # the loss and the count stay on the device
-        if grad_output is not None:
-            grad_output = _scalar_view(grad_output).to(x.dtype).contiguous()
-        weight_form, pos_weight_form = _forms(plan, w, p)
-        value, kept = _triton.run(
-            "logits" if plan.kind == _native._KINDS["logits"] else "bce",
-            x,
-            y,
-            w,
-            weight_form,
-            p,
-            pos_weight_form,
-            reduction=plan.reduction,
-            loss=per_element,
-            grad_input=gi,
-            grad_target=gt,
-            grad_output=grad_output,
-            grad_scale=grad_scale,
-            label_smoothing=plan.label_smoothing,
-            ignore_index=plan.ignore_index,
-            loss_dtype=loss_dtype,
-            skip_if_one=rewrite is not None,
-        )
-        count = kept.clamp_min(1) if isinstance(kept, Tensor) else max(kept, 1)
-    else:
-        if grad_output is not None:
-            if grad_output.numel() == 1 and plan.n != 1:  # a reduced loss's grad_output: one number
-                grad_scale, grad_output = grad_scale * float(grad_output), None
-            else:
-                grad_output = grad_output.to(x.dtype).contiguous()
-        value, kept = _native.run_planned(
-            plan,
-            x.data_ptr(),
-            y.data_ptr(),
-            _pointer(w),
-            _pointer(p),
-            _pointer(grad_output),
-            _pointer(per_element),
-            _pointer(gi),
-            _pointer(gt),
-            grad_scale,
-            torch.get_num_threads(),
-        )
-        value, count = torch.scalar_tensor(value, dtype=loss_dtype or x.dtype), max(kept, 1)
+    if grad_output is not None:
+        grad_output = _scalar_view(grad_output).to(x.dtype).contiguous()
+    weight_form, pos_weight_form = _forms(plan, w, p)
+    value, kept = _triton.run(  # the loss and the count stay on the device
+        plan.loss,
+        x,
+        y,
+        w,
+        weight_form,
+        p,
+        pos_weight_form,
+        reduction=plan.reduction,
+        loss=per_element,
+        grad_input=gi,
+        grad_target=gt,
+        grad_output=grad_output,
+        grad_scale=grad_scale * plan.grad_scale,
+        label_smoothing=plan.label_smoothing,
+        ignore_index=plan.ignore_index,
+        loss_dtype=loss_dtype,
+        skip_if_one=rewrite is not None,
+    )
     if plan.mean_over_kept:  # the mean's denominator, known only after the pass (all ignored: grads are 0)
+        count = kept.clamp_min(1) if isinstance(kept, Tensor) else max(kept, 1)
         for grad in (gi, gt):
             if grad is not None:
                 grad.div_(count)
     return (per_element if per_element is not None else value), gi, gt
 
 
-def _forward_on_cpu(
+def _pass_on_cpu(
     plan: Plan,
     input: Tensor,
     target: Tensor,
     weight: Tensor | None,
     pos_weight: Tensor | None,
     grad_input: bool,
+    grad_target: bool,
+    grad_output: Tensor | None,
     grad_scale: float,
     loss_dtype: torch.dtype | None,
-) -> tuple[Tensor, Tensor | None]:
-    """:func:`kernel_pass`'s forward pass on the CPU, the pass of every eager training step, written out:
-    at small sizes its Python is a good part of the step."""
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`kernel_pass` on the C++ kernels. Its forward pass is every eager training step's, and at
+    small sizes this Python is a good part of the step: written out, without helpers."""
     x, y = input.contiguous(), target.contiguous()
     w = None if weight is None else weight.contiguous()
     p = None if pos_weight is None else pos_weight.contiguous()
-    per_element = _buffers.empty_like(x) if plan.reduction == NONE else None
+    per_element = _buffers.empty_like(x) if grad_output is None and plan.reduction == NONE else None
     gi = _buffers.empty_like(x) if grad_input else None
+    gt = _buffers.empty_like(x) if grad_target else None
+    grad_scale = grad_scale * plan.grad_scale
+    if grad_output is not None:
+        if grad_output.numel() == 1 and plan.n != 1:  # a reduced loss's grad_output: one number
+            grad_scale, grad_output = grad_scale * float(grad_output), None
+        else:
+            grad_output = grad_output.to(x.dtype).contiguous()
     value, kept = _native.run_planned(
         plan,
         x.data_ptr(),
         y.data_ptr(),
         0 if w is None else w.data_ptr(),
         0 if p is None else p.data_ptr(),
-        0,
+        0 if grad_output is None else grad_output.data_ptr(),
         0 if per_element is None else per_element.data_ptr(),
         0 if gi is None else gi.data_ptr(),
-        0,
-        grad_scale * plan.grad_scale,
+        0 if gt is None else gt.data_ptr(),
+        grad_scale,
         torch.get_num_threads(),
     )
-    if gi is not None and plan.mean_over_kept:  # the mean's denominator, known only after the pass
-        gi.div_(max(kept, 1))
+    if plan.mean_over_kept:  # the mean's denominator, known only after the pass (all ignored: grads are 0)
+        for grad in (gi, gt):
+            if grad is not None:
+                grad.div_(max(kept, 1))
     if per_element is not None:
-        return per_element, gi
-    return torch.scalar_tensor(value, dtype=loss_dtype or x.dtype), gi
+        return per_element, gi, gt
+    return torch.scalar_tensor(value, dtype=loss_dtype or x.dtype), gi, gt
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -292,9 +292,10 @@ def _checked_spec(
     return LossSpec(kind, reduction, float(label_smoothing), _optional_float(ignore_index))
 
 
-def _checked_loss(kind: str, spec: LossSpec, input, target, weight, pos_weight) -> Tensor:
+def _checked_loss(spec: LossSpec, input, target, weight, pos_weight) -> Tensor:
     """The loss of a checked call: where it goes (ONNX export, a torch.func transform, the kernels'
     eager route, the registered operators) decided here, once."""
+    kind = spec.kind
     result_dtype = input.dtype if kind == "bce" else target.dtype
     if _ops.exporting():  # ONNX has no bcekit:: operators: the composed loss, in standard ones
         return _composed.composed_loss(spec, input, target, weight, pos_weight, result_dtype)
@@ -378,7 +379,7 @@ def binary_cross_entropy(
     enum = _resolve_reduction(size_average, reduce, reduction)
     input, target, weight = _autocast_to_float32(input, target, weight)
     spec = _checked_spec("bce", input, target, weight, None, enum, label_smoothing, ignore_index)
-    return _checked_loss("bce", spec, input, target, weight, None)
+    return _checked_loss(spec, input, target, weight, None)
 
 
 def binary_cross_entropy_with_logits(
@@ -444,7 +445,7 @@ def binary_cross_entropy_with_logits(
     enum = _resolve_reduction(size_average, reduce, reduction)
     input, target, weight, pos_weight = _autocast_to_float32(input, target, weight, pos_weight)
     spec = _checked_spec("logits", input, target, weight, pos_weight, enum, label_smoothing, ignore_index)
-    return _checked_loss("logits", spec, input, target, weight, pos_weight)
+    return _checked_loss(spec, input, target, weight, pos_weight)
 
 
 def sigmoid_focal_loss(
