@@ -2,7 +2,8 @@
 
 * each element's contribution to a reduced loss within 2 ulp (float32) of the exact loss, for every
   formulation the fast path has: the unweighted logits sum (log1p(e) as a product of 1 / (1 + e)), the
-  weighted one (f + f^2 R(f), R in float lanes) and the probability loss (float logarithms);
+  same product per run of one weight and per class of a per-class weight, the weighted one (f + f^2 R(f),
+  R in float lanes) and the probability loss (float logarithms);
 * the product's renormalisation over many blocks and chunks;
 * logits blocks within 18 of 0 (every factor in the product) and beyond (tiny losses added directly);
   probability blocks without x = 0 or 1 (no clamp) and with them: the same bits either way;
@@ -196,6 +197,72 @@ def test_run_weighted_logits_over_many_rows_and_chunks(columns: int) -> None:
     F.binary_cross_entropy_with_logits(
         xt, torch.from_numpy(y).double(), torch.from_numpy(w).double(), reduction="sum"
     ).backward()
+    np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=2.0**-23, atol=1e-30)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("pad_x", [0.0, 30.0], ids=["bounded", "general"])
+def test_class_weighted_logits_sum_is_within_two_ulps_per_element(smoothing: float, pad_x: float) -> None:
+    """A per-class weight (16 to 2048 classes, a multiple of 8) and no pos_weight: each class's log1p(e)
+    terms are summed as -log of the product of 1 / (1 + e), its logarithm times the class's weight
+    (ClassProducts, one per chunk). Each element sits in one of 16 classes, the others ignored."""
+    rng = np.random.default_rng(65)
+    x, y = _logits_points(rng)
+    if pad_x == 0.0:
+        x = np.clip(x, -18.0, 18.0)
+    weight = rng.uniform(0.25, 4.0, 16).astype(np.float32)
+    sums = []
+    for i in range(x.size):
+        xs = np.full(16, pad_x, np.float32)
+        ys = np.full(16, -1.0, np.float32)
+        column = (3 * i) % 16
+        xs[column], ys[column] = x[i], y[i]
+        value, _ = _native.run(
+            "logits", xs, ys, weight, (16,), input_shape=(1, 16), reduction=SUM, ignore_index=-1.0,
+            label_smoothing=smoothing,
+        )
+        sums.append((value, float(weight[column])))
+    errors = [
+        _error_in_float32_ulps(s, logits_exact(float(a), float(b), smoothing=smoothing, weight=w))
+        for (s, w), a, b in zip(sums, x, y, strict=True)
+    ]
+    assert max(errors) <= 2.0, (max(errors), x[int(np.argmax(errors))], y[int(np.argmax(errors))])
+
+
+@pytest.mark.parametrize("columns", [16, 24, 136, 1024, 2048, 2056])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "ignore_index": -1.0}], ids=["plain", "options"])
+def test_class_weighted_logits_over_many_rows_and_chunks(columns: int, options: dict) -> None:
+    """Per-class weights over rows shorter and longer than a block (a chunk holds 4 to 512 rows; 2056
+    classes take the per-element form): the sum matches the float64 terms summed exactly, also where a
+    block beyond 18 is redone (its factors must enter the class products once), and the gradient is the
+    weighted one (torch in float64)."""
+    rng = np.random.default_rng(66)
+    rows = max(3, 3 * 8192 // columns)
+    x = rng.normal(0.0, 4.0, (rows, columns)).astype(np.float32)
+    x[0, :3] = (25.0, -25.0, 0.5)  # some blocks beyond 18
+    y = (rng.random(x.shape) < 0.5).astype(np.float32)
+    if "ignore_index" in options:
+        y[rng.random(x.shape) < 0.1] = -1.0
+    w = rng.uniform(0.25, 4.0, columns).astype(np.float32)
+    grad = np.empty_like(x)
+    value, kept = _native.run(
+        "logits", x, y, w, w.shape, input_shape=x.shape, reduction=SUM, grad_input=grad, **options
+    )
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    keep = y64 != -1.0
+    y64 = np.where(keep, y64, 0.0)
+    if "label_smoothing" in options:
+        y64 = y64 * (1 - options["label_smoothing"]) + options["label_smoothing"] / 2
+    terms = w.astype(np.float64) * (y64 * np.logaddexp(0.0, -x64) + (1.0 - y64) * np.logaddexp(0.0, x64))
+    exact = math.fsum(terms[keep].tolist())
+    assert kept == keep.sum()
+    # products: roundings of 2^-53 per factor; per element (f + f^2 R(f), R in float): within 2^-26
+    assert abs(value - exact) <= (2.0**-40 if columns <= 2048 else 2.0**-26) * exact
+    xt = torch.from_numpy(x).double().requires_grad_()
+    per = F.binary_cross_entropy_with_logits(
+        xt, torch.from_numpy(y64), torch.from_numpy(w).double(), reduction="none"
+    )
+    (per * torch.from_numpy(keep)).sum().backward()
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=2.0**-23, atol=1e-30)
 
 

@@ -20,7 +20,10 @@
 //   * logits without weights: the sum of log1p(e) is -log of the product of r = 1 / (1 + e), which the
 //     gradient computes anyway: one multiplication per element, one logarithm per lane and chunk
 //     (LogProduct). Elements with e < 2^-27 add e instead (r would round it away).
-//   * logits with weights: log1p(e) = [e > 1/2] ln2 + f + f^2 R(f) per element, f exact in double and
+//   * logits with one weight per run (a scalar; a row's weight) or per class (16 to 2048 classes, a
+//     multiple of 8), no pos_weight: the same product per run, or per class and chunk (ClassProducts,
+//     one vector logarithm per 4 classes when the chunk ends), its logarithm times the weight.
+//   * logits with other weights: log1p(e) = [e > 1/2] ln2 + f + f^2 R(f) per element, f exact in double and
 //     only the polynomial R in float lanes (its rounding reaches the result scaled by f^2 R <= 0.2 of it).
 //   * probabilities: log x and log(1 - x) in float lanes (about an ulp each), combined in double.
 //   * probabilities without weights or options, a block whose targets are all 0 or 1 (labels, the common
@@ -257,6 +260,7 @@ struct Scratch {
     vd F[2 * GROUPS];                 // the reduced argument of log1p(e) (logits)
     vf8 L1[GROUPS], L2[GROUPS];       // R(f) of log1p(e) (logits); log x, log(1 - x) (probabilities)
     float w[FAST_BLOCK], p[FAST_BLOCK];
+    double B[FAST_BLOCK];             // each element's factor of its class's product (logits, mode 5)
 };
 
 // The weight values of elements [begin, begin + len) as floats, for the broadcast forms other than
@@ -387,6 +391,53 @@ struct LogProduct {
     static constexpr long double LN2_L = 0.693147180559945309417232121458176568L;
 };
 
+// Classes of a per-class weight (logits, mode 5) whose log1p(e) terms are summed as products, one per
+// class. A chunk may hold at most MAX_FACTORS factors (each at least 1/2) per class, so that a product
+// stays above 2^-1000 with no renormalisation, and at least MIN_CLASSES classes; at most MAX_CLASSES, so
+// that a chunk's logarithms (one vector logarithm per 4 classes) are few against its elements.
+constexpr int64_t MIN_CLASSES = 16, MAX_CLASSES = 2048, MAX_FACTORS = 1000;
+
+// log of products in [2^-1000, 1]: P = 2^k m with m in [sqrt(1/2), sqrt(2)), m - 1 exact, and log m =
+// 2 atanh(u), u = (m - 1) / (m + 1) in [-0.1716, 0.1716], as 2u (1 + u^2/3 + ... + u^18/19): the series'
+// remainder is below 2^-56 relative, the roundings of u (two) and of the series about 2^-52.
+BCEKIT_INLINE vd log_product(vd P) {
+    typedef uint64_t vq_ __attribute__((vector_size(8 * W)));
+    const vq_ bits = (vq_)P;
+    vl k = (vl)(bits >> 52) - 1023;
+    vd m = (vd)((bits & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL);  // [1, 2)
+    const vl big = m > 1.4142135623730951;
+    m = big ? m * 0.5 : m;
+    k -= big;  // big is -1 where set
+    const vd u = (m - 1.0) / (m + 1.0), u2 = u * u;
+    vd series = splat(1.0 / 19);
+    for (int j = 17; j >= 1; j -= 2) series = series * u2 + 1.0 / j;
+    return (2.0 * u) * series + __builtin_convertvector(k, vd) * LN2;
+}
+
+// The class products of one chunk (mode 5), P[c] over the kept elements of class c.
+struct ClassProducts {
+    double P[MAX_CLASSES];
+    int64_t classes = 0;
+    void reset(int64_t c) {
+        classes = c;
+        for (int64_t j = 0; j < c; ++j) P[j] = 1.0;
+    }
+    // multiply in a block's factors (Scratch::B) of `len` elements from class `column` on
+    void merge(const Scratch& s, int64_t column, int len) {
+        for (int j = 0; j < len; j += 8) {
+            for (int h = 0; h < 8; h += W) {
+                vd a, b;
+                std::memcpy(&a, P + column + h, sizeof a);
+                std::memcpy(&b, s.B + j + h, sizeof b);
+                a *= b;
+                std::memcpy(P + column + h, &a, sizeof a);
+            }
+            column += 8;
+            if (column == classes) column = 0;
+        }
+    }
+};
+
 // Whether any lane of a block's accumulated "bad" mask is set.
 BCEKIT_INLINE bool any_set(vu8 bad) {
     unsigned any = 0;
@@ -418,12 +469,17 @@ constexpr uint32_t MAX_LOGIT_BITS = 0x442f0000u;      // 700.0f
 // for BOUNDED, |x| > 18.
 // MODE: 0 plain; 1 unweighted with label smoothing and/or grad_output; 3 as 1 with ignore_index; 2 with
 // weight or pos_weight, per element; 4 with a weight that is one value over the whole block (`run_weight`:
-// a SCALAR weight, or a PER_ROW one whose rows cover whole blocks) and no pos_weight.
+// a SCALAR weight, or a PER_ROW one whose rows cover whole blocks) and no pos_weight; 5 with a PER_CLASS
+// weight and no pos_weight.
 // Modes 0, 1, 3 and 4 sum log1p(e) as a product (LogProduct): in mode 4 the loss w (c |x| + log1p(e)) has
 // the one factor w for the whole block, which the caller applies to the block's sum and to the log of
 // its product (the product of a run of one weight). Mode 2 weighs each element's log1p(e) = [e > 1/2] ln2
 // + f + f^2 R(f), R in float lanes, the rest in double. Mode 4's gradient is mode 2's formula, with w
-// splat: the same bits as mode 2 gives it.
+// splat: the same bits as mode 2 gives it. Mode 5, a per-class weight and no pos_weight (class_form), the
+// block starting at class `column` of `classes`: the loss w (c |x| + log1p(e)) has the one factor w per
+// class, so each kept element's factor 1 / (1 + e) goes to Scratch::B, for the caller to multiply into its
+// class's product (ClassProducts) once the block succeeds, and w c |x| (and w e for a tiny e) to the sum;
+// the gradient is w (s(x) - y), as mode 1's times w.
 // BOUNDED (the product modes with the sum only): every |x| <= 18, so every element's 1 / (1 + e) goes into
 // the product and none needs the test e < 2^-27; a block that fails is redone without BOUNDED, which sets
 // `has_large` when some |x| > 18 (the next block then starts without BOUNDED). Both give the same bits
@@ -431,11 +487,11 @@ constexpr uint32_t MAX_LOGIT_BITS = 0x442f0000u;      // 700.0f
 template <class T, int MODE, bool SUM, bool GRAD, bool STREAM, bool BOUNDED = false>
 __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& options, int64_t b, int groups, Scratch& s,
                                              double& sum, vd& product, int64_t& kept_count, bool& has_large,
-                                             double run_weight = 1.0) {
+                                             double run_weight = 1.0, int64_t column = 0, int64_t classes = 0) {
     // a local copy: the stores through gi could alias the options as far as the compiler knows, and
     // every group would read them again
     const FastOptions o = options;
-    constexpr bool PLAIN = MODE == 0, WEIGHTED = MODE == 2, RUN = MODE == 4;
+    constexpr bool PLAIN = MODE == 0, WEIGHTED = MODE == 2, RUN = MODE == 4, CLASS = MODE == 5;
     static_assert(!BOUNDED || (!WEIGHTED && SUM), "BOUNDED: the product's sum only");
     constexpr bool TRACK_LARGE = !WEIGHTED && SUM && !BOUNDED;
     const T* x = static_cast<const T*>(a.x) + b;
@@ -445,7 +501,8 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& op
     const vd ln2 = splat(LN2);
     const double scale0 = o.scale;
     // ignore_index: known at compile time where it matters most (modes 1 and 3)
-    const bool ignore = MODE == 3 || ((WEIGHTED || RUN) && o.ignore);
+    const bool ignore = MODE == 3 || ((WEIGHTED || RUN || CLASS) && o.ignore);
+    const T* class_w = static_cast<const T*>(a.w);  // CLASS: the per-class weight
     const bool has_grad_output = !PLAIN && o.grad_output;
     vu8 bad{}, beyond{};
     vd acc0{}, acc1{}, prod0 = splat(1.0), prod1 = splat(1.0);
@@ -478,6 +535,12 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& op
         const vf8 y8 = Lanes<T>::load(y + 8 * k);
         const vf8 kept8 = PLAIN ? splat8(-1.0f) : kept_lanes(o, y8, ignore);
         if (ignore) kept += count_set(kept8);
+        vf8 w8;  // CLASS: the group's weights
+        if constexpr (CLASS) {
+            w8 = Lanes<T>::load(class_w + column);
+            column += 8;
+            if (column == classes) column = 0;
+        }
         vd out[2];  // the gradient's halves
         for (int h = 0; h < 2; ++h) {
             const vd xv = s.X[2 * k + h], e = s.E[2 * k + h], r = s.R[2 * k + h];
@@ -488,6 +551,32 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& op
             auto masked = [&](vd v, double dropped) __attribute__((always_inline)) {
                 return ignore ? pick_neg(keep, v, splat(dropped)) : v;
             };
+            if constexpr (CLASS) {
+                // mode 1's terms times w, except that log1p(e) goes to the class's product as 1 / (1 + e)
+                // (its factor w is applied to the product's logarithm when the chunk ends)
+                const vd w = h ? hi4(w8) : lo4(w8);
+                vd scale = splat(scale0);
+                if (has_grad_output) {
+                    const vf8 g8 = Lanes<T>::load(go + 8 * k);
+                    scale = (h ? hi4(g8) : lo4(g8)) * scale0;
+                }
+                vd factor = r;
+                if constexpr (SUM) {
+                    vd linear = pick_neg(xv, yv, 1.0 - yv) * abs4(xv);
+                    if constexpr (!BOUNDED) {
+                        const vl tiny = e < 0x1p-27;
+                        linear += (vd)((vl)e & tiny);
+                        factor = tiny ? splat(1.0) : r;
+                    }
+                    (h ? acc1 : acc0) = masked(linear, 0.0) * w + (h ? acc1 : acc0);
+                }
+                if constexpr (GRAD) out[h] = masked(pick_neg(xv, small, large) - yv, 0.0) * (w * scale);
+                if constexpr (SUM) {
+                    factor = masked(factor, 1.0);
+                    std::memcpy(s.B + 8 * k + 4 * h, &factor, sizeof factor);
+                }
+                continue;
+            }
             if constexpr (!WEIGHTED) {
                 if constexpr (SUM) {
                     // c |x| with c = 1 - y (x >= 0) or y (x < 0), plus log1p(e) as below
@@ -715,11 +804,35 @@ __attribute__((noinline)) bool probabilities_hard_block(const Args& a, int64_t b
     return true;
 }
 
+// A chunk's log1p(e) terms from its class products (mode 5): the sum over classes of w (-log P).
+template <class T>
+long double class_sum(const Args& a, const ClassProducts& cp) {
+    const T* w = static_cast<const T*>(a.w);
+    vd acc{};
+    for (int64_t c = 0; c < cp.classes; c += 8) {
+        const vf8 w8 = Lanes<T>::load(w + c);
+        for (int h = 0; h < 2; ++h) {
+            vd P;
+            std::memcpy(&P, cp.P + c + 4 * h, sizeof P);
+            acc -= (h ? hi4(w8) : lo4(w8)) * log_product(P);
+        }
+    }
+    long double total = 0.0L;
+    for (int l = 0; l < W; ++l) total += acc[l];
+    return total;
+}
+
 template <class T, bool LOGITS, int MODE, bool SUM, bool GRAD, bool STREAM>
 ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, int64_t end) {
     Scratch scratch;
     ChunkResult result;
-    constexpr bool PRODUCT = LOGITS ? MODE != 2 : MODE == 0;
+    constexpr bool CLASS = LOGITS && MODE == 5;
+    constexpr bool BOUNDABLE = LOGITS && MODE != 2;  // the logits modes with a BOUNDED form
+    constexpr bool PRODUCT = LOGITS ? MODE != 2 && !CLASS : MODE == 0;
+    // mode 5: the class products (reset below: C doubles, not all MAX_CLASSES)
+    std::conditional_t<CLASS, ClassProducts, char> classes;
+    const int64_t class_count = a.w_inner;
+    if constexpr (CLASS) classes.reset(class_count);
     LogProduct product;  // logits, MODE != 2: the product of 1 / (1 + e) (see logits_block), of the
                          // current run of one weight in mode 4
                          // probabilities, MODE 0: the product of q over blocks of hard targets
@@ -768,18 +881,22 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
         if constexpr (LOGITS) {
             vd block_product;
             bool large = false;
+            const int64_t column = CLASS ? b % class_count : 0;
             ok = false;
-            if constexpr (PRODUCT && SUM) {
+            if constexpr (BOUNDABLE && SUM) {
                 if (bounded)
                     ok = logits_block<T, MODE, true, GRAD, STREAM, true>(a, o, b, len / 8, scratch, sum, block_product,
-                                                                         kept, large, run_weight);
+                                                                         kept, large, run_weight, column, class_count);
             }
             if (!ok) {
                 ok = logits_block<T, MODE, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, block_product, kept, large,
-                                                              run_weight);
+                                                              run_weight, column, class_count);
                 bounded = !large;
             }
             if (ok && SUM && PRODUCT) product.fold(block_product);
+            if constexpr (CLASS && SUM) {
+                if (ok) classes.merge(scratch, column, len);
+            }
         } else {
             ok = false;
             bool edge = false;
@@ -809,6 +926,7 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
         b += len;
     }
     if constexpr (LOGITS && MODE == 4) end_run();
+    else if constexpr (CLASS) { if (SUM) result.sum += class_sum<T>(a, classes); }
     else if (SUM && (LOGITS ? PRODUCT : hard_blocks)) result.sum -= product.log();
     if (whole < end) add_exact(whole, end);
 #if defined(__AVX2__)
@@ -831,6 +949,14 @@ ChunkResult fast_chunk_outputs(const Args& a, const FastOptions& o, int64_t begi
     return fast_chunk_impl<T, LOGITS, MODE, false, true, false>(a, o, begin, end);
 }
 
+// Mode 5: a per-class weight and no pos_weight, MIN_CLASSES to MAX_CLASSES classes, a multiple of 8, and a
+// chunk of `length` elements gives no class more than MAX_FACTORS of them.
+inline bool class_form(const FastOptions& o, const Args& a, int64_t length) {
+    const int64_t c = a.w_inner;
+    return o.w_mode == PER_CLASS && o.p_mode == ABSENT && c % 8 == 0 && c >= MIN_CLASSES && c <= MAX_CLASSES &&
+           length / c + 1 <= MAX_FACTORS;
+}
+
 // The kernel's entry for float and half storage: the fast path where it applies, else the exact path.
 template <class T>
 ChunkResult fast_chunk(const Args& a, int64_t begin, int64_t end) {
@@ -845,6 +971,7 @@ ChunkResult fast_chunk(const Args& a, int64_t begin, int64_t end) {
         if (o.p_mode == ABSENT && (o.w_mode == SCALAR || (o.w_mode == PER_ROW && a.w_inner % 8 == 0 &&
                                                           a.w_inner >= MIN_RUN)))
             return fast_chunk_outputs<T, true, 4>(a, o, begin, end);
+        if (class_form(o, a, end - begin)) return fast_chunk_outputs<T, true, 5>(a, o, begin, end);
         return fast_chunk_outputs<T, true, 2>(a, o, begin, end);
     }
     // the probability loss has no product form: its modes 1 and 2 are one (weights read per element)
