@@ -2,8 +2,9 @@
 
 * each element's contribution to a reduced loss within 2 ulp (float32) of the exact loss, for every
   formulation the fast path has: the unweighted logits sum (log1p(e) as a product of 1 / (1 + e)), the
-  same product per run of one weight and per class of a per-class weight, the weighted one (f + f^2 R(f),
-  R in float lanes) and the probability loss (float logarithms);
+  same product per run of one weight, per class of a per-class weight and per class of the positives of a
+  per-class pos_weight, the weighted one (f + f^2 R(f), R in float lanes) and the probability loss (float
+  logarithms);
 * the product's renormalisation over many blocks and chunks;
 * logits blocks within 18 of 0 (every factor in the product) and beyond (tiny losses added directly);
   probability blocks without x = 0 or 1 (no clamp) and with them: the same bits either way;
@@ -261,6 +262,84 @@ def test_class_weighted_logits_over_many_rows_and_chunks(columns: int, options: 
     xt = torch.from_numpy(x).double().requires_grad_()
     per = F.binary_cross_entropy_with_logits(
         xt, torch.from_numpy(y64), torch.from_numpy(w).double(), reduction="none"
+    )
+    (per * torch.from_numpy(keep)).sum().backward()
+    np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=2.0**-23, atol=1e-30)
+
+
+@pytest.mark.parametrize("pad_x", [0.0, 30.0], ids=["bounded", "general"])
+def test_class_pos_weighted_logits_sum_is_within_two_ulps_per_element(pad_x: float) -> None:
+    """A per-class pos_weight of at least 1/2, 0/1 targets, no smoothing: log1p(e) in the chunk's product
+    and, for y = 1, in the class's, whose logarithm is weighed by p - 1 (ClassProducts). Each element sits
+    in one of 16 classes, the others ignored; a pos_weight below 1/2 takes the per-element form."""
+    rng = np.random.default_rng(67)
+    x, y = _logits_points(rng)
+    y = np.round(y)
+    if pad_x == 0.0:
+        x = np.clip(x, -18.0, 18.0)
+    pos_weight = rng.uniform(0.5, 4.0, 16).astype(np.float32)
+    pos_weight[5] = 0.5
+    sums = []
+    for i in range(x.size):
+        xs = np.full(16, pad_x, np.float32)
+        ys = np.full(16, -1.0, np.float32)
+        column = (3 * i) % 16
+        xs[column], ys[column] = x[i], y[i]
+        value, _ = _native.run(
+            "logits", xs, ys, None, None, pos_weight, (16,), input_shape=(1, 16), reduction=SUM, ignore_index=-1.0
+        )
+        sums.append((value, float(pos_weight[column])))
+    errors = [
+        _error_in_float32_ulps(s, logits_exact(float(a), float(b), p))
+        for (s, p), a, b in zip(sums, x, y, strict=True)
+    ]
+    assert max(errors) <= 2.0, (max(errors), x[int(np.argmax(errors))], y[int(np.argmax(errors))])
+
+
+@pytest.mark.parametrize("columns", [16, 24, 136, 1024, 2048, 2056])
+@pytest.mark.parametrize("variant", ["plain", "ignore", "scalar-weight", "soft-block", "small-p"])
+def test_class_pos_weighted_logits_over_many_rows_and_chunks(columns: int, variant: str) -> None:
+    """A per-class pos_weight over rows shorter and longer than a block (2056 classes take the per-element
+    form), also with ignored targets, a scalar weight (applied to the chunk's sum), a block of soft targets
+    (it and the rest of its chunk take the per-element form) and a pos_weight below 1/2 (the whole pass
+    does): the sum matches the float64 terms summed exactly, also where a block beyond 18 is redone, and
+    the gradient is torch's in float64."""
+    rng = np.random.default_rng(68)
+    rows = max(3, 3 * 8192 // columns)
+    x = rng.normal(0.0, 4.0, (rows, columns)).astype(np.float32)
+    x[0, :3] = (25.0, -25.0, 0.5)  # some blocks beyond 18
+    y = (rng.random(x.shape) < 0.3).astype(np.float32)
+    options: dict = {}
+    if variant == "ignore":
+        y[rng.random(x.shape) < 0.1] = -1.0
+        options["ignore_index"] = -1.0
+    flat = y.reshape(-1)
+    if variant == "soft-block":
+        flat[8192 + 700 : 8192 + 760] = rng.random(60).astype(np.float32)
+    p = rng.uniform(0.5, 4.0, columns).astype(np.float32)
+    if variant == "small-p":
+        p[-1] = 0.25
+    weight = np.array(1.7, np.float32) if variant == "scalar-weight" else None
+    grad = np.empty_like(x)
+    value, kept = _native.run(
+        "logits", x, y, weight, None if weight is None else weight.shape, p, p.shape,
+        input_shape=x.shape, reduction=SUM, grad_input=grad, **options,
+    )
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    keep = y64 != -1.0
+    y64 = np.where(keep, y64, 0.0)
+    w64 = 1.0 if weight is None else float(weight)
+    p64 = p.astype(np.float64)
+    terms = w64 * (p64 * y64 * np.logaddexp(0.0, -x64) + (1.0 - y64) * np.logaddexp(0.0, x64))
+    exact = math.fsum(terms[keep].tolist())
+    assert kept == keep.sum()
+    # products: roundings of 2^-53 per factor; per element (f + f^2 R(f), R in float): within 2^-26
+    product = columns <= 2048 and variant not in ("small-p", "soft-block")
+    assert abs(value - exact) <= (2.0**-40 if product else 2.0**-26) * exact
+    xt = torch.from_numpy(x).double().requires_grad_()
+    per = F.binary_cross_entropy_with_logits(
+        xt, torch.from_numpy(y64), None if weight is None else torch.tensor(w64, dtype=torch.float64),
+        reduction="none", pos_weight=torch.from_numpy(p64),
     )
     (per * torch.from_numpy(keep)).sum().backward()
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=2.0**-23, atol=1e-30)

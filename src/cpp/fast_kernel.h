@@ -23,6 +23,10 @@
 //   * logits with one weight per run (a scalar; a row's weight) or per class (16 to 2048 classes, a
 //     multiple of 8), no pos_weight: the same product per run, or per class and chunk (ClassProducts,
 //     one vector logarithm per 4 classes when the chunk ends), its logarithm times the weight.
+//   * logits with a per-class pos_weight p >= 1/2 (a scalar weight at most), no smoothing, 0/1 targets:
+//     the term p log1p(e) of y = 1 is log1p(e) + (p - 1) log1p(e), the first in the chunk's product, the
+//     second in its class's product over the targets 1 (a block of other targets makes the rest of the
+//     chunk take the per-element form below).
 //   * logits with other weights: log1p(e) = [e > 1/2] ln2 + f + f^2 R(f) per element, f exact in double and
 //     only the polynomial R in float lanes (its rounding reaches the result scaled by f^2 R <= 0.2 of it).
 //   * probabilities: log x and log(1 - x) in float lanes (about an ulp each), combined in double.
@@ -260,7 +264,8 @@ struct Scratch {
     vd F[2 * GROUPS];                 // the reduced argument of log1p(e) (logits)
     vf8 L1[GROUPS], L2[GROUPS];       // R(f) of log1p(e) (logits); log x, log(1 - x) (probabilities)
     float w[FAST_BLOCK], p[FAST_BLOCK];
-    double B[FAST_BLOCK];             // each element's factor of its class's product (logits, mode 5)
+    double B[FAST_BLOCK];             // each element's factor of its class's product (logits, modes 5, 6)
+    bool soft = false;                // mode 6: the block stopped at a kept target other than 0 or 1
 };
 
 // The weight values of elements [begin, begin + len) as floats, for the broadcast forms other than
@@ -391,8 +396,8 @@ struct LogProduct {
     static constexpr long double LN2_L = 0.693147180559945309417232121458176568L;
 };
 
-// Classes of a per-class weight (logits, mode 5) whose log1p(e) terms are summed as products, one per
-// class. A chunk may hold at most MAX_FACTORS factors (each at least 1/2) per class, so that a product
+// Classes of a per-class weight (logits, mode 5) or pos_weight (mode 6) whose log1p(e) terms are summed
+// as products, one per class. A chunk may hold at most MAX_FACTORS factors (each at least 1/2) per class, so that a product
 // stays above 2^-1000 with no renormalisation, and at least MIN_CLASSES classes; at most MAX_CLASSES, so
 // that a chunk's logarithms (one vector logarithm per 4 classes) are few against its elements.
 constexpr int64_t MIN_CLASSES = 16, MAX_CLASSES = 2048, MAX_FACTORS = 1000;
@@ -414,7 +419,8 @@ BCEKIT_INLINE vd log_product(vd P) {
     return (2.0 * u) * series + __builtin_convertvector(k, vd) * LN2;
 }
 
-// The class products of one chunk (mode 5), P[c] over the kept elements of class c.
+// The class products of one chunk, P[c] over the kept elements of class c (mode 5), or over its kept
+// elements of target 1 (mode 6).
 struct ClassProducts {
     double P[MAX_CLASSES];
     int64_t classes = 0;
@@ -470,7 +476,7 @@ constexpr uint32_t MAX_LOGIT_BITS = 0x442f0000u;      // 700.0f
 // MODE: 0 plain; 1 unweighted with label smoothing and/or grad_output; 3 as 1 with ignore_index; 2 with
 // weight or pos_weight, per element; 4 with a weight that is one value over the whole block (`run_weight`:
 // a SCALAR weight, or a PER_ROW one whose rows cover whole blocks) and no pos_weight; 5 with a PER_CLASS
-// weight and no pos_weight.
+// weight and no pos_weight; 6 with a PER_CLASS pos_weight, no smoothing and at most a SCALAR weight.
 // Modes 0, 1, 3 and 4 sum log1p(e) as a product (LogProduct): in mode 4 the loss w (c |x| + log1p(e)) has
 // the one factor w for the whole block, which the caller applies to the block's sum and to the log of
 // its product (the product of a run of one weight). Mode 2 weighs each element's log1p(e) = [e > 1/2] ln2
@@ -479,7 +485,9 @@ constexpr uint32_t MAX_LOGIT_BITS = 0x442f0000u;      // 700.0f
 // block starting at class `column` of `classes`: the loss w (c |x| + log1p(e)) has the one factor w per
 // class, so each kept element's factor 1 / (1 + e) goes to Scratch::B, for the caller to multiply into its
 // class's product (ClassProducts) once the block succeeds, and w c |x| (and w e for a tiny e) to the sum;
-// the gradient is w (s(x) - y), as mode 1's times w.
+// the gradient is w (s(x) - y), as mode 1's times w. Mode 6 (every kept target 0 or 1: a block with another
+// returns false and sets Scratch::soft) puts each factor in the block's product and, for y = 1, in
+// Scratch::B for its class's; its sum is without the scalar weight, which the caller applies.
 // BOUNDED (the product modes with the sum only): every |x| <= 18, so every element's 1 / (1 + e) goes into
 // the product and none needs the test e < 2^-27; a block that fails is redone without BOUNDED, which sets
 // `has_large` when some |x| > 18 (the next block then starts without BOUNDED). Both give the same bits
@@ -491,7 +499,8 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& op
     // a local copy: the stores through gi could alias the options as far as the compiler knows, and
     // every group would read them again
     const FastOptions o = options;
-    constexpr bool PLAIN = MODE == 0, WEIGHTED = MODE == 2, RUN = MODE == 4, CLASS = MODE == 5;
+    constexpr bool PLAIN = MODE == 0, WEIGHTED = MODE == 2, RUN = MODE == 4, CLASS = MODE == 5 || MODE == 6;
+    constexpr bool POSITIVE = MODE == 6;
     static_assert(!BOUNDED || (!WEIGHTED && SUM), "BOUNDED: the product's sum only");
     constexpr bool TRACK_LARGE = !WEIGHTED && SUM && !BOUNDED;
     const T* x = static_cast<const T*>(a.x) + b;
@@ -502,9 +511,9 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& op
     const double scale0 = o.scale;
     // ignore_index: known at compile time where it matters most (modes 1 and 3)
     const bool ignore = MODE == 3 || ((WEIGHTED || RUN || CLASS) && o.ignore);
-    const T* class_w = static_cast<const T*>(a.w);  // CLASS: the per-class weight
+    const T* class_values = static_cast<const T*>(POSITIVE ? a.p : a.w);  // CLASS: the per-class weight or pos_weight
     const bool has_grad_output = !PLAIN && o.grad_output;
-    vu8 bad{}, beyond{};
+    vu8 bad{}, beyond{}, soft{};
     vd acc0{}, acc1{}, prod0 = splat(1.0), prod1 = splat(1.0);
     int64_t kept = 0;
 
@@ -535,11 +544,15 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& op
         const vf8 y8 = Lanes<T>::load(y + 8 * k);
         const vf8 kept8 = PLAIN ? splat8(-1.0f) : kept_lanes(o, y8, ignore);
         if (ignore) kept += count_set(kept8);
-        vf8 w8;  // CLASS: the group's weights
+        vf8 w8, one8;  // CLASS: the group's weights (mode 5) or pos_weights (mode 6); -1.0f where y = 1
         if constexpr (CLASS) {
-            w8 = Lanes<T>::load(class_w + column);
+            w8 = Lanes<T>::load(class_values + column);
             column += 8;
             if (column == classes) column = 0;
+        }
+        if constexpr (POSITIVE) {
+            one8 = (vf8)((vi8)(y8 == 1.0f) & (vi8)splat8(-1.0f));
+            soft |= ~((vu8)(y8 == 0.0f) | (vu8)(y8 == 1.0f)) & (vu8)((vi8)kept8 < 0);
         }
         vd out[2];  // the gradient's halves
         for (int h = 0; h < 2; ++h) {
@@ -551,6 +564,37 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& op
             auto masked = [&](vd v, double dropped) __attribute__((always_inline)) {
                 return ignore ? pick_neg(keep, v, splat(dropped)) : v;
             };
+            if constexpr (POSITIVE) {
+                // every kept target 0 or 1, no smoothing, a scalar weight applied to the chunk's sum: the
+                // loss is max(x, 0) + log1p(e) for y = 0, p (max(-x, 0) + log1p(e)) for y = 1. log1p(e) goes
+                // to the chunk's product (coefficient 1) and, for y = 1, to the class's product too
+                // (coefficient p - 1, applied when the chunk ends)
+                const vd one = h ? hi4(one8) : lo4(one8);
+                const vd pw = pick_neg(one, h ? hi4(w8) : lo4(w8), splat(1.0));  // p y + 1 - y
+                vd scale = splat(scale0 * double(o.w_scalar));
+                if (has_grad_output) {
+                    const vf8 g8 = Lanes<T>::load(go + 8 * k);
+                    scale = (h ? hi4(g8) : lo4(g8)) * scale;
+                }
+                if constexpr (SUM) {
+                    const vd positive_part = max4(xv, splat(0.0));
+                    vd linear = pick_neg(one, positive_part - xv, positive_part) * pw;
+                    vd factor = r;
+                    if constexpr (!BOUNDED) {
+                        const vl tiny = e < 0x1p-27;
+                        linear += (vd)((vl)(e * pw) & tiny);
+                        factor = tiny ? splat(1.0) : r;
+                    }
+                    factor = masked(factor, 1.0);
+                    (h ? acc1 : acc0) += masked(linear, 0.0);
+                    (h ? prod1 : prod0) *= factor;
+                    const vd positive_factor = pick_neg(one, factor, splat(1.0));
+                    std::memcpy(s.B + 8 * k + 4 * h, &positive_factor, sizeof positive_factor);
+                }
+                // (1 - y) s(x) - p y s(-x): s(x) for y = 0, p (s(x) - 1) for y = 1
+                if constexpr (GRAD) out[h] = masked((pick_neg(xv, small, large) - yv) * pw, 0.0) * scale;
+                continue;
+            }
             if constexpr (CLASS) {
                 // mode 1's terms times w, except that log1p(e) goes to the class's product as 1 / (1 + e)
                 // (its factor w is applied to the product's logarithm when the chunk ends)
@@ -649,6 +693,10 @@ __attribute__((noinline)) bool logits_block(const Args& a, const FastOptions& op
     for (; k < groups; ++k) { stage1(k); stage2(k - SKEW); stage3(k - SKEW); }
     for (int j = std::max(0, groups - SKEW); j < groups; ++j) { stage2(j); stage3(j); }
     if constexpr (TRACK_LARGE) has_large = any_set(beyond);
+    if constexpr (POSITIVE) {
+        s.soft = any_set(soft);
+        if (s.soft) return false;
+    }
     if (any_set(bad)) return false;
     const vd acc = acc0 + acc1;
     double total = 0.0;
@@ -804,17 +852,19 @@ __attribute__((noinline)) bool probabilities_hard_block(const Args& a, int64_t b
     return true;
 }
 
-// A chunk's log1p(e) terms from its class products (mode 5): the sum over classes of w (-log P).
-template <class T>
+// A chunk's log1p(e) terms from its class products: the sum over classes of w (-log P) (mode 5, the
+// per-class weight w), or of (p - 1) (-log P) (mode 6, the per-class pos_weight p).
+template <class T, int MODE>
 long double class_sum(const Args& a, const ClassProducts& cp) {
-    const T* w = static_cast<const T*>(a.w);
+    const T* values = static_cast<const T*>(MODE == 6 ? a.p : a.w);
+    const double offset = MODE == 6 ? 1.0 : 0.0;
     vd acc{};
     for (int64_t c = 0; c < cp.classes; c += 8) {
-        const vf8 w8 = Lanes<T>::load(w + c);
+        const vf8 v8 = Lanes<T>::load(values + c);
         for (int h = 0; h < 2; ++h) {
             vd P;
             std::memcpy(&P, cp.P + c + 4 * h, sizeof P);
-            acc -= (h ? hi4(w8) : lo4(w8)) * log_product(P);
+            acc -= ((h ? hi4(v8) : lo4(v8)) - offset) * log_product(P);
         }
     }
     long double total = 0.0L;
@@ -826,12 +876,16 @@ template <class T, bool LOGITS, int MODE, bool SUM, bool GRAD, bool STREAM>
 ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, int64_t end) {
     Scratch scratch;
     ChunkResult result;
-    constexpr bool CLASS = LOGITS && MODE == 5;
+    constexpr bool CLASS = LOGITS && (MODE == 5 || MODE == 6);
     constexpr bool BOUNDABLE = LOGITS && MODE != 2;  // the logits modes with a BOUNDED form
-    constexpr bool PRODUCT = LOGITS ? MODE != 2 && !CLASS : MODE == 0;
-    // mode 5: the class products (reset below: C doubles, not all MAX_CLASSES)
+    constexpr bool PRODUCT = LOGITS ? MODE != 2 && MODE != 5 : MODE == 0;
+    // modes 5 and 6: the class products (reset below: C doubles, not all MAX_CLASSES)
     std::conditional_t<CLASS, ClassProducts, char> classes;
-    const int64_t class_count = a.w_inner;
+    const int64_t class_count = MODE == 6 ? a.p_inner : a.w_inner;
+    // mode 6: after a block with soft targets the chunk's blocks take mode 2; the other blocks' sums, to
+    // be weighed by the scalar weight with the products' logarithms
+    bool soft_targets = false;
+    long double positive_sum = 0.0L;
     if constexpr (CLASS) classes.reset(class_count);
     LogProduct product;  // logits, MODE != 2: the product of 1 / (1 + e) (see logits_block), of the
                          // current run of one weight in mode 4
@@ -869,12 +923,14 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
             }
         }
         const int len = int(std::min<int64_t>(MODE == 4 ? run_end - b : FAST_BLOCK, std::min<int64_t>(FAST_BLOCK, whole - b)));
-        if constexpr (MODE == 2) {
+        bool per_element = MODE == 2 || (MODE == 6 && soft_targets);
+        auto fill = [&]() {
             if (o.w_mode != ABSENT && o.w_mode != SCALAR)
                 fill_weights<T>(a.w, o.w_mode, a.w_inner, b, len, scratch.w);
             if (LOGITS && o.p_mode != ABSENT && o.p_mode != SCALAR)
                 fill_weights<T>(a.p, o.p_mode, a.p_inner, b, len, scratch.p);
-        }
+        };
+        if (per_element) fill();
         double sum = 0.0;
         int64_t kept = 0;
         bool ok;
@@ -883,19 +939,31 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
             bool large = false;
             const int64_t column = CLASS ? b % class_count : 0;
             ok = false;
+            if constexpr (MODE == 6) {
+                if (per_element)
+                    ok = logits_block<T, 2, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, block_product, kept, large);
+            }
             if constexpr (BOUNDABLE && SUM) {
-                if (bounded)
+                if (!per_element && bounded)
                     ok = logits_block<T, MODE, true, GRAD, STREAM, true>(a, o, b, len / 8, scratch, sum, block_product,
                                                                          kept, large, run_weight, column, class_count);
             }
-            if (!ok) {
+            if (!ok && !per_element && !scratch.soft) {
                 ok = logits_block<T, MODE, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, block_product, kept, large,
                                                               run_weight, column, class_count);
                 bounded = !large;
             }
-            if (ok && SUM && PRODUCT) product.fold(block_product);
+            if constexpr (MODE == 6) {
+                if (scratch.soft) {  // this block and the rest of the chunk per element
+                    scratch.soft = false;
+                    soft_targets = per_element = true;
+                    fill();
+                    ok = logits_block<T, 2, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, block_product, kept, large);
+                }
+            }
+            if (ok && SUM && PRODUCT && !per_element) product.fold(block_product);
             if constexpr (CLASS && SUM) {
-                if (ok) classes.merge(scratch, column, len);
+                if (ok && !per_element) classes.merge(scratch, column, len);
             }
         } else {
             ok = false;
@@ -918,7 +986,7 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
             }
         }
         if (ok) {
-            (LOGITS && MODE == 4 ? run_sum : result.sum) += sum;
+            (LOGITS && MODE == 4 ? run_sum : LOGITS && MODE == 6 && !per_element ? positive_sum : result.sum) += sum;
             result.kept += kept;
         } else {
             add_exact(b, b + len);
@@ -926,7 +994,10 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
         b += len;
     }
     if constexpr (LOGITS && MODE == 4) end_run();
-    else if constexpr (CLASS) { if (SUM) result.sum += class_sum<T>(a, classes); }
+    else if constexpr (MODE == 5) { if (SUM) result.sum += class_sum<T, 5>(a, classes); }
+    else if constexpr (MODE == 6) {
+        if (SUM) result.sum += (long double)o.w_scalar * (positive_sum - product.log() + class_sum<T, 6>(a, classes));
+    }
     else if (SUM && (LOGITS ? PRODUCT : hard_blocks)) result.sum -= product.log();
     if (whole < end) add_exact(whole, end);
 #if defined(__AVX2__)
@@ -949,12 +1020,20 @@ ChunkResult fast_chunk_outputs(const Args& a, const FastOptions& o, int64_t begi
     return fast_chunk_impl<T, LOGITS, MODE, false, true, false>(a, o, begin, end);
 }
 
-// Mode 5: a per-class weight and no pos_weight, MIN_CLASSES to MAX_CLASSES classes, a multiple of 8, and a
-// chunk of `length` elements gives no class more than MAX_FACTORS of them.
-inline bool class_form(const FastOptions& o, const Args& a, int64_t length) {
-    const int64_t c = a.w_inner;
-    return o.w_mode == PER_CLASS && o.p_mode == ABSENT && c % 8 == 0 && c >= MIN_CLASSES && c <= MAX_CLASSES &&
-           length / c + 1 <= MAX_FACTORS;
+// Modes 5 and 6: MIN_CLASSES to MAX_CLASSES classes, a multiple of 8, and a chunk of `length` elements
+// gives no class more than MAX_FACTORS of them.
+inline bool class_form(int64_t c, int64_t length) {
+    return c % 8 == 0 && c >= MIN_CLASSES && c <= MAX_CLASSES && length / c + 1 <= MAX_FACTORS;
+}
+
+// Mode 6 also needs every pos_weight at least 1/2 (not NaN): the class's term p L is formed as L + (p - 1)
+// L, L in the chunk's product and in the class's, which may cancel by a factor of 2 at most.
+template <class T>
+bool pos_weights_from_half(const Args& a) {
+    const T* p = static_cast<const T*>(a.p);
+    vi8 low{};
+    for (int64_t c = 0; c < a.p_inner; c += 8) low |= ~(vi8)(Lanes<T>::load(p + c) >= 0.5f);
+    return count_set((vf8)low) == 0;
 }
 
 // The kernel's entry for float and half storage: the fast path where it applies, else the exact path.
@@ -971,7 +1050,11 @@ ChunkResult fast_chunk(const Args& a, int64_t begin, int64_t end) {
         if (o.p_mode == ABSENT && (o.w_mode == SCALAR || (o.w_mode == PER_ROW && a.w_inner % 8 == 0 &&
                                                           a.w_inner >= MIN_RUN)))
             return fast_chunk_outputs<T, true, 4>(a, o, begin, end);
-        if (class_form(o, a, end - begin)) return fast_chunk_outputs<T, true, 5>(a, o, begin, end);
+        if (o.w_mode == PER_CLASS && o.p_mode == ABSENT && class_form(a.w_inner, end - begin))
+            return fast_chunk_outputs<T, true, 5>(a, o, begin, end);
+        if (o.p_mode == PER_CLASS && (o.w_mode == ABSENT || o.w_mode == SCALAR) && !o.smooth &&
+            class_form(a.p_inner, end - begin) && pos_weights_from_half<T>(a))
+            return fast_chunk_outputs<T, true, 6>(a, o, begin, end);
         return fast_chunk_outputs<T, true, 2>(a, o, begin, end);
     }
     // the probability loss has no product form: its modes 1 and 2 are one (weights read per element)
