@@ -12,7 +12,8 @@
 * streaming stores for large float32 gradients give the same bits as ordinary stores;
 * every mode of the fast path (plain, unweighted with options, weighted) against torch in float64;
 * blocks whose targets are all 0 or 1 (the probability loss as a product of x or 1 - x): per element,
-  over many chunks, and mixed with soft blocks and blocks the clamp at -100 sends elsewhere.
+  over many chunks, and mixed with soft blocks and blocks the clamp at -100 sends elsewhere; with a
+  weight, one product per run of one weight or per class.
 
 A single element's contribution is isolated by padding it with elements whose loss is zero (or, for the
 logits loss, below 1e-300): ``_native.run`` returns the kernel's reduced sum in double, unrounded to the
@@ -436,6 +437,76 @@ def test_hard_target_product_over_many_chunks_matches_the_exact_sum(spread: str)
     terms[~ones] = np.log1p(-x64[~ones])
     exact = -math.fsum(terms.tolist())
     assert abs(value - exact) <= 2.0**-40 * exact
+
+
+@pytest.mark.parametrize("form", ["scalar", "per-row", "per-class"])
+def test_weighted_hard_target_probability_sum_is_within_two_ulps_per_element(form: str) -> None:
+    """A weight, no options, targets 0 and 1: the sum is -w log of a product of x and 1 - x, one product
+    per run of one weight (a scalar; rows of 64) or per class (16 classes); each element's contribution
+    within 2 ulp of its exact loss, alone in a block whose other elements have loss 0 (x = y)."""
+    x, y = _hard_points(np.random.default_rng(69))
+    rng = np.random.default_rng(70)
+    size, shape = (64, (1, 64)) if form == "per-row" else (16, (1, 16))
+    sums = []
+    for i in range(x.size):
+        xs = np.zeros(size, np.float32)
+        ys = np.zeros(size, np.float32)
+        column = (3 * i) % size
+        xs[column], ys[column] = x[i], y[i]
+        if form == "per-class":
+            weight = rng.uniform(0.25, 4.0, size).astype(np.float32)
+            w = float(weight[column])
+        else:
+            weight = np.full((1, 1) if form == "per-row" else (), rng.uniform(0.25, 4.0), np.float32)
+            w = float(weight.reshape(-1)[0])
+        value, _ = _native.run("bce", xs, ys, weight, weight.shape, input_shape=shape, reduction=SUM)
+        sums.append((value, w))
+    errors = [
+        _error_in_float32_ulps(s, bce_exact(float(a), float(b), weight=w))
+        for (s, w), a, b in zip(sums, x, y, strict=True)
+    ]
+    assert max(errors) <= 2.0, (max(errors), x[int(np.argmax(errors))], y[int(np.argmax(errors))])
+
+
+@pytest.mark.parametrize("columns", [16, 64, 136, 1024, 2048])
+@pytest.mark.parametrize("form", ["per-row", "per-class"])
+@pytest.mark.parametrize("variant", ["plain", "confident", "soft-block", "clamped"])
+def test_weighted_hard_target_probabilities_over_many_rows_and_chunks(columns: int, form: str, variant: str) -> None:
+    """Per-row and per-class weights over rows shorter and longer than a block: the sum matches the
+    float64 terms summed exactly, also where most factors are tiny (a class's product is renormalised
+    before it could underflow), where a block has soft targets or a clamped term (it and the rest of its
+    chunk take the per-element form); the gradient is torch's in float64."""
+    rng = np.random.default_rng(71)
+    rows = max(3, 3 * 8192 // columns)
+    y = (rng.random((rows, columns)) < 0.5).astype(np.float32)
+    if variant == "confident":  # mostly confident and wrong: factors near 2^-126
+        logit = rng.uniform(5.0, 85.0, y.shape) * np.where(y == 1, -1.0, 1.0)
+        x = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+        x = np.maximum(x, np.float32(2.0**-126))
+        x[(x == 1) & (y == 0)] = np.nextafter(np.float32(1), np.float32(0))
+    else:
+        x = rng.random(y.shape).astype(np.float32)
+    flat_x, flat_y = x.reshape(-1), y.reshape(-1)
+    if variant == "soft-block":
+        flat_y[8192 + 700 : 8192 + 760] = rng.random(60).astype(np.float32)
+    if variant == "clamped":
+        flat_x[8192 + 700], flat_y[8192 + 700] = 0.0, 1.0
+    w = rng.uniform(0.25, 4.0, (rows, 1) if form == "per-row" else columns).astype(np.float32)
+    grad = np.empty_like(x)
+    value, _ = _native.run("bce", x, y, w, w.shape, input_shape=x.shape, reduction=SUM, grad_input=grad)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    with np.errstate(divide="ignore"):
+        log_x, log_1mx = np.maximum(np.log(x64), -100.0), np.maximum(np.log1p(-x64), -100.0)
+    terms = -w.astype(np.float64) * (y64 * log_x + (1.0 - y64) * log_1mx)
+    exact = math.fsum(terms.reshape(-1).tolist())
+    # rows of fewer than 64 (and the variants' chunks) take the per-element form: float logarithms
+    product = variant in ("plain", "confident") and (form == "per-class" or columns >= 64)
+    assert abs(value - exact) <= (2.0**-40 if product else 2.0**-26) * exact
+    xt = torch.from_numpy(x).double().requires_grad_()
+    F.binary_cross_entropy(
+        xt, torch.from_numpy(y64), torch.from_numpy(w).double().expand_as(xt), reduction="sum"
+    ).backward()
+    np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=2.0**-23, atol=1e-30)
 
 
 def test_hard_target_blocks_mixed_with_soft_and_clamped_ones() -> None:

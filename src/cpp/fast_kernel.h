@@ -32,7 +32,8 @@
 //   * probabilities: log x and log(1 - x) in float lanes (about an ulp each), combined in double.
 //   * probabilities without weights or options, a block whose targets are all 0 or 1 (labels, the common
 //     case): the sum of -log q, q = x or 1 - x, as -log of a product (probabilities_hard_block), half the
-//     instructions of the two logarithms.
+//     instructions of the two logarithms. With a weight and no options, the same product per run of one
+//     weight or per class (probabilities_weighted_hard_block), its logarithm times the weight.
 // Every element's contribution to the sum is within 2 ulp of its exact float32 loss (tests/
 // test_fast_kernel.py checks each formulation against mpmath, element by element); sums are in double.
 //
@@ -423,10 +424,57 @@ BCEKIT_INLINE vd log_product(vd P) {
 // elements of target 1 (mode 6).
 struct ClassProducts {
     double P[MAX_CLASSES];
+    int64_t E[MAX_CLASSES];  // probabilities (merge_factors): the product is P 2^E
     int64_t classes = 0;
+    int64_t pending = 0;     // probabilities: elements merged since the last normalise()
     void reset(int64_t c) {
         classes = c;
-        for (int64_t j = 0; j < c; ++j) P[j] = 1.0;
+        pending = 0;
+        for (int64_t j = 0; j < c; ++j) {
+            P[j] = 1.0;
+            E[j] = 0;
+        }
+    }
+    // as merge, for factors of at least 2^-126 (the probability loss's q): 7 of them and a P in [1, 2) stay
+    // above 2^-882, so each P's exponent moves to E (normalise) before a class could get an eighth, or
+    // after every factor where a block has more than 7 rows
+    void merge_factors(const Scratch& s, int64_t column, int len) {
+        if (len > 7 * classes) return merge_normalised(s, column, len);
+        if (pending + len > 7 * classes) normalise();
+        merge(s, column, len);
+        pending += len;
+    }
+    void normalise() {
+        for (int64_t c = 0; c < classes; c += W) {
+            vd a;
+            vl e;
+            std::memcpy(&a, P + c, sizeof a);
+            std::memcpy(&e, E + c, sizeof e);
+            const vq bits = (vq)a;
+            e += (vl)(bits >> 52) - 1023;
+            a = (vd)((bits & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL);
+            std::memcpy(P + c, &a, sizeof a);
+            std::memcpy(E + c, &e, sizeof e);
+        }
+        pending = 0;
+    }
+    void merge_normalised(const Scratch& s, int64_t column, int len) {
+        for (int j = 0; j < len; j += 8) {
+            for (int h = 0; h < 8; h += W) {
+                vd a, b;
+                vl e;
+                std::memcpy(&a, P + column + h, sizeof a);
+                std::memcpy(&b, s.B + j + h, sizeof b);
+                std::memcpy(&e, E + column + h, sizeof e);
+                const vq bits = (vq)(a * b);
+                e += (vl)(bits >> 52) - 1023;
+                a = (vd)((bits & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL);
+                std::memcpy(P + column + h, &a, sizeof a);
+                std::memcpy(E + column + h, &e, sizeof e);
+            }
+            column += 8;
+            if (column == classes) column = 0;
+        }
     }
     // multiply in a block's factors (Scratch::B) of `len` elements from class `column` on
     void merge(const Scratch& s, int64_t column, int len) {
@@ -852,6 +900,71 @@ __attribute__((noinline)) bool probabilities_hard_block(const Args& a, int64_t b
     return true;
 }
 
+// One block of the probability loss with a weight and no options, every target 0 or 1: the loss is -w
+// log q (q = x or 1 - x, as probabilities_hard_block), summed as -log of products, one per run of one
+// weight (CLASSES false: a SCALAR weight, or a PER_ROW one whose rows cover whole blocks, `run_weight`;
+// the block's product comes back as mantissa and exponent) or one per class (CLASSES: the block starting
+// at class `column` of `classes`; each element's q goes to Scratch::B, for the caller's ClassProducts).
+// Elements with y = 0 and x < 2^-27 add w x instead. The gradient is the per-element block's, in double
+// lanes (the same bits). Returns false where probabilities_hard_block does, and for a target other than
+// 0 or 1: the caller then takes the per-element block.
+template <class T, bool CLASSES, bool SUM, bool GRAD, bool STREAM>
+__attribute__((noinline)) bool probabilities_weighted_hard_block(const Args& a, int64_t b, int groups, Scratch& s,
+                                                                  int64_t column, int64_t classes, double run_weight,
+                                                                  double& sum, vd& mantissa, vl& exponent) {
+    const T* x = static_cast<const T*>(a.x) + b;
+    const T* y = static_cast<const T*>(a.y) + b;
+    const T* w = static_cast<const T*>(a.w);
+    T* gi = GRAD ? static_cast<T*>(a.grad_input) + b : nullptr;
+    const double scale = a.grad_scale;
+    vu8 bad{};
+    vd m = splat(1.0), linear{};
+    vl e{};
+    for (int k = 0; k < groups; ++k) {
+        prefetch(x + 8 * k, y + 8 * k);
+        const vf8 x8 = Lanes<T>::load(x + 8 * k), y8 = Lanes<T>::load(y + 8 * k);
+        bad |= bad_probabilities(x8) | (vu8)(x8 == 1.0f - y8) | ~((vu8)(y8 == 0.0f) | (vu8)(y8 == 1.0f));
+        vf8 w8 = splat8(float(run_weight));
+        if constexpr (CLASSES) {
+            w8 = Lanes<T>::load(w + column);
+            column += 8;
+            if (column == classes) column = 0;
+        }
+        if constexpr (GRAD) {
+            vd out[2];
+            for (int h = 0; h < 2; ++h) {  // the per-element block's formula
+                const vd xv = h ? hi4(x8) : lo4(x8), yv = h ? hi4(y8) : lo4(y8), wv = h ? hi4(w8) : lo4(w8);
+                const vd denom = max4(xv * (1.0 - xv), splat(GRAD_EPSILON));
+                out[h] = ((xv - yv) / denom * wv) * scale;
+            }
+            store_halves<T, STREAM>(gi + 8 * k, out[0], out[1]);
+        }
+        if constexpr (SUM) {
+            const vi8 tiny = (x8 + y8) < 0x1p-27f;  // y = 0 and x < 2^-27
+            const vf8 x_tiny = (vf8)((vi8)x8 & tiny), x_factor = (vf8)((vi8)x8 & ~tiny);
+            // (a run's weight is applied by the caller, to this sum and the product's logarithm)
+            linear += CLASSES ? lo4(x_tiny) * lo4(w8) + hi4(x_tiny) * hi4(w8) : lo4(x_tiny) + hi4(x_tiny);
+            const vf8 shift = y8 - 1.0f;  // 0 or -1, exact
+            const vd q0 = abs4(lo4(x_factor) + lo4(shift)), q1 = abs4(hi4(x_factor) + hi4(shift));  // >= 2^-126
+            if constexpr (CLASSES) {
+                std::memcpy(s.B + 8 * k, &q0, sizeof q0);
+                std::memcpy(s.B + 8 * k + 4, &q1, sizeof q1);
+            } else {
+                const vq bits = (vq)(m * (q0 * q1));
+                e += (vl)(bits >> 52);
+                m = (vd)((bits & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL);
+            }
+        }
+    }
+    if (any_set(bad)) return false;
+    double total = 0.0;
+    for (int j = 0; j < W; ++j) total += linear[j];
+    sum = total;
+    mantissa = m;
+    exponent = e - int64_t(groups) * 1023;
+    return true;
+}
+
 // A chunk's log1p(e) terms from its class products: the sum over classes of w (-log P) (mode 5, the
 // per-class weight w), or of (p - 1) (-log P) (mode 6, the per-class pos_weight p).
 template <class T, int MODE>
@@ -872,6 +985,26 @@ long double class_sum(const Args& a, const ClassProducts& cp) {
     return total;
 }
 
+// The probability loss's sum over classes of w (-log(P 2^E)) (probabilities, mode 5).
+template <class T>
+long double probability_class_sum(const Args& a, const ClassProducts& cp) {
+    const T* w = static_cast<const T*>(a.w);
+    vd acc{};
+    for (int64_t c = 0; c < cp.classes; c += 8) {
+        const vf8 w8 = Lanes<T>::load(w + c);
+        for (int h = 0; h < 2; ++h) {
+            vd P;
+            vl E;
+            std::memcpy(&P, cp.P + c + 4 * h, sizeof P);
+            std::memcpy(&E, cp.E + c + 4 * h, sizeof E);
+            acc -= (h ? hi4(w8) : lo4(w8)) * (log_product(P) + __builtin_convertvector(E, vd) * LN2);
+        }
+    }
+    long double total = 0.0L;
+    for (int l = 0; l < W; ++l) total += acc[l];
+    return total;
+}
+
 template <class T, bool LOGITS, int MODE, bool SUM, bool GRAD, bool STREAM>
 ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, int64_t end) {
     Scratch scratch;
@@ -879,14 +1012,18 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
     constexpr bool CLASS = LOGITS && (MODE == 5 || MODE == 6);
     constexpr bool BOUNDABLE = LOGITS && MODE != 2;  // the logits modes with a BOUNDED form
     constexpr bool PRODUCT = LOGITS ? MODE != 2 && MODE != 5 : MODE == 0;
-    // modes 5 and 6: the class products (reset below: C doubles, not all MAX_CLASSES)
-    std::conditional_t<CLASS, ClassProducts, char> classes;
+    // probabilities with a weight, 0/1 targets: products per run of one weight (mode 4) or per class (5)
+    constexpr bool WEIGHTED_HARD = !LOGITS && (MODE == 4 || MODE == 5);
+    // logits modes 5 and 6, probabilities mode 5: the class products (reset below: C, not MAX_CLASSES)
+    constexpr bool CLASS_PRODUCTS = CLASS || (!LOGITS && MODE == 5);
+    std::conditional_t<CLASS_PRODUCTS, ClassProducts, char> classes;
     const int64_t class_count = MODE == 6 ? a.p_inner : a.w_inner;
+    bool weighted_soft = false;  // probabilities, modes 4 and 5: a block failed; the rest of the chunk per element
     // mode 6: after a block with soft targets the chunk's blocks take mode 2; the other blocks' sums, to
     // be weighed by the scalar weight with the products' logarithms
     bool soft_targets = false;
     long double positive_sum = 0.0L;
-    if constexpr (CLASS) classes.reset(class_count);
+    if constexpr (CLASS_PRODUCTS) classes.reset(class_count);
     LogProduct product;  // logits, MODE != 2: the product of 1 / (1 + e) (see logits_block), of the
                          // current run of one weight in mode 4
                          // probabilities, MODE 0: the product of q over blocks of hard targets
@@ -909,12 +1046,12 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
     double run_weight = 1.0;
     long double run_sum = 0.0L;
     auto end_run = [&]() {
-        if (SUM && LOGITS && MODE == 4) result.sum += (long double)run_weight * (run_sum - product.log_combined());
+        if (SUM && MODE == 4) result.sum += (long double)run_weight * (run_sum - product.log_combined());
         product = LogProduct();
         run_sum = 0.0L;
     };
     for (int64_t b = begin; b < whole;) {
-        if constexpr (LOGITS && MODE == 4) {
+        if constexpr (MODE == 4) {
             if (b == run_end) {  // a new run
                 if (b > begin) end_run();
                 run_end = std::min(whole, (b / run_length + 1) * run_length);
@@ -923,7 +1060,7 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
             }
         }
         const int len = int(std::min<int64_t>(MODE == 4 ? run_end - b : FAST_BLOCK, std::min<int64_t>(FAST_BLOCK, whole - b)));
-        bool per_element = MODE == 2 || (MODE == 6 && soft_targets);
+        bool per_element = MODE == 2 || (MODE == 6 && soft_targets) || (WEIGHTED_HARD && weighted_soft);
         auto fill = [&]() {
             if (o.w_mode != ABSENT && o.w_mode != SCALAR)
                 fill_weights<T>(a.w, o.w_mode, a.w_inner, b, len, scratch.w);
@@ -965,6 +1102,26 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
             if constexpr (CLASS && SUM) {
                 if (ok && !per_element) classes.merge(scratch, column, len);
             }
+        } else if constexpr (WEIGHTED_HARD) {
+            bool edge = false;
+            ok = false;
+            if (!per_element) {
+                const int64_t column = MODE == 5 ? b % class_count : 0;
+                vd mantissa;
+                vl exponent;
+                ok = probabilities_weighted_hard_block<T, MODE == 5, SUM, GRAD, STREAM>(
+                    a, b, len / 8, scratch, column, class_count, run_weight, sum, mantissa, exponent);
+                if (ok && SUM) {
+                    if constexpr (MODE == 5) classes.merge_factors(scratch, column, len);
+                    else product.absorb(mantissa, exponent);
+                }
+                kept = len;
+                if (!ok) {
+                    weighted_soft = per_element = true;
+                    fill();
+                }
+            }
+            if (per_element) ok = probabilities_block<T, 2, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, kept, edge);
         } else {
             ok = false;
             bool edge = false;
@@ -986,14 +1143,15 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
             }
         }
         if (ok) {
-            (LOGITS && MODE == 4 ? run_sum : LOGITS && MODE == 6 && !per_element ? positive_sum : result.sum) += sum;
+            (MODE == 4 && !per_element ? run_sum : LOGITS && MODE == 6 && !per_element ? positive_sum : result.sum) += sum;
             result.kept += kept;
         } else {
             add_exact(b, b + len);
         }
         b += len;
     }
-    if constexpr (LOGITS && MODE == 4) end_run();
+    if constexpr (MODE == 4) end_run();
+    else if constexpr (!LOGITS && MODE == 5) { if (SUM) result.sum += probability_class_sum<T>(a, classes); }
     else if constexpr (MODE == 5) { if (SUM) result.sum += class_sum<T, 5>(a, classes); }
     else if constexpr (MODE == 6) {
         if (SUM) result.sum += (long double)o.w_scalar * (positive_sum - product.log() + class_sum<T, 6>(a, classes));
@@ -1057,7 +1215,14 @@ ChunkResult fast_chunk(const Args& a, int64_t begin, int64_t end) {
             return fast_chunk_outputs<T, true, 6>(a, o, begin, end);
         return fast_chunk_outputs<T, true, 2>(a, o, begin, end);
     }
-    // the probability loss has no product form: its modes 1 and 2 are one (weights read per element)
+    // the probability loss: its modes 1 and 2 are one (weights read per element); a weight without options
+    // takes modes 4 (one weight per run, as the logits') and 5 (per class) where the targets are 0 or 1
     if (mode == 0) return fast_chunk_outputs<T, false, 0>(a, o, begin, end);
+    if (!o.smooth && !o.ignore && !o.grad_output) {
+        if (o.w_mode == SCALAR || (o.w_mode == PER_ROW && a.w_inner % 8 == 0 && a.w_inner >= MIN_RUN))
+            return fast_chunk_outputs<T, false, 4>(a, o, begin, end);
+        if (o.w_mode == PER_CLASS && class_form(a.w_inner, end - begin))
+            return fast_chunk_outputs<T, false, 5>(a, o, begin, end);
+    }
     return fast_chunk_outputs<T, false, 2>(a, o, begin, end);
 }
