@@ -220,7 +220,14 @@ def test_class_weighted_logits_sum_is_within_two_ulps_per_element(smoothing: flo
         column = (3 * i) % 16
         xs[column], ys[column] = x[i], y[i]
         value, _ = _native.run(
-            "logits", xs, ys, weight, (16,), input_shape=(1, 16), reduction=SUM, ignore_index=-1.0,
+            "logits",
+            xs,
+            ys,
+            weight,
+            (16,),
+            input_shape=(1, 16),
+            reduction=SUM,
+            ignore_index=-1.0,
             label_smoothing=smoothing,
         )
         sums.append((value, float(weight[column])))
@@ -232,7 +239,9 @@ def test_class_weighted_logits_sum_is_within_two_ulps_per_element(smoothing: flo
 
 
 @pytest.mark.parametrize("columns", [16, 24, 136, 1024, 2048, 2056])
-@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "ignore_index": -1.0}], ids=["plain", "options"])
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.1, "ignore_index": -1.0}], ids=["plain", "options"]
+)
 def test_class_weighted_logits_over_many_rows_and_chunks(columns: int, options: dict) -> None:
     """Per-class weights over rows shorter and longer than a block (a chunk holds 4 to 512 rows; 2056
     classes take the per-element form): the sum matches the float64 terms summed exactly, also where a
@@ -287,7 +296,16 @@ def test_class_pos_weighted_logits_sum_is_within_two_ulps_per_element(pad_x: flo
         column = (3 * i) % 16
         xs[column], ys[column] = x[i], y[i]
         value, _ = _native.run(
-            "logits", xs, ys, None, None, pos_weight, (16,), input_shape=(1, 16), reduction=SUM, ignore_index=-1.0
+            "logits",
+            xs,
+            ys,
+            None,
+            None,
+            pos_weight,
+            (16,),
+            input_shape=(1, 16),
+            reduction=SUM,
+            ignore_index=-1.0,
         )
         sums.append((value, float(pos_weight[column])))
     errors = [
@@ -323,8 +341,17 @@ def test_class_pos_weighted_logits_over_many_rows_and_chunks(columns: int, varia
     weight = np.array(1.7, np.float32) if variant == "scalar-weight" else None
     grad = np.empty_like(x)
     value, kept = _native.run(
-        "logits", x, y, weight, None if weight is None else weight.shape, p, p.shape,
-        input_shape=x.shape, reduction=SUM, grad_input=grad, **options,
+        "logits",
+        x,
+        y,
+        weight,
+        None if weight is None else weight.shape,
+        p,
+        p.shape,
+        input_shape=x.shape,
+        reduction=SUM,
+        grad_input=grad,
+        **options,
     )
     x64, y64 = x.astype(np.float64), y.astype(np.float64)
     keep = y64 != -1.0
@@ -339,8 +366,11 @@ def test_class_pos_weighted_logits_over_many_rows_and_chunks(columns: int, varia
     assert abs(value - exact) <= (2.0**-40 if product else 2.0**-26) * exact
     xt = torch.from_numpy(x).double().requires_grad_()
     per = F.binary_cross_entropy_with_logits(
-        xt, torch.from_numpy(y64), None if weight is None else torch.tensor(w64, dtype=torch.float64),
-        reduction="none", pos_weight=torch.from_numpy(p64),
+        xt,
+        torch.from_numpy(y64),
+        None if weight is None else torch.tensor(w64, dtype=torch.float64),
+        reduction="none",
+        pos_weight=torch.from_numpy(p64),
     )
     (per * torch.from_numpy(keep)).sum().backward()
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=2.0**-23, atol=1e-30)
@@ -471,7 +501,9 @@ def test_weighted_hard_target_probability_sum_is_within_two_ulps_per_element(for
 @pytest.mark.parametrize("columns", [16, 64, 136, 1024, 2048])
 @pytest.mark.parametrize("form", ["per-row", "per-class"])
 @pytest.mark.parametrize("variant", ["plain", "confident", "soft-block", "clamped"])
-def test_weighted_hard_target_probabilities_over_many_rows_and_chunks(columns: int, form: str, variant: str) -> None:
+def test_weighted_hard_target_probabilities_over_many_rows_and_chunks(
+    columns: int, form: str, variant: str
+) -> None:
     """Per-row and per-class weights over rows shorter and longer than a block: the sum matches the
     float64 terms summed exactly, also where most factors are tiny (a class's product is renormalised
     before it could underflow), where a block has soft targets or a clamped term (it and the rest of its

@@ -130,18 +130,21 @@ def _triton_run(kind, x, y, w=None, p=None, reduction=NONE, *, loss=True, gi=Tru
     per_element = output(loss and reduction == NONE)
     grad_input, grad_target = output(gi), output(gt)
     fused = grad_input is not None and grad_target is None and grad_output is None
-    operands = (
-        x,
-        y,
-        w,
-        None if w is None else _native.broadcast_form(tuple(w.shape), tuple(x.shape)),
-        p,
-        None if p is None else _native.broadcast_form(tuple(p.shape), tuple(x.shape)),
-    )
-    value, count = _triton.run(
+    shape = lambda t: None if t is None else tuple(t.shape)  # noqa: E731
+    plan = _native.plan(
         kind,
+        str(x.dtype).removeprefix("torch."),
+        tuple(x.shape),
+        shape(w),
+        shape(p),
+        reduction,
+        options.pop("label_smoothing", 0.0),
+        options.pop("ignore_index", None),
+        triton=True,
+    )
+    operands = (plan, x, y, w, p)
+    value, count = _triton.run(
         *operands,
-        reduction=reduction,
         loss=per_element,
         grad_input=grad_input if fused else None,
         grad_scale=grad_scale,
@@ -151,9 +154,7 @@ def _triton_run(kind, x, y, w=None, p=None, reduction=NONE, *, loss=True, gi=Tru
         if grad_output is None:
             grad_output = torch.ones(1, dtype=x.dtype)
         _, backward_count = _triton.run(
-            kind,
             *operands,
-            reduction=reduction,
             grad_input=None if fused else grad_input,
             grad_target=grad_target,
             grad_output=grad_output.to(DEVICE),
@@ -161,7 +162,7 @@ def _triton_run(kind, x, y, w=None, p=None, reduction=NONE, *, loss=True, gi=Tru
             **options,
         )
         assert int(backward_count) == int(count)
-    if options.get("ignore_index") is None:
+    if plan.ignore_index is None:
         assert type(count) is int  # known on the host: no device value
     else:
         assert count.dtype == torch.int64 and count.dim() == 0 and count.device == x.device

@@ -128,13 +128,6 @@ def _output(x: Tensor) -> Tensor:
     return _buffers.empty_like(x)
 
 
-def _forms(plan: Plan, weight: Tensor | None, pos_weight: Tensor | None):
-    return (
-        None if weight is None else (plan.weight_form, plan.weight_inner),
-        None if pos_weight is None else (plan.pos_weight_form, plan.pos_weight_inner),
-    )
-
-
 def kernel_pass(
     plan: Plan,
     input: Tensor,
@@ -176,23 +169,17 @@ def kernel_pass(
     gt = _output(x) if grad_target else None
     if grad_output is not None:
         grad_output = _scalar_view(grad_output).to(x.dtype).contiguous()
-    weight_form, pos_weight_form = _forms(plan, w, p)
     value, kept = _triton.run(  # the loss and the count stay on the device
-        plan.loss,
+        plan,
         x,
         y,
         w,
-        weight_form,
         p,
-        pos_weight_form,
-        reduction=plan.reduction,
         loss=per_element,
         grad_input=gi,
         grad_target=gt,
         grad_output=grad_output,
         grad_scale=grad_scale * plan.grad_scale,
-        label_smoothing=plan.label_smoothing,
-        ignore_index=plan.ignore_index,
         loss_dtype=loss_dtype,
         skip_if_one=rewrite is not None,
     )

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bcekit._native import FULL, PER_CLASS, PER_ROW, SCALAR
+from bcekit._native import ABSENT, FULL, PER_CLASS, PER_ROW, SCALAR, Plan
 from bcekit._semantics import GRAD_EPSILON, LOG_CLAMP, MEAN, NONE
 from bcekit.torch import _range_check
 
@@ -86,7 +86,8 @@ CONFIGS: dict[torch.dtype, tuple[int, int]] = {
 
 #: Forward pass, backward pass with one grad_output for every element, backward pass with one per element.
 FORWARD, BACKWARD_SCALAR, BACKWARD_FULL = 0, 1, 2
-_MODES = {None: 0, SCALAR: 1, PER_CLASS: 2, PER_ROW: 3, FULL: 4}
+#: The kernels' weight modes (W_MODE, P_MODE) of a plan's broadcast forms.
+_MODES = {ABSENT: 0, SCALAR: 1, PER_CLASS: 2, PER_ROW: 3, FULL: 4}
 _INT32_LIMIT = 2**31
 
 
@@ -588,26 +589,23 @@ def _on(device: torch.device):
 
 
 def run(
-    kind: str,
+    plan: Plan,
     input: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    weight_form: tuple[int, int] | None,
     pos_weight: Tensor | None,
-    pos_weight_form: tuple[int, int] | None,
     *,
-    reduction: int,
     loss: Tensor | None = None,
     grad_input: Tensor | None = None,
     grad_target: Tensor | None = None,
     grad_output: Tensor | None = None,
     grad_scale: float = 1.0,
-    label_smoothing: float = 0.0,
-    ignore_index: float | None = None,
     loss_dtype: torch.dtype | None = None,
     skip_if_one: bool = False,
 ) -> tuple[Tensor | None, Tensor | int]:
-    """One kernel pass over contiguous tensors of one dtype (outputs preallocated by the caller).
+    """One kernel pass of ``plan`` (:func:`bcekit._native.plan` with ``triton=True``: the loss, the
+    weights' broadcast forms, the reduction and the options) over contiguous tensors of one dtype, the
+    weights given where the plan has them (outputs preallocated by the caller).
 
     Without ``grad_output``, a forward pass: the per-element loss into ``loss`` and/or, unless
     ``reduction`` is NONE, the reduced loss, returned as a 0-d tensor of ``loss_dtype`` (default: the
@@ -623,6 +621,7 @@ def run(
     :mod:`bcekit.torch._range_check`, at this call or a later one.
     """
     assert triton is not None
+    kind, reduction, ignore_index = plan.loss, plan.reduction, plan.ignore_index
     device = input.device
     _range_check.poll(device)
     n = input.numel()
@@ -662,13 +661,13 @@ def run(
             dummy if kept is None else kept,
             dummy if flags is None else flags,
             n,
-            1 if weight_form is None else weight_form[1],
-            1 if pos_weight_form is None else pos_weight_form[1],
+            plan.weight_inner,
+            plan.pos_weight_inner,
             _as_float32(grad_scale),
-            _as_float32(label_smoothing),
+            _as_float32(plan.label_smoothing),
             ignore32,
             _bits(grad_scale),
-            _bits(label_smoothing),
+            _bits(plan.label_smoothing),
             ignore64,
             ignore_nan,
             int(loss is not None),
@@ -678,8 +677,8 @@ def run(
             int(counting),
             int(skip_if_one),
             LOGITS=kind == "logits",
-            W_MODE=_MODES[None if weight is None else weight_form[0]],
-            P_MODE=_MODES[None if pos_weight is None else pos_weight_form[0]],
+            W_MODE=_MODES[plan.weight_form],
+            P_MODE=_MODES[plan.pos_weight_form],
             G_MODE=g_mode,
             F64=f64,
             INDEX64=n + block > _INT32_LIMIT,
