@@ -376,6 +376,29 @@ def test_class_pos_weighted_logits_over_many_rows_and_chunks(columns: int, varia
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=2.0**-23, atol=1e-30)
 
 
+@pytest.mark.parametrize("kind", ["logits", "bce"])
+@pytest.mark.parametrize("n", [8192 + 17, 3 * 8192 + 100])
+def test_scalar_weight_over_a_partial_last_chunk(kind: str, n: int) -> None:
+    """A scalar weight's run is its whole chunk, the last one too, which starts at a multiple of 8192
+    but is shorter: every element counts once (sum and gradient, torch in float64)."""
+    rng = np.random.default_rng(72)
+    x = rng.normal(0.0, 3.0, n).astype(np.float32)
+    if kind == "bce":
+        x = (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    y = (rng.random(n) < 0.5).astype(np.float32)
+    w = np.array(1.7, np.float32)
+    grad = np.full_like(x, np.nan)
+    value, _ = _native.run(kind, x, y, w, (), input_shape=(n,), reduction=SUM, grad_input=grad)
+    xt = torch.from_numpy(x).double().requires_grad_()
+    loss = F.binary_cross_entropy_with_logits if kind == "logits" else F.binary_cross_entropy
+    expected = loss(
+        xt, torch.from_numpy(y).double(), torch.tensor(float(w), dtype=torch.float64), reduction="sum"
+    )
+    expected.backward()
+    assert abs(value - expected.item()) <= 2.0**-26 * expected.item()
+    np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=2.0**-23, atol=1e-30)
+
+
 def test_probability_sum_is_within_two_ulps_per_element() -> None:
     """log x and log(1 - x) in float lanes, combined in double."""
     rng = np.random.default_rng(52)

@@ -1041,7 +1041,7 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
     // mode 4: runs of one weight (the chunk for a SCALAR weight, else a row: blocks stop at its end), each
     // summed as w (sum of c |x| - log of the product), added when the run ends
     const T* run_weights = static_cast<const T*>(a.w);
-    const int64_t run_length = MODE == 4 && o.w_mode == PER_ROW ? a.w_inner : end - begin;
+    const int64_t run_length = MODE == 4 && o.w_mode == PER_ROW ? a.w_inner : 0;
     int64_t run_end = begin;
     double run_weight = 1.0;
     long double run_sum = 0.0L;
@@ -1054,7 +1054,8 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
         if constexpr (MODE == 4) {
             if (b == run_end) {  // a new run
                 if (b > begin) end_run();
-                run_end = std::min(whole, (b / run_length + 1) * run_length);
+                // a row ends at a multiple of its length; a SCALAR weight's run is the chunk
+                run_end = o.w_mode == SCALAR ? whole : std::min(whole, (b / run_length + 1) * run_length);
                 run_weight = o.w_mode == SCALAR ? double(o.w_scalar)
                                                 : double(float(Storage<T>::get(run_weights + b / run_length)));
             }
