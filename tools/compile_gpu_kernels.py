@@ -154,6 +154,7 @@ def record_launches() -> list[Launch]:
     import torch
 
     import bcekit.torch as bce
+    from bcekit import _native
     from bcekit.torch import _kernel, _triton
 
     launches: dict[tuple, Launch] = {}
@@ -227,12 +228,11 @@ def record_launches() -> list[Launch]:
     for dtype_name, kind in itertools.product(DTYPE_NAMES, ("logits", "bce")):
         dtype = dtypes[dtype_name]
         x = torch.full((1,), 0.5, dtype=dtype).expand(huge)
-        _triton.run(kind, x, x, None, None, None, None, reduction=1, grad_input=x, grad_scale=1.0 / huge)
+        mean, none = (_native.plan(kind, dtype_name, (huge,), None, None, r, triton=True) for r in (1, 0))
+        _triton.run(mean, x, x, None, None, grad_input=x, grad_scale=1.0 / huge)
         one = torch.ones(1, dtype=dtype)
-        _triton.run(
-            kind, x, x, None, None, None, None, reduction=1, grad_input=x, grad_target=x, grad_output=one
-        )
-        _triton.run(kind, x, x, None, None, None, None, reduction=0, grad_input=x, grad_output=x)
+        _triton.run(mean, x, x, None, None, grad_input=x, grad_target=x, grad_output=one)
+        _triton.run(none, x, x, None, None, grad_input=x, grad_output=x)
         if dtype in (torch.float32, torch.float64):
             _triton.scale_unless_one(x, one)
     return list(launches.values())
