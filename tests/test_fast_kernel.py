@@ -202,6 +202,23 @@ def test_run_weighted_logits_over_many_rows_and_chunks(columns: int) -> None:
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=2.0**-23, atol=1e-30)
 
 
+def _class_isolated_sums(x: np.ndarray, y: np.ndarray, pad_x: float, values: np.ndarray, **options) -> list:
+    """The reduced logits sum of each (x[i], y[i]) alone in a row of 16 classes (the others ignored:
+    target -1, the ignore_index), and the class's value of ``values`` (the weight or pos_weight per class,
+    passed as ``options``' "weight" or "pos_weight")."""
+    sums = []
+    for i in range(x.size):
+        xs = np.full(16, pad_x, np.float32)
+        ys = np.full(16, -1.0, np.float32)
+        column = (3 * i) % 16
+        xs[column], ys[column] = x[i], y[i]
+        value, _ = _native.run(
+            "logits", xs, ys, input_shape=(1, 16), reduction=SUM, ignore_index=-1.0, **options
+        )
+        sums.append((value, float(values[column])))
+    return sums
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("pad_x", [0.0, 30.0], ids=["bounded", "general"])
 def test_class_weighted_logits_sum_is_within_two_ulps_per_element(smoothing: float, pad_x: float) -> None:
@@ -213,24 +230,9 @@ def test_class_weighted_logits_sum_is_within_two_ulps_per_element(smoothing: flo
     if pad_x == 0.0:
         x = np.clip(x, -18.0, 18.0)
     weight = rng.uniform(0.25, 4.0, 16).astype(np.float32)
-    sums = []
-    for i in range(x.size):
-        xs = np.full(16, pad_x, np.float32)
-        ys = np.full(16, -1.0, np.float32)
-        column = (3 * i) % 16
-        xs[column], ys[column] = x[i], y[i]
-        value, _ = _native.run(
-            "logits",
-            xs,
-            ys,
-            weight,
-            (16,),
-            input_shape=(1, 16),
-            reduction=SUM,
-            ignore_index=-1.0,
-            label_smoothing=smoothing,
-        )
-        sums.append((value, float(weight[column])))
+    sums = _class_isolated_sums(
+        x, y, pad_x, weight, weight=weight, weight_shape=(16,), label_smoothing=smoothing
+    )
     errors = [
         _error_in_float32_ulps(s, logits_exact(float(a), float(b), smoothing=smoothing, weight=w))
         for (s, w), a, b in zip(sums, x, y, strict=True)
@@ -289,25 +291,7 @@ def test_class_pos_weighted_logits_sum_is_within_two_ulps_per_element(pad_x: flo
         x = np.clip(x, -18.0, 18.0)
     pos_weight = rng.uniform(0.5, 4.0, 16).astype(np.float32)
     pos_weight[5] = 0.5
-    sums = []
-    for i in range(x.size):
-        xs = np.full(16, pad_x, np.float32)
-        ys = np.full(16, -1.0, np.float32)
-        column = (3 * i) % 16
-        xs[column], ys[column] = x[i], y[i]
-        value, _ = _native.run(
-            "logits",
-            xs,
-            ys,
-            None,
-            None,
-            pos_weight,
-            (16,),
-            input_shape=(1, 16),
-            reduction=SUM,
-            ignore_index=-1.0,
-        )
-        sums.append((value, float(pos_weight[column])))
+    sums = _class_isolated_sums(x, y, pad_x, pos_weight, pos_weight=pos_weight, pos_weight_shape=(16,))
     errors = [
         _error_in_float32_ulps(s, logits_exact(float(a), float(b), p))
         for (s, p), a, b in zip(sums, x, y, strict=True)
