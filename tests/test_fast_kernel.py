@@ -383,6 +383,48 @@ def test_scalar_weight_over_a_partial_last_chunk(kind: str, n: int) -> None:
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=2.0**-23, atol=1e-30)
 
 
+@pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
+@pytest.mark.parametrize(
+    ("kind", "form"),
+    [
+        ("logits", "weight (C,)"),
+        ("logits", "weight (N, 1)"),
+        ("logits", "weight ()"),
+        ("logits", "pos_weight (C,)"),
+    ]
+    + [("bce", "weight (C,)"), ("bce", "weight (N, 1)"), ("bce", "weight ()")],
+)
+def test_non_finite_weights_give_the_per_element_result(kind: str, form: str, value: float) -> None:
+    """The product forms weigh a run's or a class's sum at once; a weight that is infinite or NaN must
+    give what each element weighed alone gives (torch's result): an infinite weight times a zero term is
+    NaN (the probability loss at x = y), times positive terms infinite. The chunk takes the per-element
+    form."""
+    rng = np.random.default_rng(73)
+    rows, columns = 64, 64
+    x = rng.normal(0.0, 2.0, (rows, columns)).astype(np.float32)
+    if kind == "bce":
+        x = (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    y = (rng.random(x.shape) < 0.5).astype(np.float32)
+    if kind == "bce":
+        x[0, 3], y[0, 3] = 1.0, 1.0  # a zero term where the non-finite weight applies
+    name, shape = form.split(" ", 1)
+    size = {"(C,)": (columns,), "(N, 1)": (rows, 1), "()": ()}[shape]
+    w = rng.uniform(0.5, 2.0, size).astype(np.float32)
+    w.reshape(-1)[0 if shape != "(C,)" else 3] = value
+    xt, yt, wt = (torch.from_numpy(t) for t in (x, y, w))
+    if kind == "logits":
+        got = bce.binary_cross_entropy_with_logits(xt, yt, reduction="sum", **{name: wt})
+        expected = F.binary_cross_entropy_with_logits(
+            xt.double(), yt.double(), reduction="sum", **{name: wt.double()}
+        )
+    else:
+        got = bce.binary_cross_entropy(xt, yt, wt, reduction="sum")
+        expected = F.binary_cross_entropy(
+            xt.double(), yt.double(), wt.double().expand(rows, columns), reduction="sum"
+        )
+    torch.testing.assert_close(got.double(), expected, rtol=4 * 2.0**-24, atol=0, equal_nan=True)
+
+
 def test_probability_sum_is_within_two_ulps_per_element() -> None:
     """log x and log(1 - x) in float lanes, combined in double."""
     rng = np.random.default_rng(52)

@@ -1185,14 +1185,39 @@ inline bool class_form(int64_t c, int64_t length) {
     return c % 8 == 0 && c >= MIN_CLASSES && c <= MAX_CLASSES && length / c + 1 <= MAX_FACTORS;
 }
 
-// Mode 6 also needs every pos_weight at least 1/2 (not NaN): the class's term p L is formed as L + (p - 1)
+// Whether values [from, to) are finite. The product modes (4, 5, 6; both losses) need finite weights: a
+// weight multiplies a run's or a class's sum of terms there, and an infinite one times a zero term must
+// give NaN per element, as the per-element form (and torch) gives it.
+template <class T>
+bool finite_values(const void* data, int64_t from, int64_t to) {
+    const T* v = static_cast<const T*>(data);
+    vu8 bad{};
+    int64_t i = from;
+    for (; i + 8 <= to; i += 8) bad |= (vu8)((vu8)abs8(Lanes<T>::load(v + i)) > 0x7f7fffffu);
+    bool finite = !any_set(bad);
+    for (; i < to; ++i) finite &= std::isfinite(float(Storage<T>::get(v + i)));
+    return finite;
+}
+
+// The weight values a chunk [begin, end) reads (SCALAR, PER_CLASS, PER_ROW forms) are finite.
+template <class T>
+bool finite_weights(const Args& a, int64_t begin, int64_t end) {
+    if (a.w_mode == SCALAR) return finite_values<T>(a.w, 0, 1);
+    if (a.w_mode == PER_CLASS) return finite_values<T>(a.w, 0, a.w_inner);
+    return finite_values<T>(a.w, begin / a.w_inner, (end - 1) / a.w_inner + 1);  // PER_ROW
+}
+
+// Mode 6 also needs every pos_weight finite and at least 1/2: the class's term p L is formed as L + (p - 1)
 // L, L in the chunk's product and in the class's, which may cancel by a factor of 2 at most.
 template <class T>
 bool pos_weights_from_half(const Args& a) {
     const T* p = static_cast<const T*>(a.p);
-    vi8 low{};
-    for (int64_t c = 0; c < a.p_inner; c += 8) low |= ~(vi8)(Lanes<T>::load(p + c) >= 0.5f);
-    return count_set((vf8)low) == 0;
+    vi8 out{};
+    for (int64_t c = 0; c < a.p_inner; c += 8) {
+        const vf8 p8 = Lanes<T>::load(p + c);
+        out |= ~((vi8)(p8 >= 0.5f) & (vi8)(p8 <= 3.4028234663852886e38f));
+    }
+    return count_set((vf8)out) == 0;
 }
 
 // The kernel's entry for float and half storage: the fast path where it applies, else the exact path.
@@ -1207,12 +1232,13 @@ ChunkResult fast_chunk(const Args& a, int64_t begin, int64_t end) {
         if (mode == 1) return fast_chunk_outputs<T, true, 1>(a, o, begin, end);
         // one weight over runs of at least MIN_RUN elements, no pos_weight: mode 4
         if (o.p_mode == ABSENT && (o.w_mode == SCALAR || (o.w_mode == PER_ROW && a.w_inner % 8 == 0 &&
-                                                          a.w_inner >= MIN_RUN)))
+                                                          a.w_inner >= MIN_RUN)) && finite_weights<T>(a, begin, end))
             return fast_chunk_outputs<T, true, 4>(a, o, begin, end);
-        if (o.w_mode == PER_CLASS && o.p_mode == ABSENT && class_form(a.w_inner, end - begin))
+        if (o.w_mode == PER_CLASS && o.p_mode == ABSENT && class_form(a.w_inner, end - begin) &&
+            finite_weights<T>(a, begin, end))
             return fast_chunk_outputs<T, true, 5>(a, o, begin, end);
-        if (o.p_mode == PER_CLASS && (o.w_mode == ABSENT || o.w_mode == SCALAR) && !o.smooth &&
-            class_form(a.p_inner, end - begin) && pos_weights_from_half<T>(a))
+        if (o.p_mode == PER_CLASS && (o.w_mode == ABSENT || (o.w_mode == SCALAR && finite_weights<T>(a, begin, end))) &&
+            !o.smooth && class_form(a.p_inner, end - begin) && pos_weights_from_half<T>(a))
             return fast_chunk_outputs<T, true, 6>(a, o, begin, end);
         return fast_chunk_outputs<T, true, 2>(a, o, begin, end);
     }
@@ -1220,10 +1246,10 @@ ChunkResult fast_chunk(const Args& a, int64_t begin, int64_t end) {
     // takes modes 4 (one weight per run, as the logits') and 5 (per class) where the targets are 0 or 1
     if (mode == 0) return fast_chunk_outputs<T, false, 0>(a, o, begin, end);
     if (!o.smooth && !o.ignore && !o.grad_output) {
-        if (o.w_mode == SCALAR || (o.w_mode == PER_ROW && a.w_inner % 8 == 0 && a.w_inner >= MIN_RUN))
-            return fast_chunk_outputs<T, false, 4>(a, o, begin, end);
-        if (o.w_mode == PER_CLASS && class_form(a.w_inner, end - begin))
-            return fast_chunk_outputs<T, false, 5>(a, o, begin, end);
+        const bool runs = o.w_mode == SCALAR || (o.w_mode == PER_ROW && a.w_inner % 8 == 0 && a.w_inner >= MIN_RUN);
+        const bool classes = o.w_mode == PER_CLASS && class_form(a.w_inner, end - begin);
+        if ((runs || classes) && finite_weights<T>(a, begin, end))
+            return runs ? fast_chunk_outputs<T, false, 4>(a, o, begin, end) : fast_chunk_outputs<T, false, 5>(a, o, begin, end);
     }
     return fast_chunk_outputs<T, false, 2>(a, o, begin, end);
 }
