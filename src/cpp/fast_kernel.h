@@ -424,7 +424,7 @@ BCEKIT_INLINE vd log_product(vd P) {
 // elements of target 1 (mode 6).
 struct ClassProducts {
     double P[MAX_CLASSES];
-    int64_t E[MAX_CLASSES];  // probabilities (merge_factors): the product is P 2^E
+    int64_t E[MAX_CLASSES];  // the product is P 2^E (E moves only in merge_factors, the probabilities')
     int64_t classes = 0;
     int64_t pending = 0;     // probabilities: elements merged since the last normalise()
     void reset(int64_t c) {
@@ -436,13 +436,16 @@ struct ClassProducts {
         }
     }
     // as merge, for factors of at least 2^-126 (the probability loss's q): 7 of them and a P in [1, 2) stay
-    // above 2^-882, so each P's exponent moves to E (normalise) before a class could get an eighth, or
-    // after every factor where a block has more than 7 rows
-    void merge_factors(const Scratch& s, int64_t column, int len) {
-        if (len > 7 * classes) return merge_normalised(s, column, len);
-        if (pending + len > 7 * classes) normalise();
-        merge(s, column, len);
-        pending += len;
+    // above 2^-882, so the factors go in pieces of at most 7 rows since the last normalise(), which moves
+    // each P's exponent to E (an exact scaling: the products keep their bits)
+    void merge_factors(const double* factors, int64_t column, int len) {
+        for (int j = 0; j < len;) {
+            if (pending == 7 * classes) normalise();
+            const int piece = int(std::min<int64_t>(len - j, 7 * classes - pending));
+            merge(factors + j, (column + j) % classes, piece);
+            pending += piece;
+            j += piece;
+        }
     }
     void normalise() {
         for (int64_t c = 0; c < classes; c += W) {
@@ -458,31 +461,13 @@ struct ClassProducts {
         }
         pending = 0;
     }
-    void merge_normalised(const Scratch& s, int64_t column, int len) {
-        for (int j = 0; j < len; j += 8) {
-            for (int h = 0; h < 8; h += W) {
-                vd a, b;
-                vl e;
-                std::memcpy(&a, P + column + h, sizeof a);
-                std::memcpy(&b, s.B + j + h, sizeof b);
-                std::memcpy(&e, E + column + h, sizeof e);
-                const vq bits = (vq)(a * b);
-                e += (vl)(bits >> 52) - 1023;
-                a = (vd)((bits & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL);
-                std::memcpy(P + column + h, &a, sizeof a);
-                std::memcpy(E + column + h, &e, sizeof e);
-            }
-            column += 8;
-            if (column == classes) column = 0;
-        }
-    }
-    // multiply in a block's factors (Scratch::B) of `len` elements from class `column` on
-    void merge(const Scratch& s, int64_t column, int len) {
+    // multiply in `len` factors (a block's Scratch::B) from class `column` on
+    void merge(const double* factors, int64_t column, int len) {
         for (int j = 0; j < len; j += 8) {
             for (int h = 0; h < 8; h += W) {
                 vd a, b;
                 std::memcpy(&a, P + column + h, sizeof a);
-                std::memcpy(&b, s.B + j + h, sizeof b);
+                std::memcpy(&b, factors + j + h, sizeof b);
                 a *= b;
                 std::memcpy(P + column + h, &a, sizeof a);
             }
@@ -857,6 +842,20 @@ BCEKIT_INLINE bool hard_targets(const T* y, int groups) {
     return true;
 }
 
+// The end of a block whose sum is a product (probabilities_hard_block, probabilities_weighted_hard_block):
+// false where a lane of `bad` is set, else the linear terms' sum and the product's mantissa and exponent
+// (`e` summed the groups' biased exponents).
+BCEKIT_INLINE bool product_block_result(vu8 bad, vd linear, vd m, vl e, int groups, double& sum, vd& mantissa,
+                                        vl& exponent) {
+    if (any_set(bad)) return false;
+    double total = 0.0;
+    for (int j = 0; j < W; ++j) total += linear[j];
+    sum = total;
+    mantissa = m;
+    exponent = e - int64_t(groups) * 1023;
+    return true;
+}
+
 // One block of the probability loss without options or weights, every target 0 or 1 (hard_targets):
 // each element's loss is -log q with q = x where y = 1 and q = 1 - x where y = 0, so the block's sum is
 // -log of a product, as for the logits (LogProduct): a multiplication per element instead of two
@@ -891,13 +890,7 @@ __attribute__((noinline)) bool probabilities_hard_block(const Args& a, int64_t b
         e += (vl)((bits << 1) >> 53);  // biased exponent (the sign bit shifted out)
         m = (vd)((bits & 0x800fffffffffffffULL) | 0x3ff0000000000000ULL);  // sign kept: absorb drops it
     }
-    if (any_set(bad)) return false;
-    double total = 0.0;
-    for (int j = 0; j < W; ++j) total += linear[j];
-    sum = total;
-    mantissa = m;
-    exponent = e - int64_t(groups) * 1023;
-    return true;
+    return product_block_result(bad, linear, m, e, groups, sum, mantissa, exponent);
 }
 
 // One block of the probability loss with a weight and no options, every target 0 or 1: the loss is -w
@@ -956,48 +949,24 @@ __attribute__((noinline)) bool probabilities_weighted_hard_block(const Args& a, 
             }
         }
     }
-    if (any_set(bad)) return false;
-    double total = 0.0;
-    for (int j = 0; j < W; ++j) total += linear[j];
-    sum = total;
-    mantissa = m;
-    exponent = e - int64_t(groups) * 1023;
-    return true;
+    return product_block_result(bad, linear, m, e, groups, sum, mantissa, exponent);
 }
 
-// A chunk's log1p(e) terms from its class products: the sum over classes of w (-log P) (mode 5, the
-// per-class weight w), or of (p - 1) (-log P) (mode 6, the per-class pos_weight p).
-template <class T, int MODE>
-long double class_sum(const Args& a, const ClassProducts& cp) {
-    const T* values = static_cast<const T*>(MODE == 6 ? a.p : a.w);
-    const double offset = MODE == 6 ? 1.0 : 0.0;
-    vd acc{};
-    for (int64_t c = 0; c < cp.classes; c += 8) {
-        const vf8 v8 = Lanes<T>::load(values + c);
-        for (int h = 0; h < 2; ++h) {
-            vd P;
-            std::memcpy(&P, cp.P + c + 4 * h, sizeof P);
-            acc -= ((h ? hi4(v8) : lo4(v8)) - offset) * log_product(P);
-        }
-    }
-    long double total = 0.0L;
-    for (int l = 0; l < W; ++l) total += acc[l];
-    return total;
-}
-
-// The probability loss's sum over classes of w (-log(P 2^E)) (probabilities, mode 5).
+// A chunk's terms from its class products P 2^E: the sum over classes of (v - offset) (-log(P 2^E)), v the
+// class's value in `values`: the weight w (offset 0: logits mode 5, whose E stay 0, and probabilities mode
+// 5), or the pos_weight p (offset 1: logits mode 6, the terms (p - 1) log1p(e) of the positives).
 template <class T>
-long double probability_class_sum(const Args& a, const ClassProducts& cp) {
-    const T* w = static_cast<const T*>(a.w);
+long double class_sum(const void* values, double offset, const ClassProducts& cp) {
+    const T* v = static_cast<const T*>(values);
     vd acc{};
     for (int64_t c = 0; c < cp.classes; c += 8) {
-        const vf8 w8 = Lanes<T>::load(w + c);
+        const vf8 v8 = Lanes<T>::load(v + c);
         for (int h = 0; h < 2; ++h) {
             vd P;
             vl E;
             std::memcpy(&P, cp.P + c + 4 * h, sizeof P);
             std::memcpy(&E, cp.E + c + 4 * h, sizeof E);
-            acc -= (h ? hi4(w8) : lo4(w8)) * (log_product(P) + __builtin_convertvector(E, vd) * LN2);
+            acc -= ((h ? hi4(v8) : lo4(v8)) - offset) * (log_product(P) + __builtin_convertvector(E, vd) * LN2);
         }
     }
     long double total = 0.0L;
@@ -1018,10 +987,10 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
     constexpr bool CLASS_PRODUCTS = CLASS || (!LOGITS && MODE == 5);
     std::conditional_t<CLASS_PRODUCTS, ClassProducts, char> classes;
     const int64_t class_count = MODE == 6 ? a.p_inner : a.w_inner;
-    bool weighted_soft = false;  // probabilities, modes 4 and 5: a block failed; the rest of the chunk per element
-    // mode 6: after a block with soft targets the chunk's blocks take mode 2; the other blocks' sums, to
-    // be weighed by the scalar weight with the products' logarithms
-    bool soft_targets = false;
+    // logits mode 6, probabilities modes 4 and 5: after a block they cannot take (soft targets; for the
+    // probabilities also a clamped term or a range error) the chunk's blocks take the per-element form
+    bool rest_per_element = false;
+    // logits mode 6: the product blocks' sums, weighed by the scalar weight with the products' logarithms
     long double positive_sum = 0.0L;
     if constexpr (CLASS_PRODUCTS) classes.reset(class_count);
     LogProduct product;  // logits, MODE != 2: the product of 1 / (1 + e) (see logits_block), of the
@@ -1061,7 +1030,7 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
             }
         }
         const int len = int(std::min<int64_t>(MODE == 4 ? run_end - b : FAST_BLOCK, std::min<int64_t>(FAST_BLOCK, whole - b)));
-        bool per_element = MODE == 2 || (MODE == 6 && soft_targets) || (WEIGHTED_HARD && weighted_soft);
+        bool per_element = MODE == 2 || rest_per_element;
         auto fill = [&]() {
             if (o.w_mode != ABSENT && o.w_mode != SCALAR)
                 fill_weights<T>(a.w, o.w_mode, a.w_inner, b, len, scratch.w);
@@ -1094,14 +1063,14 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
             if constexpr (MODE == 6) {
                 if (scratch.soft) {  // this block and the rest of the chunk per element
                     scratch.soft = false;
-                    soft_targets = per_element = true;
+                    rest_per_element = per_element = true;
                     fill();
                     ok = logits_block<T, 2, SUM, GRAD, STREAM>(a, o, b, len / 8, scratch, sum, block_product, kept, large);
                 }
             }
             if (ok && SUM && PRODUCT && !per_element) product.fold(block_product);
             if constexpr (CLASS && SUM) {
-                if (ok && !per_element) classes.merge(scratch, column, len);
+                if (ok && !per_element) classes.merge(scratch.B, column, len);
             }
         } else if constexpr (WEIGHTED_HARD) {
             bool edge = false;
@@ -1113,12 +1082,12 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
                 ok = probabilities_weighted_hard_block<T, MODE == 5, SUM, GRAD, STREAM>(
                     a, b, len / 8, scratch, column, class_count, run_weight, sum, mantissa, exponent);
                 if (ok && SUM) {
-                    if constexpr (MODE == 5) classes.merge_factors(scratch, column, len);
+                    if constexpr (MODE == 5) classes.merge_factors(scratch.B, column, len);
                     else product.absorb(mantissa, exponent);
                 }
                 kept = len;
                 if (!ok) {
-                    weighted_soft = per_element = true;
+                    rest_per_element = per_element = true;
                     fill();
                 }
             }
@@ -1152,10 +1121,9 @@ ChunkResult fast_chunk_impl(const Args& a, const FastOptions& o, int64_t begin, 
         b += len;
     }
     if constexpr (MODE == 4) end_run();
-    else if constexpr (!LOGITS && MODE == 5) { if (SUM) result.sum += probability_class_sum<T>(a, classes); }
-    else if constexpr (MODE == 5) { if (SUM) result.sum += class_sum<T, 5>(a, classes); }
+    else if constexpr (MODE == 5) { if (SUM) result.sum += class_sum<T>(a.w, 0.0, classes); }
     else if constexpr (MODE == 6) {
-        if (SUM) result.sum += (long double)o.w_scalar * (positive_sum - product.log() + class_sum<T, 6>(a, classes));
+        if (SUM) result.sum += (long double)o.w_scalar * (positive_sum - product.log() + class_sum<T>(a.p, 1.0, classes));
     }
     else if (SUM && (LOGITS ? PRODUCT : hard_blocks)) result.sum -= product.log();
     if (whole < end) add_exact(whole, end);
